@@ -1,0 +1,153 @@
+"""R2WiderR (and the other widening methods): grow every chosen width group of a captured model.
+
+Maths (R2R, arXiv 2410.11038, section 4.1): a width group of ``n`` channels gains ``e`` channels
+(``e`` even). Every producer of the group gets new rows ``[W; U; U]``, every consumer new columns
+``[W', U', -U']``. Channel-wise ops between them (bias, BatchNorm with identical parameters and
+statistics, activations, pooling, SE multiplies, residual adds where every summand writes its own
+pairs) keep the two copies equal, so each consumer sees ``U' h - U' h = 0``: the output is unchanged
+in eval and train mode. Concatenation, split and flatten are handled by the group layouts: new
+channels sit right after their own channel set, wherever it appears. Grouped convolutions grow by
+whole groups (the group count goes up), GroupNorm likewise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx
+
+from r2r_fx.analysis import Analysis, analyze
+from r2r_fx.capture import example_inputs_of, record_shapes
+from r2r_fx.methods import Method, get_method
+from r2r_fx.passbase import Pass, PassResult, append_record, copy_graph_module
+from r2r_fx.surgery import axis_index, fix_widths, get_tensor, set_tensor
+
+__all__ = ["WidenPass", "plan_extras", "widen"]
+
+logger = logging.getLogger(__name__)
+
+
+def plan_extras(analysis: Analysis, *, factor: float | None, extra: int | None,
+                groups: Iterable[int | str] | None) -> tuple[dict[int, int], list[dict[str, Any]]]:
+    """Channels to add per atom, and a report line per width group (widened or skipped, with reason)."""
+    if (factor is None) == (extra is None):
+        raise ValueError("give exactly one of factor= or extra=")
+    if factor is not None and factor < 1:
+        raise ValueError(f"factor must be >= 1, got {factor}")
+    if extra is not None and extra < 0:
+        raise ValueError(f"extra must be >= 0, got {extra}")
+    chosen = _select(analysis, groups)
+    extras: dict[int, int] = {}
+    report: list[dict[str, Any]] = []
+    for g in analysis.groups:
+        entry = {"id": g.id, "width_before": g.width, "width_after": g.width, "producers": g.producers,
+                 "consumers": g.consumers, "status": "skipped", "reason": g.reason}
+        if g.id not in chosen:
+            entry["reason"] = entry["reason"] or "not selected"
+        elif g.widenable:
+            step = g.granularity
+            per_atom = {}
+            for a in g.atoms:
+                want = analysis.atom_width[a] * (factor - 1) if factor is not None else extra / len(g.atoms)
+                per_atom[a] = int(math.ceil(round(want, 6) / step)) * step
+            if any(per_atom.values()):
+                extras.update(per_atom)
+                entry.update(status="widened", reason="",
+                             width_after=g.width + sum(per_atom.values()))
+            else:
+                entry["reason"] = "nothing to add"
+        report.append(entry)
+    return extras, report
+
+
+def _select(analysis: Analysis, groups: Iterable[int | str] | None) -> set[int]:
+    if groups is None:
+        return {g.id for g in analysis.groups}
+    chosen: set[int] = set()
+    for key in groups:
+        if isinstance(key, int):
+            if not 0 <= key < len(analysis.groups):
+                raise ValueError(f"unknown width group id {key}; valid ids are 0..{len(analysis.groups) - 1}")
+            chosen.add(key)
+            continue
+        hits = [g.id for g in analysis.groups if key in g.producers]
+        if not hits:
+            names = sorted({p for g in analysis.groups if g.widenable for p in g.producers})
+            raise ValueError(f"no width group is produced by a node named {key!r}; producers of widenable "
+                             f"groups: {', '.join(names)}")
+        chosen.update(hits)
+    return chosen
+
+
+def grow_parameters(gm: torch.fx.GraphModule, analysis: Analysis, extras: dict[int, int], method: Method,
+                    generator: torch.Generator) -> list[dict[str, Any]]:
+    """Grow every bound parameter whose layout gains channels; returns what changed per parameter."""
+    changes = []
+    for param, axes in analysis.bound_params().items():
+        plan = []
+        for axis, layout, role in sorted(axes):
+            if any(extras.get(a) for a in layout.atoms()):
+                plan.append((axis, axis_index(layout, extras, generator), role))
+        if not plan:
+            continue
+        old = get_tensor(gm, param)
+        with torch.no_grad():
+            new = method.grow(old, plan, generator)
+        set_tensor(gm, param, new)
+        changes.append({
+            "param": param,
+            "shape_before": list(old.shape),
+            "shape_after": list(new.shape),
+            "axes": {axis: {"role": role, "old_runs": [list(r) for r in idx.runs]} for axis, idx, role in plan},
+        })
+    return changes
+
+
+class WidenPass(Pass):
+    """Widen width groups of a captured model with a method's fill policy."""
+
+    name = "widen"
+
+    def __init__(self, *, factor: float | None = None, extra: int | None = None,
+                 groups: Iterable[int | str] | None = None, method: str | Method = "r2r",
+                 init_scale: float | str = "match", seed: int | None = None) -> None:
+        if factor is None and extra is None:
+            factor = 2.0
+        self.factor, self.extra, self.groups = factor, extra, groups
+        self.method = get_method(method, init_scale)
+        self.seed = seed
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        analysis = analyze(gm)
+        extras, report = plan_extras(analysis, factor=self.factor, extra=self.extra, groups=self.groups)
+        grown = copy_graph_module(gm)
+        generator = torch.Generator()
+        generator.manual_seed(self.seed if self.seed is not None else int(torch.randint(0, 2**31, ()).item()))
+        changes = grow_parameters(grown, analysis, extras, self.method, generator)
+        fix_widths(grown, analysis, extras)
+        record_shapes(grown, example_inputs_of(grown))
+        record = {
+            "op": "widen",
+            "method": self.method.name,
+            "exact": self.method.exact,
+            "factor": self.factor,
+            "extra": self.extra,
+            "groups": report,
+            "params": changes,
+        }
+        append_record(grown, record)
+        return PassResult(grown, bool(changes), record)
+
+
+def widen(gm: torch.fx.GraphModule, *, factor: float | None = None, extra: int | None = None,
+          groups: Iterable[int | str] | None = None, method: str | Method = "r2r",
+          init_scale: float | str = "match", seed: int | None = None) -> torch.fx.GraphModule:
+    """Return a widened copy of ``gm`` (``factor=2.0`` by default); the input is untouched."""
+    return WidenPass(factor=factor, extra=extra, groups=groups, method=method, init_scale=init_scale,
+                     seed=seed).call(gm).model
+
+

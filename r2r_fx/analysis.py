@@ -1,0 +1,479 @@
+"""Width-group analysis: which channel axes of a captured model must grow together.
+
+A *slot* is one axis of one tensor: ``(node name, axis)``; parameter axes are slots too
+(``("param:conv1.weight", 0)``), so tied weights couple their users for free. Each op's rule
+(``r2r_fx.rules``) adds couplings; a union-find merges slots that hold the same channels, and the
+coupling graph is kept as a networkx graph for inspection.
+
+Classes of slots are then resolved to *layouts*: ``outer x [(atom, width, inner), ...]``, where an
+atom is a set of channels no op splits further. Concatenation makes a layout of several atoms,
+split/chunk refines a class into atoms, flatten multiplies ``inner`` (each channel brings H*W
+features). Index maps stay symbolic: a layout is a handful of integers per atom, never a
+per-channel list. Atoms tied by equal-size splits form one :class:`WidthGroup`.
+
+Fail closed: a slot frozen by a rule (unknown op, model input/output, layer norm, ...) freezes
+every atom in its layout, and the group records the first reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+import torch.fx
+
+from r2r_fx import rules as _rules
+from r2r_fx.rules import Slot, freeze_all, rule_for, tensor_shapes
+
+__all__ = ["Analysis", "Binding", "Layout", "WidthGroup", "analyze", "width_groups"]
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("out", "in", "channel", "data")
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A parameter axis indexing a class of channels, as seen by one node."""
+
+    param: str
+    axis: int
+    role: str  # "out": producer rows, "in": consumer columns, "channel": per-channel values,
+    # "data": a parameter read as an activation (class token, positional embedding)
+    node: str
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a slot's positions map to atoms: ``outer`` repeats of the ``pieces`` in order.
+
+    Each piece is ``(atom, channels, inner)``: ``channels`` channels of ``atom``, each spanning
+    ``inner`` consecutive positions.
+    """
+
+    outer: int
+    pieces: tuple[tuple[int, int, int], ...]
+
+    @property
+    def size(self) -> int:
+        return self.outer * sum(n * inner for _, n, inner in self.pieces)
+
+    def atoms(self) -> list[int]:
+        return [a for a, _, _ in self.pieces]
+
+
+@dataclass
+class WidthGroup:
+    """Channel slots that must grow together, with what produces and consumes them."""
+
+    id: int
+    width: int
+    atoms: list[int]
+    slots: list[Slot]
+    producers: list[str]
+    consumers: list[str]
+    granularity: int = 2
+    widenable: bool = True
+    reason: str = ""
+
+    def __repr__(self) -> str:
+        state = "widenable" if self.widenable else f"frozen: {self.reason}"
+        return (f"WidthGroup(id={self.id}, width={self.width}, producers={self.producers}, "
+                f"consumers={self.consumers}, {state})")
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[Slot, Slot] = {}
+
+    def add(self, x: Slot) -> None:
+        self.parent.setdefault(x, x)
+
+    def find(self, x: Slot) -> Slot:
+        self.add(x)
+        root = x
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[x] != root:
+            self.parent[x], x = root, self.parent[x]
+        return root
+
+    def union(self, a: Slot, b: Slot) -> bool:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return False
+        self.parent[rb] = ra
+        return True
+
+
+class _Builder:
+    """Collects couplings from the rules (implements ``r2r_fx.rules.Couplings``)."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.gm = gm
+        self.graph = nx.MultiGraph()
+        self.uf = _UnionFind()
+        self.sizes: dict[Slot, int] = {}
+        self.concats: list[tuple[Slot, list[Slot], bool]] = []
+        self.merges: list[tuple[Slot, list[Slot]]] = []
+        self.bindings: dict[tuple[str, int], list[Binding]] = defaultdict(list)
+        self.frozen: dict[Slot, str] = {}
+        self.granularities: list[tuple[Slot, int, str]] = []
+        self.param_users: set[tuple[str, str]] = set()
+
+    # -- the Couplings protocol
+    def same(self, a: Slot, b: Slot) -> None:
+        self._touch(a, b)
+        self.graph.add_edge(a, b, kind="same")
+        self.uf.union(a, b)
+
+    def concat(self, whole: Slot, parts: Sequence[Slot], *, equal: bool = False) -> None:
+        self._touch(whole, *parts)
+        for p in parts:
+            self.graph.add_edge(whole, p, kind="concat")
+        self.concats.append((whole, list(parts), equal))
+
+    def merge(self, whole: Slot, members: Sequence[Slot]) -> None:
+        self._touch(whole, *members)
+        for m in members:
+            self.graph.add_edge(whole, m, kind="merge")
+        self.merges.append((whole, list(members)))
+
+    def bind(self, param: str, axis: int, slot: Slot, role: str, node: torch.fx.Node) -> None:
+        assert role in ROLES, role
+        pslot = (f"param:{param}", axis)
+        tensor = _get_tensor(self.gm, param)
+        self.sizes.setdefault(pslot, int(tensor.shape[axis]))
+        self.same(pslot, slot)
+        self.bindings[(param, axis)].append(Binding(param, axis, role, node.name))
+
+    def granularity(self, slot: Slot, k: int, node: torch.fx.Node) -> None:
+        self._touch(slot)
+        self.granularities.append((slot, k, node.name))
+
+    def freeze(self, slot: Slot, reason: str) -> None:
+        self._touch(slot)
+        self.frozen.setdefault(slot, reason)
+
+    def uses_param(self, get_attr: torch.fx.Node, user: torch.fx.Node) -> None:
+        self.param_users.add((get_attr.name, user.name))
+
+    def _touch(self, *slots: Slot) -> None:
+        for s in slots:
+            self.uf.add(s)
+            self.graph.add_node(s)
+
+
+def _get_tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    owner, _, name = target.rpartition(".")
+    module = gm.get_submodule(owner) if owner else gm
+    return getattr(module, name)
+
+
+class Analysis:
+    """Result of :func:`analyze`: width groups plus the layout of every slot (used by surgery)."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.gm = gm
+        b = self.builder = _Builder(gm)
+        self._collect()
+        self.uf = b.uf
+        self._conflicts: dict[Slot, str] = {}
+        self._unify_definitions()
+        self._layouts: dict[Slot, Layout] = {}
+        self._expanding: set[Slot] = set()
+        self._atom_index: dict[Slot, int] = {}
+        self.atom_roots: list[Slot] = []
+        self.atom_width: list[int] = []
+        self._bound_roots = {self.uf.find((f"param:{p}", a)) for (p, a) in b.bindings}
+        self._resolve()
+
+    # ------------------------------------------------------------ collection
+    def _collect(self) -> None:
+        b, gm = self.builder, self.gm
+        for node in gm.graph.nodes:
+            for name, shape in tensor_shapes(node):
+                for axis, size in enumerate(shape):
+                    b.sizes[(name, axis)] = size
+                    b._touch((name, axis))
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                for name, shape in tensor_shapes(node):
+                    for axis in range(len(shape)):
+                        b.freeze((name, axis), f"model input {node.name}")
+            elif node.op == "output":
+                for arg in node.all_input_nodes:
+                    for name, shape in tensor_shapes(arg):
+                        for axis in range(len(shape)):
+                            b.freeze((name, axis), f"model output {arg.name}")
+            elif node.op == "get_attr":
+                continue
+            else:
+                rule = rule_for(node, gm)
+                if rule is None:
+                    if tensor_shapes(node) or any(tensor_shapes(a) for a in node.all_input_nodes):
+                        freeze_all(b, node, f"unsupported op {_describe(node, gm)}")
+                    continue
+                rule(b, node, gm)
+        # Parameters read as data (class tokens, positional embeddings, layer scales).
+        for node in gm.graph.nodes:
+            if node.op != "get_attr" or not tensor_shapes(node):
+                continue
+            data_users = [u for u in node.users if (node.name, u.name) not in b.param_users]
+            if not data_users:
+                continue
+            for axis, size in enumerate(tensor_shapes(node)[0][1]):
+                b.bind(str(node.target), axis, (node.name, axis), "data", node)
+                if size == 1:
+                    b.freeze((node.name, axis), "size-1 axis of a parameter")
+
+    # ------------------------------------------------------------ unification of definitions
+    def _unify_definitions(self) -> None:
+        b, uf = self.builder, self.builder.uf
+        for slot_a in list(b.sizes):
+            ra = uf.find(slot_a)
+            if b.sizes.get(ra, b.sizes[slot_a]) != b.sizes[slot_a]:
+                self._conflicts[ra] = f"size mismatch at {slot_a}"
+            b.sizes.setdefault(ra, b.sizes[slot_a])
+        changed = True
+        while changed:
+            changed = False
+            for defs, kind in ((b.concats, "concat"), (b.merges, "merge")):
+                by_root: dict[Slot, list[list[Slot]]] = defaultdict(list)
+                for d in defs:
+                    by_root[uf.find(d[0])].append(d[1])
+                for root, lists in by_root.items():
+                    first = lists[0]
+                    for other in lists[1:]:
+                        if [self._size(s) for s in first] != [self._size(s) for s in other]:
+                            self._conflicts.setdefault(root, f"two incompatible {kind} structures")
+                            continue
+                        for x, y in zip(first, other):
+                            changed |= uf.union(x, y)
+        self._concat_of: dict[Slot, tuple[list[Slot], bool]] = {}
+        for whole, parts, equal in b.concats:
+            r = uf.find(whole)
+            prev = self._concat_of.get(r)
+            self._concat_of[r] = (parts, equal or (prev[1] if prev else False))
+        self._merge_of = {uf.find(w): m for w, m in b.merges}
+        for r in set(self._concat_of) & set(self._merge_of):
+            self._conflicts.setdefault(r, "both concatenated and reshaped")
+
+    def _size(self, slot: Slot) -> int:
+        return self.builder.sizes.get(self.uf.find(slot), self.builder.sizes.get(slot, -1))
+
+    # ------------------------------------------------------------ layouts
+    def layout(self, slot: Slot) -> Layout:
+        """The atoms a slot's positions belong to (computed once per class)."""
+        root = self.uf.find(slot)
+        if root in self._layouts:
+            return self._layouts[root]
+        if root in self._expanding:
+            self._conflicts.setdefault(root, "cyclic channel structure")
+            return self._atom_layout(root)
+        self._expanding.add(root)
+        try:
+            result = self._compute_layout(root)
+        finally:
+            self._expanding.discard(root)
+        self._layouts[root] = result
+        return result
+
+    def _atom_layout(self, root: Slot) -> Layout:
+        if root not in self._atom_index:
+            self._atom_index[root] = len(self.atom_roots)
+            self.atom_roots.append(root)
+            self.atom_width.append(self._size(root))
+        return Layout(1, ((self._atom_index[root], self._size(root), 1),))
+
+    def _compute_layout(self, root: Slot) -> Layout:
+        if root in self._conflicts:
+            return self._atom_layout(root)
+        if root in self._concat_of:
+            parts, _ = self._concat_of[root]
+            pieces: list[tuple[int, int, int]] = []
+            for p in parts:
+                sub = self.layout(p)
+                if sub.outer != 1:
+                    self._conflicts[root] = "concatenation of reshaped channels"
+                    return self._atom_layout(root)
+                pieces.extend(sub.pieces)
+            if sum(n * i for _, n, i in pieces) != self._size(root):
+                self._conflicts[root] = "concatenation sizes do not add up"
+                return self._atom_layout(root)
+            return Layout(1, tuple(pieces))
+        if root in self._merge_of:
+            members = self._merge_of[root]
+            bearing = [i for i, m in enumerate(members) if self._width_bearing(m)]
+            if not bearing:
+                if root in self._bound_roots:
+                    self._conflicts[root] = "reshape splits a channel axis"
+                return self._atom_layout(root)
+            if len(bearing) > 1:
+                self._conflicts[root] = "reshape merges two channel axes"
+                return self._atom_layout(root)
+            k = bearing[0]
+            sub = self.layout(members[k])
+            before = math.prod(self._size(m) for m in members[:k])
+            after = math.prod(self._size(m) for m in members[k + 1:])
+            return Layout(before * sub.outer, tuple((a, n, i * after) for a, n, i in sub.pieces))
+        return self._atom_layout(root)
+
+    def _width_bearing(self, slot: Slot) -> bool:
+        root = self.uf.find(slot)
+        if root in self._bound_roots:
+            return True
+        if root in self._concat_of:
+            return any(self._width_bearing(p) for p in self._concat_of[root][0])
+        if root in self._merge_of and root not in self._expanding:
+            self._expanding.add(root)
+            try:
+                return any(self._width_bearing(m) for m in self._merge_of[root])
+            finally:
+                self._expanding.discard(root)
+        return False
+
+    # ------------------------------------------------------------ groups
+    def _resolve(self) -> None:
+        b, uf = self.builder, self.uf
+        # Layouts for every bound class first (atoms numbered in graph order), then every slot, so
+        # that all structural conflicts are known before freezing.
+        for (param, axis) in b.bindings:
+            self.layout((f"param:{param}", axis))
+        slots_of: dict[int, list[Slot]] = defaultdict(list)
+        for slot in list(b.sizes):
+            layout = self.layout(slot)
+            if not slot[0].startswith("param:"):
+                for a in layout.atoms():
+                    slots_of[a].append(slot)
+        frozen_atoms: dict[int, str] = {}
+
+        def freeze_layout(layout: Layout, reason: str) -> None:
+            for a in layout.atoms():
+                frozen_atoms.setdefault(a, reason)
+
+        for slot, reason in b.frozen.items():
+            freeze_layout(self.layout(slot), reason)
+        for root, reason in list(self._conflicts.items()):
+            freeze_layout(self.layout(root), reason)
+            if root in self._concat_of:
+                for p in self._concat_of[root][0]:
+                    freeze_layout(self.layout(p), reason)
+            for m in self._merge_of.get(root, []):
+                freeze_layout(self.layout(m), reason)
+
+        # Role conflicts on one parameter axis (e.g. a weight tied between an embedding and a head).
+        self.producers: dict[int, list[str]] = defaultdict(list)
+        self.consumers: dict[int, list[str]] = defaultdict(list)
+        layer_atoms: set[int] = set()  # atoms some layer produces or consumes
+        for (param, axis), binds in b.bindings.items():
+            layout = self.layout((f"param:{param}", axis))
+            roles = {x.role for x in binds}
+            if len(roles) > 1:
+                freeze_layout(layout, f"parameter {param} axis {axis} is used as {' and '.join(sorted(roles))}")
+            for x in binds:
+                if x.role in ("out", "in"):
+                    layer_atoms.update(layout.atoms())
+                if x.role == "channel":
+                    continue
+                bucket = self.consumers if x.role == "in" else self.producers
+                for a in layout.atoms():
+                    if x.node not in bucket[a]:
+                        bucket[a].append(x.node)
+
+        # Ties (equal-size splits) and granularities.
+        ties = nx.Graph()
+        ties.add_nodes_from(range(len(self.atom_roots)))
+        for root, (parts, equal) in self._concat_of.items():
+            if not equal:
+                continue
+            layouts = [self.layout(p) for p in parts]
+            shapes = {tuple((n, i) for _, n, i in lay.pieces) for lay in layouts}
+            if len(shapes) != 1 or any(lay.outer != 1 for lay in layouts):
+                for lay in layouts:
+                    freeze_layout(lay, "equal split of unequal channel structures")
+                continue
+            for lay in layouts[1:]:
+                for (a, _, _), (b_, _, _) in zip(layouts[0].pieces, lay.pieces):
+                    ties.add_edge(a, b_)
+        gran: dict[int, int] = defaultdict(lambda: 2)
+        for slot, k, node in b.granularities:
+            layout = self.layout(slot)
+            if len(layout.pieces) != 1 or layout.outer != 1 or layout.pieces[0][2] != 1:
+                freeze_layout(layout, f"{node} needs whole groups of one channel set")
+                continue
+            a = layout.pieces[0][0]
+            gran[a] = math.lcm(gran[a], 2 * k)
+
+        self.groups: list[WidthGroup] = []
+        self.group_of_atom: dict[int, int] = {}
+        for component in sorted(nx.connected_components(ties), key=min):
+            atoms = sorted(component)
+            if not layer_atoms.intersection(atoms):
+                continue  # batch, spatial and token axes: not widths
+            reason = next((frozen_atoms[a] for a in atoms if a in frozen_atoms), "")
+            if not reason and not any(self.producers.get(a) for a in atoms):
+                reason = "no producer with parameters"
+            if not reason and len({self.atom_width[a] for a in atoms}) > 1:
+                reason = "tied channel sets of different widths"
+            group = WidthGroup(
+                id=len(self.groups),
+                width=sum(self.atom_width[a] for a in atoms),
+                atoms=atoms,
+                slots=sorted({s for a in atoms for s in slots_of[a]}, key=str),
+                producers=_unique(p for a in atoms for p in self.producers.get(a, [])),
+                consumers=_unique(p for a in atoms for p in self.consumers.get(a, [])),
+                granularity=math.lcm(*(gran[a] for a in atoms)),
+                widenable=not reason,
+                reason=reason,
+            )
+            for a in atoms:
+                self.group_of_atom[a] = group.id
+            self.groups.append(group)
+
+    def bound_params(self) -> dict[str, list[tuple[int, Layout, str]]]:
+        """For each parameter with bindings: (axis, layout, role) per bound axis."""
+        out: dict[str, list[tuple[int, Layout, str]]] = defaultdict(list)
+        for (param, axis), binds in self.builder.bindings.items():
+            out[param].append((axis, self.layout((f"param:{param}", axis)), binds[0].role))
+        return out
+
+
+def _unique(items) -> list[str]:
+    seen: list[str] = []
+    for item in items:
+        if item not in seen:
+            seen.append(item)
+    return seen
+
+
+def _describe(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return f"{type(gm.get_submodule(str(node.target))).__name__} ({node.name})"
+    if node.op == "call_method":
+        return f".{node.target}() ({node.name})"
+    target = node.target
+    name = str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
+    return f"{name} ({node.name})"
+
+
+def analyze(gm: torch.fx.GraphModule) -> Analysis:
+    """Run the width-group analysis on a captured graph (shapes must be recorded)."""
+    if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
+        from r2r_fx.capture import example_inputs_of, record_shapes
+
+        record_shapes(gm, example_inputs_of(gm))
+    return Analysis(gm)
+
+
+def width_groups(gm: torch.fx.GraphModule) -> list[WidthGroup]:
+    """The width groups of a captured model, widenable or not (with the reason)."""
+    return analyze(gm).groups
+
+
+_ = _rules  # the registry is populated on import

@@ -1,0 +1,103 @@
+"""Methods: policies that fill the new entries of grown parameters.
+
+The group analysis and the surgery engine are shared; a method only decides values.
+
+R2R (Painter, arXiv 2410.11038, section 4.1): along a producer axis (``"out"``) the new entries come
+in identical halves ``[U; U]``, along a consumer axis (``"in"``) in opposite halves ``[U', -U']``.
+Any channel-wise op maps identical channels to identical channels, so in every consumer the two
+halves contribute ``U' h - U' h = 0``: the function is unchanged while every new weight still gets
+a gradient. Random values are uniform with the standard deviation of the layer's existing weights
+(``init_scale`` multiplies it); per-channel values (biases, norm parameters and statistics,
+class tokens) are copied from randomly chosen existing channels, so they keep their range
+(running variances stay positive).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from r2r_fx.surgery import AxisIndex
+
+__all__ = ["METHODS", "Method", "R2R", "get_method"]
+
+
+class Method:
+    """Base policy. ``exact`` says whether the method preserves the function exactly."""
+
+    name = "base"
+    exact = True
+
+    def __init__(self, init_scale: float | str = "match") -> None:
+        self.scale_factor = 1.0 if init_scale == "match" else float(init_scale)
+
+    def grow(self, tensor: torch.Tensor, axes: Sequence[tuple[int, AxisIndex, str]],
+             generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- helpers shared by methods
+    def _scale(self, tensor: torch.Tensor) -> float:
+        if tensor.numel() > 1:
+            std = float(tensor.detach().float().std())
+            if std > 0:
+                return std * self.scale_factor
+        fan_in = max(1, tensor.numel() // max(1, tensor.shape[0])) if tensor.dim() else 1
+        return self.scale_factor / math.sqrt(fan_in)
+
+    @staticmethod
+    def _uniform(shape: Sequence[int], std: float, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        bound = std * math.sqrt(3.0)
+        values = (torch.rand(tuple(shape), generator=generator, dtype=torch.float64) * 2 - 1) * bound
+        return values.to(dtype=like.dtype, device=like.device)
+
+    def _expand(self, t: torch.Tensor, axis: int, idx: AxisIndex, role: str, std: float,
+                generator: torch.Generator) -> torch.Tensor:
+        """Grow one axis: old entries in place, new entries random (weights) or sampled (per-channel)."""
+        shape = list(t.shape)
+        shape[axis] = idx.new_size
+        device = t.device
+        if role in ("out", "in"):
+            grown = self._uniform(shape, std, t, generator)
+        else:
+            grown = torch.zeros(shape, dtype=t.dtype, device=device)
+        grown.index_copy_(axis, idx.old_pos.to(device), t)
+        if role not in ("out", "in") and idx.first.numel():
+            values = t.index_select(axis, idx.source.to(device))
+            grown.index_copy_(axis, idx.first.to(device), values)
+            grown.index_copy_(axis, idx.second.to(device), values)
+        return grown
+
+
+class R2R(Method):
+    """R2WiderR: identical halves on producer axes, opposite halves on consumer axes."""
+
+    name = "r2r"
+
+    def grow(self, tensor, axes, generator):
+        std = self._scale(tensor)
+        t = tensor.detach()
+        for axis, idx, role in axes:
+            if idx.grows:
+                t = self._expand(t, axis, idx, role, std, generator)
+        with torch.no_grad():
+            for axis, idx, role in axes:  # consumers: second half cancels the first
+                if role == "in" and idx.first.numel():
+                    t.index_copy_(axis, idx.second.to(t.device), -t.index_select(axis, idx.first.to(t.device)))
+            for axis, idx, role in axes:  # producers and per-channel values: identical halves
+                if role != "in" and idx.first.numel():
+                    t.index_copy_(axis, idx.second.to(t.device), t.index_select(axis, idx.first.to(t.device)))
+        return t
+
+
+METHODS: dict[str, type[Method]] = {"r2r": R2R}
+
+
+def get_method(name: str | Method, init_scale: float | str = "match") -> Method:
+    if isinstance(name, Method):
+        return name
+    try:
+        return METHODS[name](init_scale=init_scale)
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None

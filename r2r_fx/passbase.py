@@ -1,0 +1,73 @@
+"""Pass infrastructure: a pass is a class with ``call(gm) -> PassResult``; a manager runs several.
+
+Passes never mutate their input: they deep-copy the GraphModule and return the grown copy. What a
+pass changed is appended to ``gm.meta["r2r_record"]`` (plain Python data, so it survives deepcopy
+and pickling) and also returned in ``PassResult.record``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx
+
+__all__ = ["Pass", "PassError", "PassManager", "PassResult", "append_record", "copy_graph_module", "records_of"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PassResult:
+    model: torch.fx.GraphModule
+    modified: bool
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+class Pass:
+    """Base class: subclasses implement :meth:`call`."""
+
+    name = "pass"
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        raise NotImplementedError
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        return self.call(gm)
+
+
+class PassError(RuntimeError):
+    """A pass failed; the message names it and the passes that ran before it."""
+
+
+class PassManager:
+    def __init__(self, passes: Sequence[Pass]) -> None:
+        self.passes = list(passes)
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        done: list[str] = []
+        modified = False
+        for p in self.passes:
+            try:
+                result = p.call(gm)
+            except Exception as exc:
+                raise PassError(f"pass {p.name} failed after {done or 'no passes'}: {exc}") from exc
+            gm, modified = result.model, modified or result.modified
+            done.append(p.name)
+        return PassResult(gm, modified, {"passes": done})
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A deep copy that keeps node names, node meta (shapes) and ``gm.meta``."""
+    return copy.deepcopy(gm)
+
+
+def append_record(gm: torch.fx.GraphModule, entry: dict[str, Any]) -> None:
+    gm.meta.setdefault("r2r_record", []).append(entry)
+
+
+def records_of(gm: torch.fx.GraphModule) -> list[dict[str, Any]]:
+    return list(gm.meta.get("r2r_record", []))

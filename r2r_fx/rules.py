@@ -1,0 +1,837 @@
+"""How each op couples the channel axes of its tensors: one rule per op, in a registry users extend.
+
+A rule looks at one fx node and tells the :class:`Couplings` builder what it knows:
+
+* ``same(a, b)``: two (tensor, axis) slots hold the same channels in the same order;
+* ``concat(whole, parts)`` / ``merge(whole, members)``: a slot is the concatenation of other slots
+  (cat, split, chunk) or the row-major merge of several axes (flatten, view, reshape);
+* ``bind(param, axis, slot, role, node)``: a parameter axis indexes that slot's channels, as a
+  producer's rows (``"out"``), a consumer's columns (``"in"``) or a per-channel value (``"channel"``);
+* ``tie(a, b)`` (grow equally), ``granularity(slot, k)`` (grow by multiples of k);
+* ``freeze(slot, reason)``: this slot must keep its width.
+
+Ops without a rule freeze every axis of every tensor they touch (fail closed). Rules work on both
+graph flavours: module-level (``call_module``, torch functions, tensor methods) and ATen-level.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["RULES", "Couplings", "param_name", "register_rule", "rule_for", "shape_of", "tensor_shapes"]
+
+logger = logging.getLogger(__name__)
+
+Slot = tuple[str, int]
+aten = torch.ops.aten
+
+
+class Couplings(Protocol):
+    """What a rule may tell the analysis (implemented by ``r2r_fx.analysis``)."""
+
+    def same(self, a: Slot, b: Slot) -> None: ...
+    def concat(self, whole: Slot, parts: Sequence[Slot], *, equal: bool = False) -> None: ...
+    def merge(self, whole: Slot, members: Sequence[Slot]) -> None: ...
+    def bind(self, param: str, axis: int, slot: Slot, role: str, node: torch.fx.Node) -> None: ...
+    def granularity(self, slot: Slot, k: int, node: torch.fx.Node) -> None: ...
+    def freeze(self, slot: Slot, reason: str) -> None: ...
+    def uses_param(self, get_attr: torch.fx.Node, user: torch.fx.Node) -> None: ...
+
+
+Rule = Callable[[Couplings, torch.fx.Node, torch.fx.GraphModule], None]
+RULES: dict[Any, Rule] = {}
+
+
+def register_rule(*keys: Any) -> Callable[[Rule], Rule]:
+    """Register a rule for module classes, callables, ``"method:<name>"`` strings or ATen packets."""
+
+    def wrap(rule: Rule) -> Rule:
+        for key in keys:
+            RULES[key] = rule
+        return rule
+
+    return wrap
+
+
+def rule_for(node: torch.fx.Node, gm: torch.fx.GraphModule) -> Rule | None:
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        for cls in type(module).__mro__:
+            if cls in RULES:
+                return RULES[cls]
+        return None
+    if node.op == "call_method":
+        return RULES.get(f"method:{node.target}")
+    if node.op == "call_function":
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            return RULES.get(target.overloadpacket)
+        rule = RULES.get(target)
+        if rule is None and getattr(target, "__name__", None) == "stochastic_depth":
+            return RULES.get("stochastic_depth")
+        return rule
+    return None
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def shape_of(node: Any) -> tuple[int, ...] | None:
+    """Static shape of a single-tensor node, from shape propagation."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    meta = node.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "shape") and hasattr(meta, "dtype"):
+        return tuple(int(d) for d in meta.shape)
+    return None
+
+
+def tensor_shapes(node: torch.fx.Node) -> list[tuple[str, tuple[int, ...]]]:
+    """(slot name, shape) for every tensor a node outputs; tuple outputs get ``name#i``."""
+    meta = node.meta.get("tensor_meta")
+    if meta is None:
+        return []
+    if hasattr(meta, "shape") and hasattr(meta, "dtype"):
+        return [(node.name, tuple(int(d) for d in meta.shape))]
+    out = []
+    if isinstance(meta, (tuple, list)):
+        for i, item in enumerate(meta):
+            if hasattr(item, "shape") and hasattr(item, "dtype"):
+                out.append((f"{node.name}#{i}", tuple(int(d) for d in item.shape)))
+    return out
+
+
+def param_name(node: Any) -> str | None:
+    return str(node.target) if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
+
+
+def _arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _norm_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def _slots(name: str, rank: int) -> list[Slot]:
+    return [(name, a) for a in range(rank)]
+
+
+def freeze_all(c: Couplings, node: torch.fx.Node, reason: str) -> None:
+    """The fail-closed default: every axis of every tensor in and out keeps its width."""
+    for arg in node.all_input_nodes:
+        for name, shape in tensor_shapes(arg):
+            for slot in _slots(name, len(shape)):
+                c.freeze(slot, reason)
+    for name, shape in tensor_shapes(node):
+        for slot in _slots(name, len(shape)):
+            c.freeze(slot, reason)
+
+
+def _identity(c: Couplings, src: torch.fx.Node, dst: str, rank: int, skip: Sequence[int] = ()) -> None:
+    for a in range(rank):
+        if a not in skip:
+            c.same((src.name, a), (dst, a))
+
+
+# ---------------------------------------------------------------- pointwise
+
+
+def _pointwise(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    x = node.args[0] if node.args else next(iter(node.kwargs.values()))
+    shape, out = shape_of(x), shape_of(node)
+    if shape is None or out is None or shape != out:
+        freeze_all(c, node, f"{_op_name(node, gm)} changes the shape")
+        return
+    _identity(c, x, node.name, len(shape))
+
+
+_POINTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
+    nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.Tanhshrink,
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.LogSigmoid,
+)
+_POINTWISE_FUNCTIONS = (
+    torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
+    F.hardtanh, F.leaky_relu, F.elu, F.selu, F.celu, F.softplus, F.sigmoid, torch.sigmoid, F.tanh,
+    torch.tanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.clamp,
+    torch.clip, torch.neg, operator.neg, torch.exp, torch.abs, torch.sqrt, torch.rsqrt, F.logsigmoid,
+    torch.nn.functional.hardshrink, torch.erf, torch.square,
+)
+_POINTWISE_METHODS = (
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clamp_min", "clip",
+    "contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "to", "type_as", "abs",
+    "neg", "exp", "sqrt", "rsqrt", "square", "hardtanh_", "erf",
+)
+_POINTWISE_ATEN = (
+    "relu", "relu_", "relu6", "gelu", "gelu_", "silu", "silu_", "mish", "hardswish", "hardswish_",
+    "hardsigmoid", "hardsigmoid_", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "elu", "elu_",
+    "selu", "celu", "softplus", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clamp_min",
+    "clamp_max", "clip", "clone", "contiguous", "alias", "detach", "_to_copy", "to", "neg", "exp", "abs",
+    "sqrt", "rsqrt", "erf", "square", "dropout", "feature_dropout", "alpha_dropout", "log_sigmoid",
+    "lift_fresh_copy",
+)
+register_rule(*_POINTWISE_MODULES, *_POINTWISE_FUNCTIONS, "stochastic_depth",
+              *(f"method:{m}" for m in _POINTWISE_METHODS),
+              *(getattr(aten, n) for n in _POINTWISE_ATEN if hasattr(aten, n)))(_pointwise)
+
+
+@register_rule(nn.PReLU)
+def _prelu(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    module = gm.get_submodule(str(node.target))
+    _pointwise(c, node, gm)
+    if module.weight.numel() > 1:
+        c.bind(f"{node.target}.weight", 0, (node.name, 1), "channel", node)
+
+
+@register_rule(getattr, "method:size", "method:dim", "method:numel", torch.numel, aten.sym_size,
+               aten.sym_numel, aten.sym_stride, torch._assert, "method:get_device", "method:is_floating_point")
+def _metadata(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    """Shape/dtype queries read a tensor without coupling channels (sizes stay symbolic in the graph)."""
+    if tensor_shapes(node):
+        freeze_all(c, node, f"{_op_name(node, gm)} returns a tensor")
+
+
+# ---------------------------------------------------------------- broadcasting binary ops
+
+
+def _broadcast(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    out = shape_of(node)
+    if out is None:
+        freeze_all(c, node, f"{_op_name(node, gm)} has no static output shape")
+        return
+    for arg in list(node.args) + list(node.kwargs.values()):
+        shape = shape_of(arg)
+        if shape is None:
+            if isinstance(arg, torch.fx.Node) and tensor_shapes(arg):
+                freeze_all(c, node, f"{_op_name(node, gm)} with a tuple operand")
+                return
+            continue  # scalars and non-tensors
+        offset = len(out) - len(shape)
+        for a, size in enumerate(shape):
+            if size == out[a + offset]:
+                c.same((arg.name, a), (node.name, a + offset))
+            else:
+                c.freeze((arg.name, a), f"broadcast against a wider tensor in {node.name}")
+
+
+register_rule(
+    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+    operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
+    torch.minimum, torch.where, torch.masked_fill,
+    *(f"method:{m}" for m in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "masked_fill")),
+    *(getattr(aten, n) for n in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum",
+                                 "minimum", "where", "masked_fill", "rsub")),
+)(_broadcast)
+
+
+# ---------------------------------------------------------------- parameterised layers
+
+
+def _conv(c: Couplings, node: torch.fx.Node, x: torch.fx.Node, weight: str | None, bias: str | None,
+          groups: int, transposed: bool, w_shape: tuple[int, ...], what: str) -> None:
+    in_shape, out_shape = shape_of(x), shape_of(node)
+    if in_shape is None or out_shape is None or weight is None:
+        freeze_all(c, node, f"{what} without a static shape or parameter weight")
+        return
+    batched = len(in_shape) == len(w_shape)
+    ch = 1 if batched else 0
+    if batched:
+        c.same((x.name, 0), (node.name, 0))
+    x_slot, out_slot = (x.name, ch), (node.name, ch)
+    if transposed:
+        if groups != 1:
+            freeze_all(c, node, f"grouped transposed convolution {node.name}")
+            return
+        c.bind(weight, 0, x_slot, "in", node)
+        c.bind(weight, 1, out_slot, "out", node)
+    elif groups == 1:
+        c.bind(weight, 1, x_slot, "in", node)
+        c.bind(weight, 0, out_slot, "out", node)
+    else:
+        per_group_in, per_group_out = w_shape[1], w_shape[0] // groups
+        if per_group_in != per_group_out:
+            reason = f"grouped convolution {node.name} with {per_group_in} inputs and {per_group_out} outputs a group"
+            c.freeze(x_slot, reason)
+            c.freeze(out_slot, reason)
+            return
+        c.same(x_slot, out_slot)
+        c.granularity(x_slot, per_group_in, node)
+        c.bind(weight, 0, out_slot, "out", node)
+    if bias is not None:
+        c.bind(bias, 0, out_slot, "channel", node)
+    for a in range(ch + 1, len(in_shape)):  # spatial axes are not widths
+        c.freeze((x.name, a), "spatial axis")
+    for a in range(ch + 1, len(out_shape)):
+        c.freeze((node.name, a), "spatial axis")
+
+
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def _conv_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    m = gm.get_submodule(str(node.target))
+    bias = f"{node.target}.bias" if m.bias is not None else None
+    if isinstance(m.padding, str) and m.padding == "same" and any(k % 2 == 0 for k in m.kernel_size):
+        pass  # 'same' padding keeps channels untouched either way
+    _conv(c, node, node.args[0], f"{node.target}.weight", bias, m.groups,
+          isinstance(m, nn.modules.conv._ConvTransposeNd), tuple(m.weight.shape), type(m).__name__)
+
+
+def _weight_arg(c: Couplings, node: torch.fx.Node, arg: Any) -> str | None:
+    name = param_name(arg)
+    if name is not None:
+        c.uses_param(arg, node)
+    return name
+
+
+@register_rule(F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d, aten.conv3d)
+def _conv_function(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    w = _arg(node, 1, "weight")
+    weight, bias = _weight_arg(c, node, w), _weight_arg(c, node, _arg(node, 2, "bias"))
+    _conv(c, node, node.args[0], weight, bias, _arg(node, 6, "groups", 1), False, shape_of(w) or (),
+          "convolution")
+
+
+@register_rule(aten.convolution, aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d,
+               F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+def _convolution(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    w = _arg(node, 1, "weight")
+    weight, bias = _weight_arg(c, node, w), _weight_arg(c, node, _arg(node, 2, "bias"))
+    if isinstance(node.target, torch._ops.OpOverload) and node.target.overloadpacket == aten.convolution:
+        transposed, groups = node.args[6], node.args[8]
+    else:
+        transposed, groups = True, _arg(node, 6, "groups", 1)
+    _conv(c, node, node.args[0], weight, bias, groups, transposed, shape_of(w) or (), "convolution")
+
+
+def _linear(c: Couplings, node: torch.fx.Node, x: torch.fx.Node, weight: str | None, bias: str | None) -> None:
+    in_shape, out_shape = shape_of(x), shape_of(node)
+    if in_shape is None or out_shape is None or weight is None:
+        freeze_all(c, node, "linear layer without a static shape or parameter weight")
+        return
+    last = len(in_shape) - 1
+    _identity(c, x, node.name, last)
+    c.bind(weight, 1, (x.name, last), "in", node)
+    c.bind(weight, 0, (node.name, last), "out", node)
+    if bias is not None:
+        c.bind(bias, 0, (node.name, last), "channel", node)
+
+
+@register_rule(nn.Linear)
+def _linear_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    m = gm.get_submodule(str(node.target))
+    _linear(c, node, node.args[0], f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None)
+
+
+@register_rule(F.linear, aten.linear)
+def _linear_function(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    weight = _weight_arg(c, node, _arg(node, 1, "weight"))
+    bias = _weight_arg(c, node, _arg(node, 2, "bias"))
+    _linear(c, node, node.args[0], weight, bias)
+
+
+def _embedding(c: Couplings, node: torch.fx.Node, ids: torch.fx.Node, weight: str | None) -> None:
+    ids_shape, out = shape_of(ids), shape_of(node)
+    if ids_shape is None or out is None or weight is None:
+        freeze_all(c, node, "embedding without a static shape or parameter weight")
+        return
+    _identity(c, ids, node.name, len(ids_shape))
+    c.bind(weight, 1, (node.name, len(out) - 1), "out", node)
+
+
+@register_rule(nn.Embedding)
+def _embedding_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    _embedding(c, node, node.args[0], f"{node.target}.weight")
+
+
+@register_rule(aten.embedding)
+def _embedding_aten(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    _embedding(c, node, node.args[1], _weight_arg(c, node, node.args[0]))
+
+
+@register_rule(F.embedding)
+def _embedding_function(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    _embedding(c, node, node.args[0], _weight_arg(c, node, _arg(node, 1, "weight")))
+
+
+def _channel_norm(c: Couplings, node: torch.fx.Node, x: torch.fx.Node, params: Sequence[str | None],
+                  group_size: int = 1) -> None:
+    shape = shape_of(x)
+    if shape is None or shape != shape_of(node) or len(shape) < 2:
+        freeze_all(c, node, "normalisation without a static (N, C, ...) shape")
+        return
+    _identity(c, x, node.name, len(shape))
+    for p in params:
+        if p is not None:
+            c.bind(p, 0, (node.name, 1), "channel", node)
+    if group_size > 1:
+        c.granularity((node.name, 1), group_size, node)
+
+
+@register_rule(nn.modules.batchnorm._NormBase, nn.GroupNorm)
+def _norm_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    m = gm.get_submodule(str(node.target))
+    names = ("weight", "bias", "running_mean", "running_var")
+    params = [f"{node.target}.{n}" if getattr(m, n, None) is not None else None for n in names]
+    group = m.num_channels // m.num_groups if isinstance(m, nn.GroupNorm) else 1
+    _channel_norm(c, node, node.args[0], params, group)
+
+
+@register_rule(aten.batch_norm, aten._native_batch_norm_legit_no_training, F.batch_norm, F.instance_norm,
+               aten.instance_norm)
+def _batch_norm_function(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    target = getattr(node.target, "overloadpacket", node.target)
+    if target in (F.batch_norm,):
+        order = [("weight", 3), ("bias", 4), ("running_mean", 1), ("running_var", 2)]
+    elif target in (F.instance_norm,):
+        order = [("running_mean", 1), ("running_var", 2), ("weight", 3), ("bias", 4)]
+    else:
+        order = [("weight", 1), ("bias", 2), ("running_mean", 3), ("running_var", 4)]
+    args = [_arg(node, i, n) for n, i in order]
+    if any(a is not None and param_name(a) is None for a in args):
+        freeze_all(c, node, "normalisation whose statistics are not parameters/buffers")
+        return
+    if target == aten._native_batch_norm_legit_no_training:
+        freeze_all(c, node, "batch norm returning its statistics")
+        return
+    _channel_norm(c, node, node.args[0], [_weight_arg(c, node, a) for a in args])
+
+
+@register_rule(F.group_norm, aten.group_norm)
+def _group_norm_function(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    shape = shape_of(node.args[0])
+    groups = _arg(node, 1, "num_groups")
+    weight, bias = _arg(node, 2, "weight"), _arg(node, 3, "bias")
+    if shape is None or not isinstance(groups, int):
+        freeze_all(c, node, "group norm without static groups")
+        return
+    _channel_norm(c, node, node.args[0], [_weight_arg(c, node, weight), _weight_arg(c, node, bias)],
+                  shape[1] // groups)
+
+
+@register_rule(nn.LayerNorm, nn.RMSNorm, F.layer_norm, F.rms_norm, aten.layer_norm, aten.rms_norm)
+def _layer_norm(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    x = node.args[0]
+    shape = shape_of(x)
+    if node.op == "call_module":
+        normalized = len(gm.get_submodule(str(node.target)).normalized_shape)
+    else:
+        ns = node.args[1]
+        normalized = len(ns) if isinstance(ns, (list, tuple)) else 1
+    if shape is None or shape_of(node) != shape:
+        freeze_all(c, node, "layer norm without a static shape")
+        return
+    rank = len(shape)
+    reason = f"normalised over by {type(gm.get_submodule(str(node.target))).__name__ if node.op == 'call_module' else 'layer_norm'} {node.name} (mean/variance would change)"
+    for a in range(rank - normalized, rank):
+        c.freeze((x.name, a), reason)
+    _identity(c, x, node.name, rank)
+
+
+@register_rule(nn.MultiheadAttention)
+def _attention_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    freeze_all(c, node, f"attention {node.name}: widening attention heads is not supported yet")
+
+
+@register_rule(F.scaled_dot_product_attention, aten.scaled_dot_product_attention, torch.matmul, torch.bmm,
+               aten.matmul, aten.bmm, aten.mm, "method:matmul", operator.matmul, torch.einsum, aten.baddbmm,
+               aten.addmm, torch.baddbmm)
+def _contraction(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    freeze_all(c, node, f"{_op_name(node, gm)} contracts activations (attention-style products are not widened)")
+
+
+# ---------------------------------------------------------------- spatial ops: channels pass through
+
+
+def _spatial(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    x = node.args[0]
+    in_shape = shape_of(x)
+    outs = tensor_shapes(node)
+    if in_shape is None or not outs or len(in_shape) < 2:
+        freeze_all(c, node, f"{_op_name(node, gm)} without a static (N, C, ...) shape")
+        return
+    for name, shape in outs:
+        if len(shape) != len(in_shape) or shape[:2] != in_shape[:2]:
+            freeze_all(c, node, f"{_op_name(node, gm)} changes the batch or channel size")
+            return
+        c.same((x.name, 0), (name, 0))
+        c.same((x.name, 1), (name, 1))
+        for a in range(2, len(shape)):
+            c.freeze((name, a), "spatial axis")
+    for a in range(2, len(in_shape)):
+        c.freeze((x.name, a), "spatial axis")
+
+
+register_rule(
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+    nn.LPPool2d,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.upsample, torch.nn.functional.lp_pool2d,
+    *(getattr(aten, n) for n in (
+        "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices",
+        "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+        "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "adaptive_max_pool1d",
+        "adaptive_max_pool2d", "adaptive_max_pool3d", "upsample_nearest1d", "upsample_nearest2d",
+        "upsample_nearest3d", "upsample_bilinear2d", "upsample_linear1d", "upsample_bicubic2d",
+        "upsample_trilinear3d", "_upsample_nearest_exact2d", "_upsample_bilinear2d_aa") if hasattr(aten, n)),
+)(_spatial)
+
+
+@register_rule(F.pad, aten.pad, aten.constant_pad_nd, aten.reflection_pad2d, aten.replication_pad2d,
+               nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.ZeroPad1d,
+               nn.ConstantPad1d, nn.ReflectionPad1d, nn.ReplicationPad1d, nn.ConstantPad3d, nn.ZeroPad3d)
+def _pad(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    x = node.args[0]
+    shape = shape_of(x)
+    if node.op == "call_module":
+        pad = gm.get_submodule(str(node.target)).padding
+    else:
+        pad = _arg(node, 1, "pad")
+    if shape is None or not isinstance(pad, (list, tuple)):
+        freeze_all(c, node, "padding without static sizes")
+        return
+    padded_axes = len(pad) // 2  # pads the last axes, last axis first
+    rank = len(shape)
+    out = shape_of(node)
+    for a in range(rank):
+        if a >= rank - padded_axes:
+            c.freeze((x.name, a), "padded axis")
+            c.freeze((node.name, a), "padded axis")
+        elif out is not None and out[a] == shape[a]:
+            c.same((x.name, a), (node.name, a))
+        else:
+            c.freeze((x.name, a), "padded axis")
+
+
+# ---------------------------------------------------------------- reductions and softmax
+
+
+def _reduce_axes(node: torch.fx.Node, rank: int) -> tuple[list[int], bool] | None:
+    dims = _arg(node, 1, "dim")
+    if dims is None and len(node.args) < 2 and "dim" not in node.kwargs:
+        return list(range(rank)), bool(node.kwargs.get("keepdim", False))
+    if isinstance(dims, int):
+        dims = [dims]
+    if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims):
+        return None
+    keepdim = _arg(node, 2, "keepdim", False)
+    return sorted(_norm_axis(d, rank) for d in dims), bool(keepdim)
+
+
+def _reduction(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    x = node.args[0]
+    shape = shape_of(x)
+    parsed = _reduce_axes(node, len(shape)) if shape is not None else None
+    if parsed is None or shape_of(node) is None:
+        freeze_all(c, node, f"{_op_name(node, gm)} over dynamic axes")
+        return
+    axes, keepdim = parsed
+    out_axis = 0
+    for a in range(len(shape)):
+        if a in axes:
+            c.freeze((x.name, a), f"reduced over by {node.name}")
+            if keepdim:
+                c.freeze((node.name, out_axis), f"reduced by {node.name}")
+                out_axis += 1
+        else:
+            c.same((x.name, a), (node.name, out_axis))
+            out_axis += 1
+
+
+register_rule(torch.mean, torch.sum, torch.amax, torch.amin,
+              *(f"method:{m}" for m in ("mean", "sum", "amax", "amin")),
+              aten.mean, aten.sum, aten.amax, aten.amin)(_reduction)
+
+
+@register_rule(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "method:softmax",
+               "method:log_softmax", aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax,
+               nn.Softmax, nn.LogSoftmax)
+def _softmax(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    x = node.args[0]
+    shape = shape_of(x)
+    dim = gm.get_submodule(str(node.target)).dim if node.op == "call_module" else _arg(node, 1, "dim")
+    if shape is None or not isinstance(dim, int):
+        freeze_all(c, node, "softmax over a dynamic axis")
+        return
+    dim = _norm_axis(dim, len(shape))
+    _identity(c, x, node.name, len(shape), skip=[dim])
+    c.freeze((x.name, dim), f"softmax axis of {node.name}")
+    c.freeze((node.name, dim), f"softmax axis of {node.name}")
+
+
+# ---------------------------------------------------------------- structure: cat, split, views
+
+
+@register_rule(torch.cat, torch.concat, aten.cat, aten.concat)
+def _cat(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    tensors = _arg(node, 0, "tensors")
+    dim = _arg(node, 1, "dim", 0)
+    out = shape_of(node)
+    if out is None or not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
+        freeze_all(c, node, "concatenation without static shapes")
+        return
+    dim = _norm_axis(dim, len(out))
+    parts = []
+    for t in tensors:
+        shape = shape_of(t)
+        if shape is None or len(shape) != len(out):
+            freeze_all(c, node, "concatenation of tensors of other ranks")
+            return
+        _identity(c, t, node.name, len(out), skip=[dim])
+        parts.append((t.name, dim))
+    c.concat((node.name, dim), parts)
+
+
+@register_rule(torch.split, torch.chunk, torch.tensor_split, "method:split", "method:chunk",
+               aten.split, aten.split_with_sizes, aten.chunk, torch.unbind, "method:unbind", aten.unbind)
+def _split(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    x = node.args[0]
+    shape = shape_of(x)
+    outs = tensor_shapes(node)
+    target = getattr(node.target, "overloadpacket", node.target)
+    name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+    if shape is None or not outs or "unbind" in str(name) or "tensor_split" in str(name):
+        freeze_all(c, node, f"{name} is not supported")
+        return
+    dim = _arg(node, 2, "dim", 0)
+    if not isinstance(dim, int):
+        freeze_all(c, node, "split along a dynamic axis")
+        return
+    dim = _norm_axis(dim, len(shape))
+    sizes = [s[dim] for _, s in outs]
+    equal = "chunk" in str(name) or isinstance(_arg(node, 1, "split_size"), int)
+    if equal and len(set(sizes)) != 1:
+        freeze_all(c, node, f"{node.name} splits into unequal parts")
+        return
+    for out_name, out_shape in outs:
+        for a in range(len(shape)):
+            if a != dim:
+                c.same((x.name, a), (out_name, a))
+    c.concat((x.name, dim), [(n, dim) for n, _ in outs], equal=equal)
+
+
+@register_rule(operator.getitem)
+def _getitem(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    src, index = node.args
+    if not isinstance(src, torch.fx.Node):
+        return
+    if shape_of(src) is None:  # element of a tuple output
+        if isinstance(index, int) and tensor_shapes(node):
+            slots = dict(tensor_shapes(src))
+            key = f"{src.name}#{index if index >= 0 else len(slots) + index}"
+            if key in slots:
+                _identity_named(c, key, node.name, len(slots[key]))
+        return
+    _index_tensor(c, node, src, index)
+
+
+def _identity_named(c: Couplings, src: str, dst: str, rank: int) -> None:
+    for a in range(rank):
+        c.same((src, a), (dst, a))
+
+
+def _index_tensor(c: Couplings, node: torch.fx.Node, src: torch.fx.Node, index: Any) -> None:
+    shape, out = shape_of(src), shape_of(node)
+    items = list(index) if isinstance(index, tuple) else [index]
+    if out is None or any(isinstance(i, torch.fx.Node) for i in items):
+        freeze_all(c, node, f"tensor indexing in {node.name}")
+        return
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        fill = len(shape) - (len(items) - 1 - sum(1 for i in items if i is None))
+        items = items[:at] + [slice(None)] * fill + items[at + 1:]
+    in_axis, out_axis = 0, 0
+    for item in items:
+        if item is None:
+            out_axis += 1
+            continue
+        if isinstance(item, int):
+            c.freeze((src.name, in_axis), f"indexed by {node.name}")
+            in_axis += 1
+            continue
+        if isinstance(item, slice):
+            full = slice(*item.indices(shape[in_axis])) == slice(0, shape[in_axis], 1)
+            if full:
+                c.same((src.name, in_axis), (node.name, out_axis))
+            else:
+                c.freeze((src.name, in_axis), f"sliced by {node.name}")
+                c.freeze((node.name, out_axis), f"sliced by {node.name}")
+            in_axis += 1
+            out_axis += 1
+            continue
+        freeze_all(c, node, f"unsupported index {item!r} in {node.name}")
+        return
+    while in_axis < len(shape):
+        c.same((src.name, in_axis), (node.name, out_axis))
+        in_axis += 1
+        out_axis += 1
+
+
+@register_rule(aten.slice)
+def _slice(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    x = node.args[0]
+    shape = shape_of(x)
+    dim = _arg(node, 1, "dim", 0)
+    start, end, step = _arg(node, 2, "start", None), _arg(node, 3, "end", None), _arg(node, 4, "step", 1)
+    if shape is None or not isinstance(dim, int):
+        freeze_all(c, node, "slice along a dynamic axis")
+        return
+    items = [slice(None)] * len(shape)
+    items[_norm_axis(dim, len(shape))] = slice(start, end, step)
+    if any(isinstance(v, torch.fx.Node) for v in (start, end, step)):
+        freeze_all(c, node, f"dynamic slice in {node.name}")
+        return
+    _index_tensor(c, node, x, tuple(items))
+
+
+@register_rule(aten.select)
+def _select(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    x, dim, index = node.args[:3]
+    shape = shape_of(x)
+    if shape is None or not isinstance(index, int):
+        freeze_all(c, node, "dynamic select")
+        return
+    items = [slice(None)] * len(shape)
+    items[_norm_axis(dim, len(shape))] = index
+    _index_tensor(c, node, x, tuple(items))
+
+
+@register_rule(torch.transpose, "method:transpose", aten.transpose, "method:t", aten.t, torch.t,
+               torch.permute, "method:permute", aten.permute, torch.swapaxes, "method:swapaxes",
+               torch.movedim, "method:movedim")
+def _permute(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    x = node.args[0]
+    shape = shape_of(x)
+    if shape is None:
+        freeze_all(c, node, "permutation without a static shape")
+        return
+    rank = len(shape)
+    name = str(getattr(node.target, "overloadpacket", node.target))
+    order = list(range(rank))
+    if "permute" in name:
+        dims = node.args[1:] if not isinstance(node.args[1], (list, tuple)) else node.args[1]
+        order = [_norm_axis(d, rank) for d in dims]
+    elif "movedim" in name:
+        src, dst = _norm_axis(node.args[1], rank), _norm_axis(node.args[2], rank)
+        order.pop(src)
+        order.insert(dst, src)
+    elif name.endswith("t") and "transpose" not in name:
+        order = order[::-1]
+    else:
+        a, b = _norm_axis(node.args[1], rank), _norm_axis(node.args[2], rank)
+        order[a], order[b] = order[b], order[a]
+    for out_axis, in_axis in enumerate(order):
+        c.same((x.name, in_axis), (node.name, out_axis))
+
+
+def _reshape(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    x = node.args[0]
+    shape, out = shape_of(x), shape_of(node)
+    if shape is None or out is None:
+        freeze_all(c, node, "reshape without static shapes")
+        return
+    blocks = factor_reshape(shape, out)
+    if blocks is None:
+        freeze_all(c, node, f"{node.name} reshapes across several axes at once")
+        return
+    for ins, outs in blocks:
+        if len(ins) == 1 and len(outs) == 1:
+            c.same((x.name, ins[0]), (node.name, outs[0]))
+        elif len(outs) == 1:
+            c.merge((node.name, outs[0]), [(x.name, a) for a in ins])
+        elif len(ins) == 1:
+            c.merge((x.name, ins[0]), [(node.name, a) for a in outs])
+        else:
+            for a in ins:
+                c.freeze((x.name, a), f"{node.name} mixes several axes")
+            for a in outs:
+                c.freeze((node.name, a), f"{node.name} mixes several axes")
+    mapped_in = {a for ins, _ in blocks for a in ins}
+    for a, size in enumerate(shape):
+        if a not in mapped_in:
+            c.freeze((x.name, a), f"size-1 axis dropped by {node.name}")
+
+
+def factor_reshape(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:
+    """Pair runs of source axes with runs of destination axes of equal product (size-1 axes skipped)."""
+    i_axes = [a for a, s in enumerate(src) if s != 1]
+    o_axes = [a for a, s in enumerate(dst) if s != 1]
+    if math.prod(src) != math.prod(dst):
+        return None
+    blocks: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(i_axes) and j < len(o_axes):
+        ins, outs = [i_axes[i]], [o_axes[j]]
+        pi, po = src[i_axes[i]], dst[o_axes[j]]
+        i, j = i + 1, j + 1
+        while pi != po:
+            if pi < po:
+                if i >= len(i_axes):
+                    return None
+                ins.append(i_axes[i])
+                pi *= src[i_axes[i]]
+                i += 1
+            else:
+                if j >= len(o_axes):
+                    return None
+                outs.append(o_axes[j])
+                po *= dst[o_axes[j]]
+                j += 1
+        blocks.append((ins, outs))
+    return blocks
+
+
+register_rule(torch.flatten, torch.reshape, "method:view", "method:reshape", "method:flatten",
+              "method:squeeze", "method:unsqueeze", "method:unflatten", torch.squeeze, torch.unsqueeze,
+              torch.unflatten, nn.Flatten, nn.Unflatten, "method:view_as", "method:reshape_as",
+              *(getattr(aten, n) for n in ("view", "reshape", "_unsafe_view", "flatten", "unflatten",
+                                           "squeeze", "unsqueeze", "squeeze_copy", "view_copy")))(_reshape)
+
+
+@register_rule("method:expand", aten.expand, "method:expand_as")
+def _expand(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    x = node.args[0]
+    shape, out = shape_of(x), shape_of(node)
+    if shape is None or out is None:
+        freeze_all(c, node, "expand without static shapes")
+        return
+    offset = len(out) - len(shape)
+    for a, size in enumerate(shape):
+        if size == out[a + offset]:
+            c.same((x.name, a), (node.name, a + offset))
+        else:
+            c.freeze((x.name, a), f"broadcast by {node.name}")
+
+
+@register_rule(torch.stack, aten.stack)
+def _stack(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    tensors, dim = _arg(node, 0, "tensors"), _arg(node, 1, "dim", 0)
+    out = shape_of(node)
+    if out is None or not isinstance(dim, int) or not isinstance(tensors, (list, tuple)):
+        freeze_all(c, node, "stack without static shapes")
+        return
+    dim = _norm_axis(dim, len(out))
+    for t in tensors:
+        for a in range(len(out) - 1):
+            c.same((t.name, a), (node.name, a if a < dim else a + 1))
+    c.freeze((node.name, dim), f"stacked axis of {node.name}")
+
+
+def _op_name(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return f"{type(gm.get_submodule(str(node.target))).__name__} {node.name}"
+    target = node.target
+    return f"{getattr(target, '__name__', target)} {node.name}"

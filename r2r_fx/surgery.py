@@ -1,0 +1,251 @@
+"""Weight surgery shared by every pass and method: grow parameter axes along symbolic layouts.
+
+For one parameter axis with layout ``outer x [(atom, n, inner), ...]`` and ``e`` new channels per
+atom, the grown axis keeps each atom's old entries in place and appends that atom's ``e`` new
+channels right after them, in two halves of ``e/2`` channels (R2R's pairs). :class:`AxisIndex`
+turns that into index tensors once; a :class:`~r2r_fx.methods.Method` decides the values.
+
+After the parameters, width-dependent constants are fixed: module attributes (``in_channels``,
+``num_features``, ``groups``, ...) and int shape arguments of view/reshape/expand/split nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+from torch import nn
+
+from r2r_fx.analysis import Analysis, Layout
+from r2r_fx.rules import shape_of, tensor_shapes
+
+__all__ = ["AxisIndex", "axis_index", "fix_widths", "get_tensor", "new_width", "set_tensor"]
+
+logger = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+
+@dataclass
+class AxisIndex:
+    """Positions on a grown axis: where old entries went, and the two halves of new entries."""
+
+    old_size: int
+    new_size: int
+    old_pos: torch.Tensor  # [old_size]: new position of each old entry
+    first: torch.Tensor  # new positions of the first half of new entries
+    second: torch.Tensor  # matching positions of the second half (pairs with ``first``)
+    source: torch.Tensor  # for each ``first`` entry: an old position of the same atom and inner offset
+    runs: list[tuple[int, int, int]]  # (new_start, old_start, length) runs of old entries
+
+    @property
+    def grows(self) -> bool:
+        return self.new_size != self.old_size
+
+
+def new_width(layout: Layout, extras: Mapping[int, int]) -> int:
+    return layout.outer * sum((n + extras.get(a, 0)) * inner for a, n, inner in layout.pieces)
+
+
+def axis_index(layout: Layout, extras: Mapping[int, int], generator: torch.Generator | None = None) -> AxisIndex:
+    """Index tensors for growing one axis (vectorised over ``outer``; a loop over the few pieces)."""
+    old_w = sum(n * inner for _, n, inner in layout.pieces)
+    new_w = sum((n + extras.get(a, 0)) * inner for a, n, inner in layout.pieces)
+    outer = layout.outer
+    rows = torch.arange(outer).unsqueeze(1)
+    old_map = torch.empty(outer, old_w, dtype=torch.long)
+    firsts, seconds, sources, runs = [], [], [], []
+    off_old = off_new = 0
+    for atom, n, inner in layout.pieces:
+        e = extras.get(atom, 0)
+        span = n * inner
+        old_map[:, off_old:off_old + span] = rows * new_w + off_new + torch.arange(span)
+        for o in range(outer):
+            runs.append((o * new_w + off_new, o * old_w + off_old, span))
+        if e:
+            half = (e // 2) * inner
+            start = rows * new_w + off_new + span
+            firsts.append((start + torch.arange(half)).reshape(-1))
+            seconds.append((start + half + torch.arange(half)).reshape(-1))
+            if n:
+                chans = torch.randint(0, n, (e // 2,), generator=generator)
+            else:
+                chans = torch.zeros(e // 2, dtype=torch.long)
+            within = (chans.unsqueeze(1) * inner + torch.arange(inner)).reshape(-1)
+            sources.append((rows * old_w + off_old + within).reshape(-1))
+        off_old += span
+        off_new += (n + e) * inner
+    empty = torch.zeros(0, dtype=torch.long)
+    return AxisIndex(
+        old_size=outer * old_w,
+        new_size=outer * new_w,
+        old_pos=old_map.reshape(-1),
+        first=torch.cat(firsts) if firsts else empty,
+        second=torch.cat(seconds) if seconds else empty,
+        source=torch.cat(sources) if sources else empty,
+        runs=_merge_runs(runs),
+    )
+
+
+def _merge_runs(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    merged: list[tuple[int, int, int]] = []
+    for new, old, length in runs:
+        if merged and merged[-1][0] + merged[-1][2] == new and merged[-1][1] + merged[-1][2] == old:
+            merged[-1] = (merged[-1][0], merged[-1][1], merged[-1][2] + length)
+        elif length:
+            merged.append((new, old, length))
+    return merged
+
+
+def get_tensor(root: nn.Module, target: str) -> torch.Tensor:
+    owner, _, name = target.rpartition(".")
+    module = root.get_submodule(owner) if owner else root
+    return getattr(module, name)
+
+
+def set_tensor(root: nn.Module, target: str, value: torch.Tensor) -> None:
+    """Replace a parameter or buffer (or plain tensor attribute) keeping its kind and requires_grad."""
+    owner, _, name = target.rpartition(".")
+    module = root.get_submodule(owner) if owner else root
+    old = getattr(module, name)
+    if isinstance(old, nn.Parameter) or name in module._parameters:
+        module._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)
+    elif name in module._buffers:
+        module._buffers[name] = value
+    else:
+        setattr(module, name, value)
+
+
+# ---------------------------------------------------------------- width-dependent constants
+
+
+def fix_widths(gm: torch.fx.GraphModule, analysis: Analysis, extras: Mapping[int, int]) -> None:
+    """Update module attributes and int shape arguments that name a grown width."""
+
+    def width(slot: tuple[str, int]) -> int | None:
+        if slot not in analysis.builder.sizes:
+            return None
+        return new_width(analysis.layout(slot), extras)
+
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            _fix_module(gm.get_submodule(str(node.target)), node, width)
+        elif node.op in ("call_function", "call_method"):
+            _fix_args(node, width)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _fix_module(m: nn.Module, node: torch.fx.Node, width) -> None:
+    x = node.args[0] if node.args else None
+    in_w = width((x.name, 1)) if isinstance(x, torch.fx.Node) and shape_of(x) else None
+    if isinstance(m, nn.modules.conv._ConvNd):
+        w = m.weight
+        if m.transposed:
+            m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
+        else:
+            m.out_channels = w.shape[0]
+            if in_w is not None:
+                m.groups = max(1, in_w // w.shape[1])
+                m.in_channels = w.shape[1] * m.groups
+    elif isinstance(m, nn.Linear):
+        m.in_features, m.out_features = m.weight.shape[1], m.weight.shape[0]
+    elif isinstance(m, nn.Embedding):
+        m.embedding_dim = m.weight.shape[1]
+    elif isinstance(m, nn.GroupNorm) and in_w is not None:
+        per_group = m.num_channels // m.num_groups
+        m.num_channels, m.num_groups = in_w, in_w // per_group
+    elif isinstance(m, nn.modules.batchnorm._NormBase) and in_w is not None:
+        m.num_features = in_w
+    elif isinstance(m, nn.PReLU):
+        m.num_parameters = m.weight.numel()
+    elif isinstance(m, nn.Unflatten):
+        out = shape_of(node)
+        if out is not None:
+            dim = m.dim if m.dim >= 0 else len(out) + m.dim
+            m.unflattened_size = tuple(width((node.name, dim + i)) or s for i, s in enumerate(m.unflattened_size))
+
+
+_SHAPE_ARG_OPS = {"view", "reshape", "expand", "_unsafe_view", "view_copy", "new_zeros", "new_ones",
+                  "new_empty", "repeat"}
+
+
+def _fix_args(node: torch.fx.Node, width) -> None:
+    target = node.target
+    name = target if isinstance(target, str) else getattr(getattr(target, "overloadpacket", target), "__name__",
+                                                            str(target))
+    out = shape_of(node)
+    if name in _SHAPE_ARG_OPS or target is torch.reshape:
+        dims = node.args[1:]
+        packed = len(dims) == 1 and isinstance(dims[0], (list, tuple))
+        seq = list(dims[0]) if packed else list(dims)
+        if out is None or len(seq) != len(out):
+            return
+        offset = 0
+        changed = False
+        for i, d in enumerate(seq):
+            if isinstance(d, int) and d != -1:
+                new = width((node.name, i + offset))
+                if new is not None and new != d:
+                    seq[i] = new
+                    changed = True
+        if changed:
+            node.args = (node.args[0], type(dims[0])(seq)) if packed else (node.args[0], *seq)
+    elif name in ("unflatten",) and out is not None:
+        dim, sizes = node.args[1], node.args[2]
+        dim = dim if dim >= 0 else len(out) + dim - len(sizes) + 1
+        new = [width((node.name, dim + i)) or s if isinstance(s, int) and s != -1 else s
+               for i, s in enumerate(sizes)]
+        node.args = (node.args[0], dim, type(sizes)(new))
+    elif name in ("split", "split_with_sizes"):
+        outs = tensor_shapes(node)
+        size_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size")
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if not outs:
+            return
+        dim = dim if dim >= 0 else len(outs[0][1]) + dim
+        widths = [width((n, dim)) for n, _ in outs]
+        if None in widths:
+            return
+        new = widths[0] if isinstance(size_arg, int) else type(size_arg)(widths)
+        args = list(node.args)
+        if len(args) > 1:
+            args[1] = new
+            node.args = tuple(args)
+        else:
+            node.kwargs = {**node.kwargs, "split_size": new}
+    elif name in ("conv1d", "conv2d", "conv3d", "convolution", "group_norm"):
+        _fix_grouped(node, name, width)
+    elif name == "slice" and out is not None:
+        x = node.args[0]
+        dim, end = node.args[1], node.args[3] if len(node.args) > 3 else None
+        in_shape = shape_of(x)
+        if isinstance(end, int) and in_shape is not None and end == in_shape[dim]:
+            new = width((x.name, dim))
+            if new is not None:
+                args = list(node.args)
+                args[3] = new
+                node.args = tuple(args)
+
+
+def _fix_grouped(node: torch.fx.Node, name: str, width) -> None:
+    x = node.args[0]
+    in_w = width((x.name, 1)) if isinstance(x, torch.fx.Node) else None
+    if in_w is None:
+        return
+    args = list(node.args)
+    if name == "group_norm":
+        old = shape_of(x)[1]
+        groups = args[1]
+        args[1] = in_w // (old // groups)
+    else:
+        index = 8 if name == "convolution" else 6
+        if len(args) <= index:
+            return
+        w_shape = shape_of(args[1])
+        if w_shape is None or (name == "convolution" and args[6]):
+            return
+        args[index] = max(1, in_w // w_shape[1])
+    node.args = tuple(args)

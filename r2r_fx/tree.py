@@ -1,0 +1,58 @@
+"""Output trees: tensors nested in tuples, lists, dicts and dataclass-like model outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["leaves", "max_errors"]
+
+
+def leaves(tree: Any) -> list[tuple[str, Any]]:
+    """(path, leaf) pairs in a deterministic order; tensors and plain Python values are leaves."""
+    out: list[tuple[str, Any]] = []
+    _walk(tree, "out", out)
+    return out
+
+
+def _walk(tree: Any, path: str, out: list[tuple[str, Any]]) -> None:
+    if isinstance(tree, torch.Tensor) or tree is None or isinstance(tree, (int, float, bool, str)):
+        out.append((path, tree))
+    elif isinstance(tree, Mapping):  # also covers HuggingFace ModelOutput (an OrderedDict)
+        for key in tree:
+            _walk(tree[key], f"{path}[{key!r}]", out)
+    elif isinstance(tree, (tuple, list)):
+        for i, item in enumerate(tree):
+            _walk(item, f"{path}[{i}]", out)
+    elif dataclasses.is_dataclass(tree):
+        for field in dataclasses.fields(tree):
+            _walk(getattr(tree, field.name), f"{path}.{field.name}", out)
+    else:
+        out.append((path, tree))
+
+
+def max_errors(reference: Any, candidate: Any) -> tuple[float, float]:
+    """(max |Δ|, max |Δ| / max |y_ref|) over all tensor leaves; ValueError if structures differ."""
+    ref_leaves, cand_leaves = leaves(reference), leaves(candidate)
+    if [p for p, _ in ref_leaves] != [p for p, _ in cand_leaves]:
+        raise ValueError(f"leaves {[p for p, _ in ref_leaves]} vs {[p for p, _ in cand_leaves]}")
+    max_abs, max_ref = 0.0, 0.0
+    for (path, a), (_, b) in zip(ref_leaves, cand_leaves):
+        if isinstance(a, torch.Tensor):
+            if not isinstance(b, torch.Tensor) or a.shape != b.shape:
+                got = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
+                raise ValueError(f"{path}: shape {tuple(a.shape)} vs {got}")
+            if a.numel() == 0:
+                continue
+            a64, b64 = a.detach().double(), b.detach().double()
+            max_abs = max(max_abs, float((a64 - b64).abs().max()))
+            max_ref = max(max_ref, float(a64.abs().max()))
+        elif a != b:
+            raise ValueError(f"{path}: {a!r} vs {b!r}")
+    if max_abs != max_abs:  # NaN
+        return float("nan"), float("nan")
+    rel = max_abs / max_ref if max_ref > 0 else (0.0 if max_abs == 0 else float("inf"))
+    return max_abs, rel
