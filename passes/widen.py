@@ -74,7 +74,8 @@ def _select(analysis: Analysis, groups: Iterable[int | str] | None) -> set[int]:
                 raise ValueError(f"unknown width group id {key}; valid ids are 0..{len(analysis.groups) - 1}")
             chosen.add(key)
             continue
-        hits = [g.id for g in analysis.groups if key in g.producers]
+        targets = {n.name: str(n.target) for n in analysis.gm.graph.nodes}
+        hits = [g.id for g in analysis.groups if key in g.producers or key in {targets[p] for p in g.producers}]
         if not hits:
             names = sorted({p for g in analysis.groups if g.widenable for p in g.producers})
             raise ValueError(f"no width group is produced by a node named {key!r}; producers of widenable "

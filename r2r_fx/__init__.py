@@ -2,6 +2,24 @@
 
 from __future__ import annotations
 
+from r2r_fx import tree
+from r2r_fx.analysis import WidthGroup, analyze, width_groups
 from r2r_fx.capture import CaptureError, capture
+from r2r_fx.export import export_onnx, run_onnx
+from r2r_fx.passes.widen import WidenPass, widen
+from r2r_fx.verify import VerifyReport, verify
 
-__all__ = ["CaptureError", "capture"]
+__all__ = [
+    "CaptureError",
+    "VerifyReport",
+    "WidenPass",
+    "WidthGroup",
+    "analyze",
+    "capture",
+    "export_onnx",
+    "run_onnx",
+    "verify",
+    "widen",
+    "tree",
+    "width_groups",
+]

@@ -77,11 +77,17 @@ def record_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> An
         gm.train(was_training)
 
 
-def capture(model: nn.Module, example_inputs: Any, *, rtol: float = _CAPTURE_RTOL) -> torch.fx.GraphModule:
+def capture(model: nn.Module, example_inputs: Any, *, via: str = "auto",
+            rtol: float = _CAPTURE_RTOL) -> torch.fx.GraphModule:
     """Capture ``model`` as a GraphModule whose eval-mode output matches eager within ``rtol``.
 
+    ``via`` is ``"auto"`` (symbolic tracing, then torch.export), ``"symbolic_trace"`` or ``"export"``.
     The model is deep-copied first: the result never shares parameters with ``model``.
     """
+    builders = {"symbolic_trace": ("module", _symbolic_trace), "export": ("aten", _export)}
+    if via != "auto" and via not in builders:
+        raise ValueError(f"via must be 'auto', 'symbolic_trace' or 'export', got {via!r}")
+    chain = list(builders.values()) if via == "auto" else [builders[via]]
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture() needs an nn.Module, got {type(model).__name__}")
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -94,7 +100,7 @@ def capture(model: nn.Module, example_inputs: Any, *, rtol: float = _CAPTURE_RTO
             raise CaptureError(f"the eager model fails on the example inputs: {exc}") from exc
 
     causes: list[str] = []
-    for flavour, build in (("module", _symbolic_trace), ("aten", _export)):
+    for flavour, build in chain:
         try:
             gm = build(copy.deepcopy(model).eval(), inputs)
             output = record_shapes(gm, inputs)
@@ -130,7 +136,14 @@ def _describe_failure(exc: BaseException) -> str:
 
 
 def _symbolic_trace(model: nn.Module, inputs: tuple[Any, ...]) -> torch.fx.GraphModule:
-    return torch.fx.symbolic_trace(model)
+    gm = torch.fx.symbolic_trace(model)
+    # String annotations (``from __future__ import annotations``) become str globals in the generated
+    # code, which breaks pickling the GraphModule: drop them.
+    for node in gm.graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
+    gm.recompile()
+    return gm
 
 
 def _export(model: nn.Module, inputs: tuple[Any, ...]) -> torch.fx.GraphModule:

@@ -66,8 +66,17 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def append_record(gm: torch.fx.GraphModule, entry: dict[str, Any]) -> None:
-    gm.meta.setdefault("r2r_record", []).append(entry)
+    """Append to ``gm.meta["r2r_record"]``, mirrored in the plain attribute ``gm.r2r_record``:
+    ``torch.save`` / ``torch.load`` of a GraphModule drops ``meta`` but keeps extra attributes."""
+    records = list(records_of(gm)) + [entry]
+    gm.meta["r2r_record"] = records
+    gm.r2r_record = records
 
 
-def records_of(gm: torch.fx.GraphModule) -> list[dict[str, Any]]:
-    return list(gm.meta.get("r2r_record", []))
+def records_of(gm: torch.nn.Module) -> list[dict[str, Any]]:
+    """The growth record of a model, also after a pickle round trip (which empties ``meta``)."""
+    meta = getattr(gm, "meta", None) or {}
+    records = meta.get("r2r_record") or getattr(gm, "r2r_record", None) or []
+    if records and isinstance(meta, dict) and "r2r_record" not in meta and hasattr(gm, "meta"):
+        gm.meta["r2r_record"] = list(records)
+    return list(records)

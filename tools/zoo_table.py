@@ -1,0 +1,174 @@
+"""Sweep torchvision's classification models: capture, analyse, widen (and deepen), verify; print a table.
+
+Usage:
+    python tools/zoo_table.py                      # all 80 models, ONNX check included
+    python tools/zoo_table.py --models resnet18 vit_b_16 --no-onnx
+    python tools/zoo_table.py --out docs/zoo       # also writes zoo.json and zoo.md there
+
+Each model runs in its own subprocess (a crash or a memory blow-up is reported, not fatal) with a
+time limit. Columns: capture flavour and time, width groups (widened / internal / all), the main
+skip reasons, widen time, relative errors in eval, train and ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+EXTERNAL = ("model input", "model output")
+
+
+def run_one(name: str, onnx: bool, deepen: bool) -> dict[str, Any]:
+    import torch
+
+    import r2r_fx
+    from torchvision_zoo import build
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    row: dict[str, Any] = {"model": name}
+    model, inputs = build(name)
+    row["params"] = sum(p.numel() for p in model.parameters())
+    t = time.perf_counter()
+    gm = r2r_fx.capture(model, inputs)
+    row["capture_s"] = time.perf_counter() - t
+    row["flavour"] = gm.meta["r2r_flavour"]
+    t = time.perf_counter()
+    groups = r2r_fx.width_groups(gm)
+    row["analyze_s"] = time.perf_counter() - t
+    internal = [g for g in groups if not g.reason.startswith(EXTERNAL)]
+    row["groups"] = len(groups)
+    row["internal"] = len(internal)
+    row["widenable"] = sum(g.widenable for g in groups)
+    reasons = collections.Counter(_short(g.reason) for g in internal if not g.widenable)
+    row["skip_reasons"] = dict(reasons.most_common())
+    t = time.perf_counter()
+    result = r2r_fx.WidenPass(factor=2.0, seed=0).call(gm)
+    row["widen_s"] = time.perf_counter() - t
+    grown = result.model
+    row["widened"] = sum(g["status"] == "widened" for g in result.record["groups"])
+    row["params_widened"] = sum(p.numel() for p in grown.parameters())
+    t = time.perf_counter()
+    report = r2r_fx.verify(gm, grown, inputs, onnx=onnx)
+    row["verify_s"] = time.perf_counter() - t
+    row.update(rel_eval=report.eval_rel_error, rel_train=report.train_rel_error,
+               rel_onnx=report.onnx_max_rel_error, ok=report.ok)
+    del grown, result
+    if deepen and hasattr(r2r_fx, "deepen"):
+        t = time.perf_counter()
+        deep = r2r_fx.deepen(gm, seed=0)
+        row["deepen_s"] = time.perf_counter() - t
+        row["blocks"] = sum(len(r.get("blocks", [])) for r in deep.meta.get("r2r_record", []))
+        row["params_deepened"] = sum(p.numel() for p in deep.parameters())
+        dreport = r2r_fx.verify(gm, deep, inputs, onnx=onnx)
+        row.update(deepen_rel_eval=dreport.eval_rel_error, deepen_rel_train=dreport.train_rel_error,
+                   deepen_rel_onnx=dreport.onnx_max_rel_error, deepen_ok=dreport.ok)
+        row["ok"] = row["ok"] and dreport.ok
+    return row
+
+
+def _short(reason: str) -> str:
+    for key in ("normalised over by", "attention", "unsupported op", "reshape", "concatenated and reshaped",
+                "contracts activations", "softmax", "sliced", "indexed", "reduced", "no producer"):
+        if key in reason:
+            if key == "unsupported op":
+                return reason.split("(")[0].strip()
+            return key
+    return reason[:40]
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.1e}" if x < 0.01 else f"{x:.2f}"
+    return str(x)
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = ("| model | flavour | params | groups widened / internal / all | widen s | rel eval | rel train | "
+            "rel ONNX | blocks | deepen rel | ok | main skip reasons / error |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | - | - | - | - | - | - | - | - | - | FAIL | {r['error'][:120]} |")
+            continue
+        reasons = ", ".join(f"{k} x{v}" for k, v in list(r.get("skip_reasons", {}).items())[:3])
+        deep = r.get("deepen_rel_onnx") if r.get("deepen_rel_onnx") is not None else r.get("deepen_rel_eval")
+        lines.append(
+            f"| {r['model']} | {r['flavour']} | {r['params'] / 1e6:.1f}M | {r['widened']} / {r['internal']} / "
+            f"{r['groups']} | {_fmt(r['widen_s'])} | {_fmt(r['rel_eval'])} | {_fmt(r['rel_train'])} | "
+            f"{_fmt(r['rel_onnx'])} | {_fmt(r.get('blocks'))} | {_fmt(deep)} | {'yes' if r['ok'] else 'NO'} | "
+            f"{reasons} |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    done = [r for r in rows if "error" not in r]
+    ok = sum(bool(r.get("ok")) for r in done)
+    conv = [r for r in done if not r["model"].startswith(("vit", "swin", "maxvit"))]
+    widened = sum(r["widened"] for r in conv)
+    internal = sum(r["internal"] for r in conv)
+    worst = max((r["rel_eval"] for r in done), default=0.0)
+    worst_onnx = max((r["rel_onnx"] for r in done if r.get("rel_onnx") is not None), default=None)
+    return (f"{len(rows)} models: {len(done)} ran, {ok} function-preserving within tolerance, "
+            f"{len(rows) - len(done)} failed; convolutional models: {widened}/{internal} internal width groups "
+            f"widened ({100 * widened / max(1, internal):.1f}%); worst relative error {worst:.1e} (PyTorch), "
+            f"{_fmt(worst_onnx)} (ONNX Runtime)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", help="model names (default: all classification models)")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime check")
+    parser.add_argument("--no-deepen", action="store_true", help="skip the deepen columns")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per model")
+    parser.add_argument("--out", help="folder for zoo.json and zoo.md")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(args.one, not args.no_onnx, not args.no_deepen)))
+        return 0
+    from torchvision_zoo import classification_models
+
+    names = args.models or classification_models()
+    rows = []
+    for i, name in enumerate(names, 1):
+        cmd = [sys.executable, __file__, "--one", name] + (["--no-onnx"] if args.no_onnx else []) + (
+            ["--no-deepen"] if args.no_deepen else [])
+        t = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            if proc.returncode == 0:
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+            else:
+                tail = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+                row = {"model": name, "error": tail[-1] if tail else f"exit code {proc.returncode}"}
+        except subprocess.TimeoutExpired:
+            row = {"model": name, "error": f"timed out after {args.timeout:.0f} s"}
+        row["total_s"] = time.perf_counter() - t
+        rows.append(row)
+        state = "error: " + row["error"] if "error" in row else ("ok" if row["ok"] else "NOT PRESERVED")
+        print(f"[{i}/{len(names)}] {name}: {state} ({row['total_s']:.0f} s)", file=sys.stderr, flush=True)
+    table = markdown(rows)
+    print(table)
+    print()
+    print(summary(rows))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "zoo.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        with open(os.path.join(args.out, "zoo.md"), "w") as f:
+            f.write(table + "\n\n" + summary(rows) + "\n")
+    return 0 if all(r.get("ok") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
