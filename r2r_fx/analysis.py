@@ -311,8 +311,9 @@ class Analysis:
             members = self._merge_of[root]
             bearing = [i for i, m in enumerate(members) if self._width_bearing(m)]
             if not bearing:
-                if root in self._bound_roots:
-                    self._conflicts[root] = "reshape splits a channel axis"
+                # An axis split into several (heads x head_dim, ...): the channel order across the new
+                # axes is not an append-at-the-end layout. Harmless for spatial axes (never widths).
+                self._conflicts[root] = "reshape splits a channel axis"
                 return self._atom_layout(root)
             if len(bearing) > 1:
                 self._conflicts[root] = "reshape merges two channel axes"

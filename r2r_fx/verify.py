@@ -1,13 +1,20 @@
 """Numerical verification: is the candidate model the same function as the reference?
 
 Relative error is ``max|y_cand - y_ref| / max|y_ref|`` over every tensor leaf of the output.
-Checked in eval mode and in train mode (BatchNorm on batch statistics; dropout probabilities set to 0
-on copies, since random masks differ with width), in PyTorch and, on request, through onnxruntime.
-Inputs are seeded; the models passed in are never modified.
+Checked in eval mode and in train mode (BatchNorm on batch statistics; dropout probabilities set to 0,
+since random masks differ with width), in PyTorch and, on request, through onnxruntime. Inputs are
+seeded; the models passed in are left as they were (modes, dropout rates, norm statistics).
+
+Train mode in float32 can sit at the model's own rounding floor: deep BatchNorm networks normalise by
+batch statistics of small late feature maps, which amplifies float32 rounding to ~1e-5 even between
+the *original* model in float32 and float64. When the float32 train-mode error exceeds ``rtol``, the
+check is repeated in float64 (same tolerance) and the reference's float32-vs-float64 floor is
+reported beside it; ``ok`` then rests on the float64 measurement, and the note says so.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import tempfile
@@ -35,6 +42,8 @@ class VerifyReport:
     max_rel_error: float
     eval_rel_error: float
     train_rel_error: float | None
+    train_rel_error_f64: float | None = None
+    train_noise_floor: float | None = None
     onnx_max_abs_error: float | None = None
     onnx_max_rel_error: float | None = None
     ok: bool = False
@@ -70,9 +79,34 @@ def _run(model: nn.Module, inputs: Sequence[Any], train: bool, seed: int) -> Any
                 b.copy_(saved)
 
 
+_F64_MAX_BYTES = 4_000_000_000  # float64 copies of both models must fit next to the originals
+
+
+def _train_in_float64(reference: nn.Module, candidate: nn.Module, inputs: tuple[Any, ...], seed: int,
+                      report: VerifyReport) -> bool:
+    size = sum(p.numel() for m in (reference, candidate) for p in m.parameters()) * 8
+    if size > _F64_MAX_BYTES:
+        report.notes.append(f"train-mode float32 error {report.train_rel_error:.2e} exceeds rtol; models too "
+                            f"large ({size / 1e9:.1f} GB in float64) for the float64 re-check")
+        return False
+    wide = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
+    ref64, cand64 = copy.deepcopy(reference).double(), copy.deepcopy(candidate).double()
+    try:
+        out64 = _run(ref64, wide, True, seed)
+        _, report.train_rel_error_f64 = max_errors(out64, _run(cand64, wide, True, seed))
+        _, report.train_noise_floor = max_errors(out64, _run(reference, inputs, True, seed))
+    finally:
+        del ref64, cand64
+    report.notes.append(
+        f"train mode: float32 error {report.train_rel_error:.2e} is at the reference's own float32 rounding "
+        f"floor {report.train_noise_floor:.2e} (reference float32 vs float64); float64 re-check "
+        f"{report.train_rel_error_f64:.2e}")
+    return report.train_rel_error_f64 <= report.rtol
+
+
 def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Any, *, onnx: bool = True,
            train: bool = True, rtol: float = RTOL, onnx_rtol: float = ONNX_RTOL, seed: int = 0,
-           onnx_path: str | os.PathLike[str] | None = None) -> VerifyReport:
+           onnx_path: str | os.PathLike[str] | None = None, f64_fallback: bool = True) -> VerifyReport:
     """Compare ``candidate`` with ``reference`` on ``example_inputs`` (eval, train, ONNX Runtime)."""
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     notes: list[str] = []
@@ -87,7 +121,10 @@ def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Any, *, o
     max_abs = max(eval_abs, train_abs if train_abs is not None else 0.0)
     max_rel = max(eval_rel, train_rel if train_rel is not None else 0.0)
     report = VerifyReport(max_abs, max_rel, eval_rel, train_rel, rtol=rtol, onnx_rtol=onnx_rtol, notes=notes)
-    ok = max_rel <= rtol
+    train_ok = train_rel is None or train_rel <= rtol
+    if not train_ok and eval_rel <= rtol and f64_fallback:
+        train_ok = _train_in_float64(reference, candidate, inputs, seed, report)
+    ok = eval_rel <= rtol and train_ok
     if onnx:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.fspath(onnx_path) if onnx_path else os.path.join(tmp, "candidate.onnx")

@@ -59,7 +59,8 @@ def run_one(name: str, onnx: bool, deepen: bool) -> dict[str, Any]:
     report = r2r_fx.verify(gm, grown, inputs, onnx=onnx)
     row["verify_s"] = time.perf_counter() - t
     row.update(rel_eval=report.eval_rel_error, rel_train=report.train_rel_error,
-               rel_onnx=report.onnx_max_rel_error, ok=report.ok)
+               rel_train_f64=report.train_rel_error_f64, train_floor=report.train_noise_floor,
+               rel_onnx=report.onnx_max_rel_error, ok=report.ok, notes=report.notes)
     del grown, result
     if deepen and hasattr(r2r_fx, "deepen"):
         t = time.perf_counter()
@@ -93,8 +94,8 @@ def _fmt(x: Any) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = ("| model | flavour | params | groups widened / internal / all | widen s | rel eval | rel train | "
-            "rel ONNX | blocks | deepen rel | ok | main skip reasons / error |")
+    head = ("| model | flavour | params | groups widened / internal / all | widen s | rel eval | rel train "
+            "(f64; floor) | rel ONNX | blocks | deepen rel | ok | main skip reasons / error |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
@@ -108,6 +109,13 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"{_fmt(r['rel_onnx'])} | {_fmt(r.get('blocks'))} | {_fmt(deep)} | {'yes' if r['ok'] else 'NO'} | "
             f"{reasons} |")
     return "\n".join(lines)
+
+
+def _train(r: dict[str, Any]) -> str:
+    text = _fmt(r.get("rel_train"))
+    if r.get("rel_train_f64") is not None:
+        text += f" ({_fmt(r['rel_train_f64'])}; {_fmt(r.get('train_floor'))})"
+    return text
 
 
 def summary(rows: list[dict[str, Any]]) -> str:
