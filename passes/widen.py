@@ -21,18 +21,18 @@ import torch
 import torch.fx
 
 from r2r_fx.analysis import Analysis, analyze
-from r2r_fx.capture import example_inputs_of, record_shapes
 from r2r_fx.methods import Method, get_method
 from r2r_fx.passbase import Pass, PassResult, append_record, copy_graph_module
-from r2r_fx.surgery import axis_index, fix_widths, get_tensor, set_tensor
+from r2r_fx.surgery import axis_index, fix_widths, get_tensor, set_tensor, update_shapes
 
 __all__ = ["WidenPass", "plan_extras", "widen"]
 
 logger = logging.getLogger(__name__)
 
 
-def plan_extras(analysis: Analysis, *, factor: float | None, extra: int | None,
-                groups: Iterable[int | str] | None) -> tuple[dict[int, int], list[dict[str, Any]]]:
+def plan_extras(
+    analysis: Analysis, *, factor: float | None, extra: int | None, groups: Iterable[int | str] | None
+) -> tuple[dict[int, int], list[dict[str, Any]]]:
     """Channels to add per atom, and a report line per width group (widened or skipped, with reason)."""
     if (factor is None) == (extra is None):
         raise ValueError("give exactly one of factor= or extra=")
@@ -44,8 +44,15 @@ def plan_extras(analysis: Analysis, *, factor: float | None, extra: int | None,
     extras: dict[int, int] = {}
     report: list[dict[str, Any]] = []
     for g in analysis.groups:
-        entry = {"id": g.id, "width_before": g.width, "width_after": g.width, "producers": g.producers,
-                 "consumers": g.consumers, "status": "skipped", "reason": g.reason}
+        entry = {
+            "id": g.id,
+            "width_before": g.width,
+            "width_after": g.width,
+            "producers": g.producers,
+            "consumers": g.consumers,
+            "status": "skipped",
+            "reason": g.reason,
+        }
         if g.id not in chosen:
             entry["reason"] = entry["reason"] or "not selected"
         elif g.widenable:
@@ -56,8 +63,7 @@ def plan_extras(analysis: Analysis, *, factor: float | None, extra: int | None,
                 per_atom[a] = int(math.ceil(round(want, 6) / step)) * step
             if any(per_atom.values()):
                 extras.update(per_atom)
-                entry.update(status="widened", reason="",
-                             width_after=g.width + sum(per_atom.values()))
+                entry.update(status="widened", reason="", width_after=g.width + sum(per_atom.values()))
             else:
                 entry["reason"] = "nothing to add"
         report.append(entry)
@@ -78,14 +84,16 @@ def _select(analysis: Analysis, groups: Iterable[int | str] | None) -> set[int]:
         hits = [g.id for g in analysis.groups if key in g.producers or key in {targets[p] for p in g.producers}]
         if not hits:
             names = sorted({p for g in analysis.groups if g.widenable for p in g.producers})
-            raise ValueError(f"no width group is produced by a node named {key!r}; producers of widenable "
-                             f"groups: {', '.join(names)}")
+            raise ValueError(
+                f"no width group is produced by a node named {key!r}; producers of widenable groups: {', '.join(names)}"
+            )
         chosen.update(hits)
     return chosen
 
 
-def grow_parameters(gm: torch.fx.GraphModule, analysis: Analysis, extras: dict[int, int], method: Method,
-                    generator: torch.Generator) -> list[dict[str, Any]]:
+def grow_parameters(
+    gm: torch.fx.GraphModule, analysis: Analysis, extras: dict[int, int], method: Method, generator: torch.Generator
+) -> list[dict[str, Any]]:
     """Grow every bound parameter whose layout gains channels; returns what changed per parameter."""
     changes = []
     for param, axes in analysis.bound_params().items():
@@ -99,12 +107,14 @@ def grow_parameters(gm: torch.fx.GraphModule, analysis: Analysis, extras: dict[i
         with torch.no_grad():
             new = method.grow(old, plan, generator)
         set_tensor(gm, param, new)
-        changes.append({
-            "param": param,
-            "shape_before": list(old.shape),
-            "shape_after": list(new.shape),
-            "axes": {axis: {"role": role, "old_runs": [list(r) for r in idx.runs]} for axis, idx, role in plan},
-        })
+        changes.append(
+            {
+                "param": param,
+                "shape_before": list(old.shape),
+                "shape_after": list(new.shape),
+                "axes": {axis: {"role": role, "old_runs": [list(r) for r in idx.runs]} for axis, idx, role in plan},
+            }
+        )
     return changes
 
 
@@ -113,9 +123,16 @@ class WidenPass(Pass):
 
     name = "widen"
 
-    def __init__(self, *, factor: float | None = None, extra: int | None = None,
-                 groups: Iterable[int | str] | None = None, method: str | Method = "r2r",
-                 init_scale: float | str = "match", seed: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        factor: float | None = None,
+        extra: int | None = None,
+        groups: Iterable[int | str] | None = None,
+        method: str | Method = "r2r",
+        init_scale: float | str = "match",
+        seed: int | None = None,
+    ) -> None:
         if factor is None and extra is None:
             factor = 2.0
         self.factor, self.extra, self.groups = factor, extra, groups
@@ -125,12 +142,17 @@ class WidenPass(Pass):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         analysis = analyze(gm)
         extras, report = plan_extras(analysis, factor=self.factor, extra=self.extra, groups=self.groups)
-        grown = copy_graph_module(gm)
+        replaced = [
+            get_tensor(gm, p)
+            for p, axes in analysis.bound_params().items()
+            if any(extras.get(a) for _, layout, _ in axes for a in layout.atoms())
+        ]
+        grown = copy_graph_module(gm, skip=replaced)
         generator = torch.Generator()
         generator.manual_seed(self.seed if self.seed is not None else int(torch.randint(0, 2**31, ()).item()))
         changes = grow_parameters(grown, analysis, extras, self.method, generator)
         fix_widths(grown, analysis, extras)
-        record_shapes(grown, example_inputs_of(grown))
+        update_shapes(grown, analysis, extras)
         record = {
             "op": "widen",
             "method": self.method.name,
@@ -144,11 +166,19 @@ class WidenPass(Pass):
         return PassResult(grown, bool(changes), record)
 
 
-def widen(gm: torch.fx.GraphModule, *, factor: float | None = None, extra: int | None = None,
-          groups: Iterable[int | str] | None = None, method: str | Method = "r2r",
-          init_scale: float | str = "match", seed: int | None = None) -> torch.fx.GraphModule:
+def widen(
+    gm: torch.fx.GraphModule,
+    *,
+    factor: float | None = None,
+    extra: int | None = None,
+    groups: Iterable[int | str] | None = None,
+    method: str | Method = "r2r",
+    init_scale: float | str = "match",
+    seed: int | None = None,
+) -> torch.fx.GraphModule:
     """Return a widened copy of ``gm`` (``factor=2.0`` by default); the input is untouched."""
-    return WidenPass(factor=factor, extra=extra, groups=groups, method=method, init_scale=init_scale,
-                     seed=seed).call(gm).model
-
-
+    return (
+        WidenPass(factor=factor, extra=extra, groups=groups, method=method, init_scale=init_scale, seed=seed)
+        .call(gm)
+        .model
+    )

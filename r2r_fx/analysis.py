@@ -21,7 +21,7 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import networkx as nx
 import torch
@@ -83,8 +83,10 @@ class WidthGroup:
 
     def __repr__(self) -> str:
         state = "widenable" if self.widenable else f"frozen: {self.reason}"
-        return (f"WidthGroup(id={self.id}, width={self.width}, producers={self.producers}, "
-                f"consumers={self.consumers}, {state})")
+        return (
+            f"WidthGroup(id={self.id}, width={self.width}, producers={self.producers}, "
+            f"consumers={self.consumers}, {state})"
+        )
 
 
 class _UnionFind:
@@ -321,7 +323,7 @@ class Analysis:
             k = bearing[0]
             sub = self.layout(members[k])
             before = math.prod(self._size(m) for m in members[:k])
-            after = math.prod(self._size(m) for m in members[k + 1:])
+            after = math.prod(self._size(m) for m in members[k + 1 :])
             return Layout(before * sub.outer, tuple((a, n, i * after) for a, n, i in sub.pieces))
         return self._atom_layout(root)
 
@@ -341,10 +343,10 @@ class Analysis:
 
     # ------------------------------------------------------------ groups
     def _resolve(self) -> None:
-        b, uf = self.builder, self.uf
+        b, _uf = self.builder, self.uf
         # Layouts for every bound class first (atoms numbered in graph order), then every slot, so
         # that all structural conflicts are known before freezing.
-        for (param, axis) in b.bindings:
+        for param, axis in b.bindings:
             self.layout((f"param:{param}", axis))
         slots_of: dict[int, list[Slot]] = defaultdict(list)
         for slot in list(b.sizes):
@@ -390,7 +392,7 @@ class Analysis:
         # Ties (equal-size splits) and granularities.
         ties = nx.Graph()
         ties.add_nodes_from(range(len(self.atom_roots)))
-        for root, (parts, equal) in self._concat_of.items():
+        for parts, equal in self._concat_of.values():
             if not equal:
                 continue
             layouts = [self.layout(p) for p in parts]

@@ -66,22 +66,38 @@ def _make_input(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(*shape, dtype=dtype)
 
 
-def record_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
-    """Run ``gm`` once on the inputs, store ``tensor_meta`` on every node, return the output."""
+def record_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, meta: bool = False) -> Any:
+    """Run ``gm`` once on the inputs, store ``tensor_meta`` on every node, return the output.
+
+    With ``meta=True`` the run happens on the meta device (parameters and inputs swapped for
+    storage-less tensors for the duration): shapes only, no arithmetic, no copy of the weights.
+    """
     was_training = gm.training
     gm.eval()
     try:
         with torch.no_grad():
-            return ShapeProp(gm).propagate(*example_inputs)
+            if not meta:
+                return ShapeProp(gm).propagate(*example_inputs)
+            state = {
+                k: torch.empty_like(v, device="meta")
+                for k, v in list(gm.named_parameters(remove_duplicate=False))
+                + list(gm.named_buffers(remove_duplicate=False))
+            }
+            args = [torch.empty_like(t, device="meta") if isinstance(t, torch.Tensor) else t for t in example_inputs]
+            with torch.nn.utils.stateless._reparametrize_module(gm, state):
+                return ShapeProp(gm).propagate(*args)
     finally:
         gm.train(was_training)
 
 
-def capture(model: nn.Module, example_inputs: Any, *, via: str = "auto",
-            rtol: float = _CAPTURE_RTOL) -> torch.fx.GraphModule:
+def capture(
+    model: nn.Module, example_inputs: Any, *, via: str = "auto", check: bool = True, rtol: float = _CAPTURE_RTOL
+) -> torch.fx.GraphModule:
     """Capture ``model`` as a GraphModule whose eval-mode output matches eager within ``rtol``.
 
     ``via`` is ``"auto"`` (symbolic tracing, then torch.export), ``"symbolic_trace"`` or ``"export"``.
+    ``check=False`` skips the comparison with eager (shapes then come from a meta-device run: no
+    arithmetic at all); a graph that cannot even run on meta tensors is still rejected.
     The model is deep-copied first: the result never shares parameters with ``model``.
     """
     builders = {"symbolic_trace": ("module", _symbolic_trace), "export": ("aten", _export)}
@@ -92,10 +108,10 @@ def capture(model: nn.Module, example_inputs: Any, *, via: str = "auto",
         raise TypeError(f"capture() needs an nn.Module, got {type(model).__name__}")
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     training = model.training
-    reference_model = copy.deepcopy(model).eval()
-    with torch.no_grad():
+    reference = None
+    if check:
         try:
-            reference = reference_model(*inputs)
+            reference = _eval_output(model, inputs)
         except Exception as exc:
             raise CaptureError(f"the eager model fails on the example inputs: {exc}") from exc
 
@@ -103,11 +119,13 @@ def capture(model: nn.Module, example_inputs: Any, *, via: str = "auto",
     for flavour, build in chain:
         try:
             gm = build(copy.deepcopy(model).eval(), inputs)
-            output = record_shapes(gm, inputs)
+            output = record_shapes(gm, inputs, meta=not check)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a reason for the user
             causes.append(f"{flavour}: {_describe_failure(exc)}")
             logger.info("capture via %s failed: %s", flavour, exc)
             continue
+        if not check:
+            return _finish(gm, flavour, inputs, training)
         try:
             _, rel = max_errors(reference, output)
         except ValueError as exc:
@@ -116,11 +134,27 @@ def capture(model: nn.Module, example_inputs: Any, *, via: str = "auto",
         if not rel <= rtol:
             causes.append(f"{flavour}: graph output differs from eager (relative error {rel:.3g})")
             continue
-        gm.meta["r2r_flavour"] = flavour
-        gm.meta["r2r_input_specs"] = [(tuple(t.shape), t.dtype) for t in inputs if isinstance(t, torch.Tensor)]
-        gm.train(training)
-        return gm
+        return _finish(gm, flavour, inputs, training)
     raise CaptureError("could not capture the model:\n  " + "\n  ".join(causes))
+
+
+def _finish(gm: torch.fx.GraphModule, flavour: str, inputs: tuple[Any, ...], training: bool) -> torch.fx.GraphModule:
+    gm.meta["r2r_flavour"] = flavour
+    gm.meta["r2r_input_specs"] = [(tuple(t.shape), t.dtype) for t in inputs if isinstance(t, torch.Tensor)]
+    gm.train(training)
+    return gm
+
+
+def _eval_output(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
+    """The model's eval-mode output, leaving every module's mode as it was (no copy of the weights)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            return model(*inputs)
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _describe_failure(exc: BaseException) -> str:
@@ -147,8 +181,7 @@ def _symbolic_trace(model: nn.Module, inputs: tuple[Any, ...]) -> torch.fx.Graph
 
 
 def _export(model: nn.Module, inputs: tuple[Any, ...]) -> torch.fx.GraphModule:
-    dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() > 0 else None
-                    for t in inputs)
+    dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in inputs)
     try:
         program = torch.export.export(model, inputs, strict=False, dynamic_shapes=dynamic)
     except Exception:  # noqa: BLE001 - a dynamic batch is a nicety; retry with static shapes

@@ -20,8 +20,7 @@ logger = logging.getLogger(__name__)
 
 
 def _batch_dynamic(inputs: Sequence[Any]) -> tuple[Any, ...]:
-    return tuple({0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() > 0 else None
-                 for t in inputs)
+    return tuple({0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in inputs)
 
 
 def export_onnx(model: nn.Module, example_inputs: Sequence[Any], path: str | os.PathLike[str]) -> str:
@@ -45,12 +44,21 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any], path: str | os.
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             try:
-                program = torch.onnx.export(model, inputs, tmp, dynamo=True, dynamic_shapes=_batch_dynamic(inputs),
-                                            external_data=external, verbose=False, report=False)
+                program = torch.onnx.export(
+                    model,
+                    inputs,
+                    tmp,
+                    dynamo=True,
+                    dynamic_shapes=_batch_dynamic(inputs),
+                    external_data=external,
+                    verbose=False,
+                    report=False,
+                )
             except Exception:  # noqa: BLE001 - retry with a static batch
                 logger.info("ONNX export with a dynamic batch failed; exporting with static shapes")
-                program = torch.onnx.export(model, inputs, tmp, dynamo=True, external_data=external, verbose=False,
-                                            report=False)
+                program = torch.onnx.export(
+                    model, inputs, tmp, dynamo=True, external_data=external, verbose=False, report=False
+                )
         del program
         onnx.checker.check_model(tmp)
         if external:  # the side file is named after the temporary file: save again under the final name

@@ -33,8 +33,9 @@ class Method:
     def __init__(self, init_scale: float | str = "match") -> None:
         self.scale_factor = 1.0 if init_scale == "match" else float(init_scale)
 
-    def grow(self, tensor: torch.Tensor, axes: Sequence[tuple[int, AxisIndex, str]],
-             generator: torch.Generator) -> torch.Tensor:
+    def grow(
+        self, tensor: torch.Tensor, axes: Sequence[tuple[int, AxisIndex, str]], generator: torch.Generator
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     # -- helpers shared by methods
@@ -49,25 +50,54 @@ class Method:
     @staticmethod
     def _uniform(shape: Sequence[int], std: float, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         bound = std * math.sqrt(3.0)
-        values = (torch.rand(tuple(shape), generator=generator, dtype=torch.float64) * 2 - 1) * bound
-        return values.to(dtype=like.dtype, device=like.device)
+        values = torch.empty(tuple(shape), dtype=like.dtype).uniform_(-bound, bound, generator=generator)
+        return values.to(like.device)
 
-    def _expand(self, t: torch.Tensor, axis: int, idx: AxisIndex, role: str, std: float,
-                generator: torch.Generator) -> torch.Tensor:
-        """Grow one axis: old entries in place, new entries random (weights) or sampled (per-channel)."""
+    def _grown(
+        self, t: torch.Tensor, axes: Sequence[tuple[int, AxisIndex, str]], std: float, generator: torch.Generator
+    ) -> torch.Tensor:
+        """The grown tensor, allocated and filled once: random where any axis is a weight axis
+        (``"out"``/``"in"``), old entries copied in place, per-channel entries sampled from old ones."""
         shape = list(t.shape)
-        shape[axis] = idx.new_size
-        device = t.device
-        if role in ("out", "in"):
+        for axis, idx, _ in axes:
+            shape[axis] = idx.new_size
+        if any(role in ("out", "in") for _, _, role in axes):
             grown = self._uniform(shape, std, t, generator)
         else:
-            grown = torch.zeros(shape, dtype=t.dtype, device=device)
-        grown.index_copy_(axis, idx.old_pos.to(device), t)
-        if role not in ("out", "in") and idx.first.numel():
-            values = t.index_select(axis, idx.source.to(device))
-            grown.index_copy_(axis, idx.first.to(device), values)
-            grown.index_copy_(axis, idx.second.to(device), values)
+            grown = torch.zeros(shape, dtype=t.dtype, device=t.device)
+        target = grown
+        scattered = []
+        for axis, idx, _ in axes:
+            if len(idx.runs) == 1:
+                target = target.narrow(axis, idx.runs[0][0], idx.old_size)
+            else:
+                scattered.append((axis, idx))
+        _place(target, t, scattered)
+        for axis, idx, role in axes:
+            if role not in ("out", "in") and idx.first.numel():
+                values = grown.index_select(axis, self._old_source(idx).to(t.device))
+                grown.index_copy_(axis, idx.first.to(t.device), values)
         return grown
+
+    @staticmethod
+    def _old_source(idx: AxisIndex) -> torch.Tensor:
+        """Positions (on the grown axis) of the old entries that new per-channel entries copy."""
+        return idx.old_pos[idx.source]
+
+
+def _place(target: torch.Tensor, old: torch.Tensor, scattered: list[tuple[int, AxisIndex]]) -> None:
+    """Write ``old`` into ``target`` at the old positions of the axes whose old entries are interleaved."""
+    if not scattered:
+        target.copy_(old)
+        return
+    axis, idx = scattered[0]
+    pos = idx.old_pos.to(target.device)
+    if len(scattered) == 1:
+        target.index_copy_(axis, pos, old)
+        return
+    sub = target.index_select(axis, pos)
+    _place(sub, old, scattered[1:])
+    target.index_copy_(axis, pos, sub)
 
 
 class R2R(Method):
@@ -76,12 +106,8 @@ class R2R(Method):
     name = "r2r"
 
     def grow(self, tensor, axes, generator):
-        std = self._scale(tensor)
-        t = tensor.detach()
-        for axis, idx, role in axes:
-            if idx.grows:
-                t = self._expand(t, axis, idx, role, std, generator)
         with torch.no_grad():
+            t = self._grown(tensor.detach(), [a for a in axes if a[1].grows], self._scale(tensor), generator)
             for axis, idx, role in axes:  # consumers: second half cancels the first
                 if role == "in" and idx.first.numel():
                     t.index_copy_(axis, idx.second.to(t.device), -t.index_select(axis, idx.first.to(t.device)))

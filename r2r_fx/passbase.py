@@ -60,9 +60,13 @@ class PassManager:
         return PassResult(gm, modified, {"passes": done})
 
 
-def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A deep copy that keeps node names, node meta (shapes) and ``gm.meta``."""
-    return copy.deepcopy(gm)
+def copy_graph_module(gm: torch.fx.GraphModule, skip: Sequence[torch.Tensor] = ()) -> torch.fx.GraphModule:
+    """A deep copy that keeps node names, node meta (shapes) and ``gm.meta``.
+
+    Tensors in ``skip`` are about to be replaced in the copy: they are shared instead of copied.
+    """
+    memo = {id(t): t for t in skip}
+    return copy.deepcopy(gm, memo)
 
 
 def append_record(gm: torch.fx.GraphModule, entry: dict[str, Any]) -> None:

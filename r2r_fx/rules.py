@@ -158,33 +158,156 @@ def _pointwise(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> N
 
 
 _POINTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
-    nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.Tanhshrink,
-    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.LogSigmoid,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.LogSigmoid,
 )
 _POINTWISE_FUNCTIONS = (
-    torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
-    F.hardtanh, F.leaky_relu, F.elu, F.selu, F.celu, F.softplus, F.sigmoid, torch.sigmoid, F.tanh,
-    torch.tanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.clamp,
-    torch.clip, torch.neg, operator.neg, torch.exp, torch.abs, torch.sqrt, torch.rsqrt, F.logsigmoid,
-    torch.nn.functional.hardshrink, torch.erf, torch.square,
+    torch.relu,
+    torch.relu_,
+    F.relu,
+    F.relu_,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.mish,
+    F.hardswish,
+    F.hardsigmoid,
+    F.hardtanh,
+    F.leaky_relu,
+    F.elu,
+    F.selu,
+    F.celu,
+    F.softplus,
+    F.sigmoid,
+    torch.sigmoid,
+    F.tanh,
+    torch.tanh,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+    torch.clamp,
+    torch.clip,
+    torch.neg,
+    operator.neg,
+    torch.exp,
+    torch.abs,
+    torch.sqrt,
+    torch.rsqrt,
+    F.logsigmoid,
+    torch.nn.functional.hardshrink,
+    torch.erf,
+    torch.square,
 )
 _POINTWISE_METHODS = (
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clamp_min", "clip",
-    "contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "to", "type_as", "abs",
-    "neg", "exp", "sqrt", "rsqrt", "square", "hardtanh_", "erf",
+    "relu",
+    "relu_",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "tanh_",
+    "clamp",
+    "clamp_",
+    "clamp_min",
+    "clip",
+    "contiguous",
+    "clone",
+    "detach",
+    "float",
+    "half",
+    "double",
+    "bfloat16",
+    "to",
+    "type_as",
+    "abs",
+    "neg",
+    "exp",
+    "sqrt",
+    "rsqrt",
+    "square",
+    "hardtanh_",
+    "erf",
 )
 _POINTWISE_ATEN = (
-    "relu", "relu_", "relu6", "gelu", "gelu_", "silu", "silu_", "mish", "hardswish", "hardswish_",
-    "hardsigmoid", "hardsigmoid_", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "elu", "elu_",
-    "selu", "celu", "softplus", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clamp_min",
-    "clamp_max", "clip", "clone", "contiguous", "alias", "detach", "_to_copy", "to", "neg", "exp", "abs",
-    "sqrt", "rsqrt", "erf", "square", "dropout", "feature_dropout", "alpha_dropout", "log_sigmoid",
+    "relu",
+    "relu_",
+    "relu6",
+    "gelu",
+    "gelu_",
+    "silu",
+    "silu_",
+    "mish",
+    "hardswish",
+    "hardswish_",
+    "hardsigmoid",
+    "hardsigmoid_",
+    "hardtanh",
+    "hardtanh_",
+    "leaky_relu",
+    "leaky_relu_",
+    "elu",
+    "elu_",
+    "selu",
+    "celu",
+    "softplus",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "tanh_",
+    "clamp",
+    "clamp_",
+    "clamp_min",
+    "clamp_max",
+    "clip",
+    "clone",
+    "contiguous",
+    "alias",
+    "detach",
+    "_to_copy",
+    "to",
+    "neg",
+    "exp",
+    "abs",
+    "sqrt",
+    "rsqrt",
+    "erf",
+    "square",
+    "dropout",
+    "feature_dropout",
+    "alpha_dropout",
+    "log_sigmoid",
     "lift_fresh_copy",
 )
-register_rule(*_POINTWISE_MODULES, *_POINTWISE_FUNCTIONS, "stochastic_depth",
-              *(f"method:{m}" for m in _POINTWISE_METHODS),
-              *(getattr(aten, n) for n in _POINTWISE_ATEN if hasattr(aten, n)))(_pointwise)
+register_rule(
+    *_POINTWISE_MODULES,
+    *_POINTWISE_FUNCTIONS,
+    "stochastic_depth",
+    *(f"method:{m}" for m in _POINTWISE_METHODS),
+    *(getattr(aten, n) for n in _POINTWISE_ATEN if hasattr(aten, n)),
+)(_pointwise)
 
 
 @register_rule(nn.PReLU)
@@ -195,8 +318,19 @@ def _prelu(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
         c.bind(f"{node.target}.weight", 0, (node.name, 1), "channel", node)
 
 
-@register_rule(getattr, "method:size", "method:dim", "method:numel", torch.numel, aten.sym_size,
-               aten.sym_numel, aten.sym_stride, torch._assert, "method:get_device", "method:is_floating_point")
+@register_rule(
+    getattr,
+    "method:size",
+    "method:dim",
+    "method:numel",
+    torch.numel,
+    aten.sym_size,
+    aten.sym_numel,
+    aten.sym_stride,
+    torch._assert,
+    "method:get_device",
+    "method:is_floating_point",
+)
 def _metadata(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     """Shape/dtype queries read a tensor without coupling channels (sizes stay symbolic in the graph)."""
     if tensor_shapes(node):
@@ -227,20 +361,62 @@ def _broadcast(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> N
 
 
 register_rule(
-    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
-    operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
-    torch.minimum, torch.where, torch.masked_fill,
+    operator.add,
+    operator.iadd,
+    operator.sub,
+    operator.isub,
+    operator.mul,
+    operator.imul,
+    operator.truediv,
+    operator.itruediv,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.maximum,
+    torch.minimum,
+    torch.where,
+    torch.masked_fill,
+    torch.pow,
+    operator.pow,
+    "method:pow",
     *(f"method:{m}" for m in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "masked_fill")),
-    *(getattr(aten, n) for n in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum",
-                                 "minimum", "where", "masked_fill", "rsub")),
+    *(
+        getattr(aten, n)
+        for n in (
+            "add",
+            "add_",
+            "sub",
+            "sub_",
+            "mul",
+            "mul_",
+            "div",
+            "div_",
+            "maximum",
+            "minimum",
+            "where",
+            "masked_fill",
+            "rsub",
+            "pow",
+        )
+    ),
 )(_broadcast)
 
 
 # ---------------------------------------------------------------- parameterised layers
 
 
-def _conv(c: Couplings, node: torch.fx.Node, x: torch.fx.Node, weight: str | None, bias: str | None,
-          groups: int, transposed: bool, w_shape: tuple[int, ...], what: str) -> None:
+def _conv(
+    c: Couplings,
+    node: torch.fx.Node,
+    x: torch.fx.Node,
+    weight: str | None,
+    bias: str | None,
+    groups: int,
+    transposed: bool,
+    w_shape: tuple[int, ...],
+    what: str,
+) -> None:
     in_shape, out_shape = shape_of(x), shape_of(node)
     if in_shape is None or out_shape is None or weight is None:
         freeze_all(c, node, f"{what} without a static shape or parameter weight")
@@ -283,8 +459,17 @@ def _conv_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) ->
     bias = f"{node.target}.bias" if m.bias is not None else None
     if isinstance(m.padding, str) and m.padding == "same" and any(k % 2 == 0 for k in m.kernel_size):
         pass  # 'same' padding keeps channels untouched either way
-    _conv(c, node, node.args[0], f"{node.target}.weight", bias, m.groups,
-          isinstance(m, nn.modules.conv._ConvTransposeNd), tuple(m.weight.shape), type(m).__name__)
+    _conv(
+        c,
+        node,
+        node.args[0],
+        f"{node.target}.weight",
+        bias,
+        m.groups,
+        isinstance(m, nn.modules.conv._ConvTransposeNd),
+        tuple(m.weight.shape),
+        type(m).__name__,
+    )
 
 
 def _weight_arg(c: Couplings, node: torch.fx.Node, arg: Any) -> str | None:
@@ -298,12 +483,18 @@ def _weight_arg(c: Couplings, node: torch.fx.Node, arg: Any) -> str | None:
 def _conv_function(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     w = _arg(node, 1, "weight")
     weight, bias = _weight_arg(c, node, w), _weight_arg(c, node, _arg(node, 2, "bias"))
-    _conv(c, node, node.args[0], weight, bias, _arg(node, 6, "groups", 1), False, shape_of(w) or (),
-          "convolution")
+    _conv(c, node, node.args[0], weight, bias, _arg(node, 6, "groups", 1), False, shape_of(w) or (), "convolution")
 
 
-@register_rule(aten.convolution, aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d,
-               F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+@register_rule(
+    aten.convolution,
+    aten.conv_transpose1d,
+    aten.conv_transpose2d,
+    aten.conv_transpose3d,
+    F.conv_transpose1d,
+    F.conv_transpose2d,
+    F.conv_transpose3d,
+)
 def _convolution(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     w = _arg(node, 1, "weight")
     weight, bias = _weight_arg(c, node, w), _weight_arg(c, node, _arg(node, 2, "bias"))
@@ -364,8 +555,9 @@ def _embedding_function(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphMod
     _embedding(c, node, node.args[0], _weight_arg(c, node, _arg(node, 1, "weight")))
 
 
-def _channel_norm(c: Couplings, node: torch.fx.Node, x: torch.fx.Node, params: Sequence[str | None],
-                  group_size: int = 1) -> None:
+def _channel_norm(
+    c: Couplings, node: torch.fx.Node, x: torch.fx.Node, params: Sequence[str | None], group_size: int = 1
+) -> None:
     shape = shape_of(x)
     if shape is None or shape != shape_of(node) or len(shape) < 2:
         freeze_all(c, node, "normalisation without a static (N, C, ...) shape")
@@ -387,8 +579,9 @@ def _norm_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) ->
     _channel_norm(c, node, node.args[0], params, group)
 
 
-@register_rule(aten.batch_norm, aten._native_batch_norm_legit_no_training, F.batch_norm, F.instance_norm,
-               aten.instance_norm)
+@register_rule(
+    aten.batch_norm, aten._native_batch_norm_legit_no_training, F.batch_norm, F.instance_norm, aten.instance_norm
+)
 def _batch_norm_function(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     target = getattr(node.target, "overloadpacket", node.target)
     if target in (F.batch_norm,):
@@ -415,8 +608,7 @@ def _group_norm_function(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphMo
     if shape is None or not isinstance(groups, int):
         freeze_all(c, node, "group norm without static groups")
         return
-    _channel_norm(c, node, node.args[0], [_weight_arg(c, node, weight), _weight_arg(c, node, bias)],
-                  shape[1] // groups)
+    _channel_norm(c, node, node.args[0], [_weight_arg(c, node, weight), _weight_arg(c, node, bias)], shape[1] // groups)
 
 
 @register_rule(nn.LayerNorm, nn.RMSNorm, F.layer_norm, F.rms_norm, aten.layer_norm, aten.rms_norm)
@@ -432,10 +624,41 @@ def _layer_norm(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> 
         freeze_all(c, node, "layer norm without a static shape")
         return
     rank = len(shape)
-    reason = f"normalised over by {type(gm.get_submodule(str(node.target))).__name__ if node.op == 'call_module' else 'layer_norm'} {node.name} (mean/variance would change)"
+    layer = type(gm.get_submodule(str(node.target))).__name__ if node.op == "call_module" else "layer_norm"
+    reason = f"normalised over by {layer} {node.name} (mean/variance would change)"
     for a in range(rank - normalized, rank):
         c.freeze((x.name, a), reason)
     _identity(c, x, node.name, rank)
+
+
+@register_rule(aten.addmm)
+def _addmm(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    """``bias + x @ W`` with ``W`` an [in, out] parameter (HuggingFace's Conv1D in GPT-2)."""
+    bias, x, w = node.args[:3]
+    weight, xs, out = param_name(w), shape_of(x), shape_of(node)
+    if (
+        weight is None
+        or param_name(bias) is None
+        or xs is None
+        or out is None
+        or len(xs) != 2
+        or shape_of(bias) != out[-1:]
+    ):
+        _contraction(c, node, gm)
+        return
+    c.uses_param(w, node)
+    c.uses_param(bias, node)
+    c.same((x.name, 0), (node.name, 0))
+    c.bind(weight, 0, (x.name, 1), "in", node)
+    c.bind(weight, 1, (node.name, 1), "out", node)
+    c.bind(param_name(bias), 0, (node.name, 1), "channel", node)
+
+
+@register_rule(aten._assert_tensor_metadata)
+def _assert_metadata(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    """dtype/device/layout checks ignore widths; size/stride checks do not."""
+    if _arg(node, 1, "size") is not None or _arg(node, 2, "stride") is not None:
+        freeze_all(c, node, f"{node.name} asserts a tensor's sizes")
 
 
 @register_rule(nn.MultiheadAttention)
@@ -443,9 +666,20 @@ def _attention_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModul
     freeze_all(c, node, f"attention {node.name}: widening attention heads is not supported yet")
 
 
-@register_rule(F.scaled_dot_product_attention, aten.scaled_dot_product_attention, torch.matmul, torch.bmm,
-               aten.matmul, aten.bmm, aten.mm, "method:matmul", operator.matmul, torch.einsum, aten.baddbmm,
-               aten.addmm, torch.baddbmm)
+@register_rule(
+    F.scaled_dot_product_attention,
+    aten.scaled_dot_product_attention,
+    torch.matmul,
+    torch.bmm,
+    aten.matmul,
+    aten.bmm,
+    aten.mm,
+    "method:matmul",
+    operator.matmul,
+    torch.einsum,
+    aten.baddbmm,
+    torch.baddbmm,
+)
 def _contraction(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     freeze_all(c, node, f"{_op_name(node, gm)} contracts activations (attention-style products are not widened)")
 
@@ -473,26 +707,88 @@ def _spatial(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> Non
 
 
 register_rule(
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.Upsample,
+    nn.UpsamplingNearest2d,
+    nn.UpsamplingBilinear2d,
     nn.LPPool2d,
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.upsample, torch.nn.functional.lp_pool2d,
-    *(getattr(aten, n) for n in (
-        "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices",
-        "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
-        "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "adaptive_max_pool1d",
-        "adaptive_max_pool2d", "adaptive_max_pool3d", "upsample_nearest1d", "upsample_nearest2d",
-        "upsample_nearest3d", "upsample_bilinear2d", "upsample_linear1d", "upsample_bicubic2d",
-        "upsample_trilinear3d", "_upsample_nearest_exact2d", "_upsample_bilinear2d_aa") if hasattr(aten, n)),
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
+    F.interpolate,
+    F.upsample,
+    torch.nn.functional.lp_pool2d,
+    *(
+        getattr(aten, n)
+        for n in (
+            "max_pool1d",
+            "max_pool2d",
+            "max_pool3d",
+            "max_pool2d_with_indices",
+            "max_pool3d_with_indices",
+            "avg_pool1d",
+            "avg_pool2d",
+            "avg_pool3d",
+            "adaptive_avg_pool1d",
+            "adaptive_avg_pool2d",
+            "adaptive_avg_pool3d",
+            "_adaptive_avg_pool2d",
+            "_adaptive_avg_pool3d",
+            "adaptive_max_pool1d",
+            "adaptive_max_pool2d",
+            "adaptive_max_pool3d",
+            "upsample_nearest1d",
+            "upsample_nearest2d",
+            "upsample_nearest3d",
+            "upsample_bilinear2d",
+            "upsample_linear1d",
+            "upsample_bicubic2d",
+            "upsample_trilinear3d",
+            "_upsample_nearest_exact2d",
+            "_upsample_bilinear2d_aa",
+        )
+        if hasattr(aten, n)
+    ),
 )(_spatial)
 
 
-@register_rule(F.pad, aten.pad, aten.constant_pad_nd, aten.reflection_pad2d, aten.replication_pad2d,
-               nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.ZeroPad1d,
-               nn.ConstantPad1d, nn.ReflectionPad1d, nn.ReplicationPad1d, nn.ConstantPad3d, nn.ZeroPad3d)
+@register_rule(
+    F.pad,
+    aten.pad,
+    aten.constant_pad_nd,
+    aten.reflection_pad2d,
+    aten.replication_pad2d,
+    nn.ZeroPad2d,
+    nn.ConstantPad2d,
+    nn.ReflectionPad2d,
+    nn.ReplicationPad2d,
+    nn.ZeroPad1d,
+    nn.ConstantPad1d,
+    nn.ReflectionPad1d,
+    nn.ReplicationPad1d,
+    nn.ConstantPad3d,
+    nn.ZeroPad3d,
+)
 def _pad(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     x = node.args[0]
     shape = shape_of(x)
@@ -551,14 +847,33 @@ def _reduction(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> N
             out_axis += 1
 
 
-register_rule(torch.mean, torch.sum, torch.amax, torch.amin,
-              *(f"method:{m}" for m in ("mean", "sum", "amax", "amin")),
-              aten.mean, aten.sum, aten.amax, aten.amin)(_reduction)
+register_rule(
+    torch.mean,
+    torch.sum,
+    torch.amax,
+    torch.amin,
+    *(f"method:{m}" for m in ("mean", "sum", "amax", "amin")),
+    aten.mean,
+    aten.sum,
+    aten.amax,
+    aten.amin,
+)(_reduction)
 
 
-@register_rule(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "method:softmax",
-               "method:log_softmax", aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax,
-               nn.Softmax, nn.LogSoftmax)
+@register_rule(
+    F.softmax,
+    F.log_softmax,
+    torch.softmax,
+    torch.log_softmax,
+    "method:softmax",
+    "method:log_softmax",
+    aten.softmax,
+    aten._softmax,
+    aten.log_softmax,
+    aten._log_softmax,
+    nn.Softmax,
+    nn.LogSoftmax,
+)
 def _softmax(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     x = node.args[0]
     shape = shape_of(x)
@@ -595,8 +910,19 @@ def _cat(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     c.concat((node.name, dim), parts)
 
 
-@register_rule(torch.split, torch.chunk, torch.tensor_split, "method:split", "method:chunk",
-               aten.split, aten.split_with_sizes, aten.chunk, torch.unbind, "method:unbind", aten.unbind)
+@register_rule(
+    torch.split,
+    torch.chunk,
+    torch.tensor_split,
+    "method:split",
+    "method:chunk",
+    aten.split,
+    aten.split_with_sizes,
+    aten.chunk,
+    torch.unbind,
+    "method:unbind",
+    aten.unbind,
+)
 def _split(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     x = node.args[0]
     shape = shape_of(x)
@@ -616,7 +942,7 @@ def _split(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     if equal and len(set(sizes)) != 1:
         freeze_all(c, node, f"{node.name} splits into unequal parts")
         return
-    for out_name, out_shape in outs:
+    for out_name, _out_shape in outs:
         for a in range(len(shape)):
             if a != dim:
                 c.same((x.name, a), (out_name, a))
@@ -652,7 +978,7 @@ def _index_tensor(c: Couplings, node: torch.fx.Node, src: torch.fx.Node, index: 
     if Ellipsis in items:
         at = items.index(Ellipsis)
         fill = len(shape) - (len(items) - 1 - sum(1 for i in items if i is None))
-        items = items[:at] + [slice(None)] * fill + items[at + 1:]
+        items = items[:at] + [slice(None)] * fill + items[at + 1 :]
     in_axis, out_axis = 0, 0
     for item in items:
         if item is None:
@@ -709,9 +1035,21 @@ def _select(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None
     _index_tensor(c, node, x, tuple(items))
 
 
-@register_rule(torch.transpose, "method:transpose", aten.transpose, "method:t", aten.t, torch.t,
-               torch.permute, "method:permute", aten.permute, torch.swapaxes, "method:swapaxes",
-               torch.movedim, "method:movedim")
+@register_rule(
+    torch.transpose,
+    "method:transpose",
+    aten.transpose,
+    "method:t",
+    aten.t,
+    torch.t,
+    torch.permute,
+    "method:permute",
+    aten.permute,
+    torch.swapaxes,
+    "method:swapaxes",
+    torch.movedim,
+    "method:movedim",
+)
 def _permute(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     x = node.args[0]
     shape = shape_of(x)
@@ -760,7 +1098,7 @@ def _reshape(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> Non
             for a in outs:
                 c.freeze((node.name, a), f"{node.name} mixes several axes")
     mapped_in = {a for ins, _ in blocks for a in ins}
-    for a, size in enumerate(shape):
+    for a, _size in enumerate(shape):
         if a not in mapped_in:
             c.freeze((x.name, a), f"size-1 axis dropped by {node.name}")
 
@@ -794,11 +1132,37 @@ def factor_reshape(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[in
     return blocks
 
 
-register_rule(torch.flatten, torch.reshape, "method:view", "method:reshape", "method:flatten",
-              "method:squeeze", "method:unsqueeze", "method:unflatten", torch.squeeze, torch.unsqueeze,
-              torch.unflatten, nn.Flatten, nn.Unflatten, "method:view_as", "method:reshape_as",
-              *(getattr(aten, n) for n in ("view", "reshape", "_unsafe_view", "flatten", "unflatten",
-                                           "squeeze", "unsqueeze", "squeeze_copy", "view_copy")))(_reshape)
+register_rule(
+    torch.flatten,
+    torch.reshape,
+    "method:view",
+    "method:reshape",
+    "method:flatten",
+    "method:squeeze",
+    "method:unsqueeze",
+    "method:unflatten",
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.unflatten,
+    nn.Flatten,
+    nn.Unflatten,
+    "method:view_as",
+    "method:reshape_as",
+    *(
+        getattr(aten, n)
+        for n in (
+            "view",
+            "reshape",
+            "_unsafe_view",
+            "flatten",
+            "unflatten",
+            "squeeze",
+            "unsqueeze",
+            "squeeze_copy",
+            "view_copy",
+        )
+    ),
+)(_reshape)
 
 
 @register_rule("method:expand", aten.expand, "method:expand_as")

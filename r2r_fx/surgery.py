@@ -22,7 +22,7 @@ from torch import nn
 from r2r_fx.analysis import Analysis, Layout
 from r2r_fx.rules import shape_of, tensor_shapes
 
-__all__ = ["AxisIndex", "axis_index", "fix_widths", "get_tensor", "new_width", "set_tensor"]
+__all__ = ["AxisIndex", "axis_index", "fix_widths", "get_tensor", "new_width", "set_tensor", "update_shapes"]
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -61,7 +61,7 @@ def axis_index(layout: Layout, extras: Mapping[int, int], generator: torch.Gener
     for atom, n, inner in layout.pieces:
         e = extras.get(atom, 0)
         span = n * inner
-        old_map[:, off_old:off_old + span] = rows * new_w + off_new + torch.arange(span)
+        old_map[:, off_old : off_old + span] = rows * new_w + off_new + torch.arange(span)
         for o in range(outer):
             runs.append((o * new_w + off_new, o * old_w + off_old, span))
         if e:
@@ -168,14 +168,26 @@ def _fix_module(m: nn.Module, node: torch.fx.Node, width) -> None:
             m.unflattened_size = tuple(width((node.name, dim + i)) or s for i, s in enumerate(m.unflattened_size))
 
 
-_SHAPE_ARG_OPS = {"view", "reshape", "expand", "_unsafe_view", "view_copy", "new_zeros", "new_ones",
-                  "new_empty", "repeat"}
+_SHAPE_ARG_OPS = {
+    "view",
+    "reshape",
+    "expand",
+    "_unsafe_view",
+    "view_copy",
+    "new_zeros",
+    "new_ones",
+    "new_empty",
+    "repeat",
+}
 
 
 def _fix_args(node: torch.fx.Node, width) -> None:
     target = node.target
-    name = target if isinstance(target, str) else getattr(getattr(target, "overloadpacket", target), "__name__",
-                                                            str(target))
+    name = (
+        target
+        if isinstance(target, str)
+        else getattr(getattr(target, "overloadpacket", target), "__name__", str(target))
+    )
     out = shape_of(node)
     if name in _SHAPE_ARG_OPS or target is torch.reshape:
         dims = node.args[1:]
@@ -196,8 +208,7 @@ def _fix_args(node: torch.fx.Node, width) -> None:
     elif name in ("unflatten",) and out is not None:
         dim, sizes = node.args[1], node.args[2]
         dim = dim if dim >= 0 else len(out) + dim - len(sizes) + 1
-        new = [width((node.name, dim + i)) or s if isinstance(s, int) and s != -1 else s
-               for i, s in enumerate(sizes)]
+        new = [width((node.name, dim + i)) or s if isinstance(s, int) and s != -1 else s for i, s in enumerate(sizes)]
         node.args = (node.args[0], dim, type(sizes)(new))
     elif name in ("split", "split_with_sizes"):
         outs = tensor_shapes(node)
@@ -249,3 +260,27 @@ def _fix_grouped(node: torch.fx.Node, name: str, width) -> None:
             return
         args[index] = max(1, in_w // w_shape[1])
     node.args = tuple(args)
+
+
+def update_shapes(gm: torch.fx.GraphModule, analysis: Analysis, extras: Mapping[int, int]) -> None:
+    """Refresh ``tensor_meta`` shapes from the layouts (no forward pass of the grown model needed)."""
+    sizes = analysis.builder.sizes
+
+    def grown(name: str, meta):
+        shape = [
+            new_width(analysis.layout((name, a)), extras) if (name, a) in sizes else int(d)
+            for a, d in enumerate(meta.shape)
+        ]
+        return meta._replace(shape=torch.Size(shape))
+
+    for node in gm.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        if meta is None:
+            continue
+        if hasattr(meta, "shape") and hasattr(meta, "dtype"):
+            node.meta["tensor_meta"] = grown(node.name, meta)
+        elif isinstance(meta, (tuple, list)):
+            node.meta["tensor_meta"] = type(meta)(
+                grown(f"{node.name}#{i}", m) if hasattr(m, "shape") and hasattr(m, "dtype") else m
+                for i, m in enumerate(meta)
+            )

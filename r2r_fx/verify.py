@@ -60,8 +60,9 @@ def _run(model: nn.Module, inputs: Sequence[Any], train: bool, seed: int) -> Any
     are restored afterwards (no deep copy, so giant models fit in memory twice, not four times)."""
     modes = [(m, m.training) for m in model.modules()]
     dropouts = [(m, m.p) for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
-    stats = [(b, b.clone()) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
-             for b in m.buffers()]
+    stats = [
+        (b, b.clone()) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) for b in m.buffers()
+    ]
     try:
         for m, _ in dropouts:
             m.p = 0.0
@@ -82,12 +83,15 @@ def _run(model: nn.Module, inputs: Sequence[Any], train: bool, seed: int) -> Any
 _F64_MAX_BYTES = 4_000_000_000  # float64 copies of both models must fit next to the originals
 
 
-def _train_in_float64(reference: nn.Module, candidate: nn.Module, inputs: tuple[Any, ...], seed: int,
-                      report: VerifyReport) -> bool:
+def _train_in_float64(
+    reference: nn.Module, candidate: nn.Module, inputs: tuple[Any, ...], seed: int, report: VerifyReport
+) -> bool:
     size = sum(p.numel() for m in (reference, candidate) for p in m.parameters()) * 8
     if size > _F64_MAX_BYTES:
-        report.notes.append(f"train-mode float32 error {report.train_rel_error:.2e} exceeds rtol; models too "
-                            f"large ({size / 1e9:.1f} GB in float64) for the float64 re-check")
+        report.notes.append(
+            f"train-mode float32 error {report.train_rel_error:.2e} exceeds rtol; models too "
+            f"large ({size / 1e9:.1f} GB in float64) for the float64 re-check"
+        )
         return False
     wide = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
     ref64, cand64 = copy.deepcopy(reference).double(), copy.deepcopy(candidate).double()
@@ -100,13 +104,24 @@ def _train_in_float64(reference: nn.Module, candidate: nn.Module, inputs: tuple[
     report.notes.append(
         f"train mode: float32 error {report.train_rel_error:.2e} is at the reference's own float32 rounding "
         f"floor {report.train_noise_floor:.2e} (reference float32 vs float64); float64 re-check "
-        f"{report.train_rel_error_f64:.2e}")
+        f"{report.train_rel_error_f64:.2e}"
+    )
     return report.train_rel_error_f64 <= report.rtol
 
 
-def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Any, *, onnx: bool = True,
-           train: bool = True, rtol: float = RTOL, onnx_rtol: float = ONNX_RTOL, seed: int = 0,
-           onnx_path: str | os.PathLike[str] | None = None, f64_fallback: bool = True) -> VerifyReport:
+def verify(
+    reference: nn.Module,
+    candidate: nn.Module,
+    example_inputs: Any,
+    *,
+    onnx: bool = True,
+    train: bool = True,
+    rtol: float = RTOL,
+    onnx_rtol: float = ONNX_RTOL,
+    seed: int = 0,
+    onnx_path: str | os.PathLike[str] | None = None,
+    f64_fallback: bool = True,
+) -> VerifyReport:
     """Compare ``candidate`` with ``reference`` on ``example_inputs`` (eval, train, ONNX Runtime)."""
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     notes: list[str] = []

@@ -80,8 +80,7 @@ def build(name: str) -> ZooEntry:
 @torch.no_grad()
 def randomize_norms(model: nn.Module) -> nn.Module:
     """Give every norm layer non-trivial running stats and affine params."""
-    norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
-                  nn.modules.instancenorm._InstanceNorm)
+    norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
     for m in model.modules():
         if not isinstance(m, norm_types):
             continue
@@ -111,12 +110,10 @@ def _image(channels: int = 3, size: int = 16) -> torch.Tensor:
     return torch.randn(_BATCH, channels, size, size)
 
 
-def _conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1,
-                  groups: int = 1) -> nn.Sequential:
+def _conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
     """Conv2d (no bias) -> BatchNorm2d -> ReLU with 'same'-style padding."""
     return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2,
-                  groups=groups, bias=False),
+        nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
         nn.BatchNorm2d(cout),
         nn.ReLU(inplace=True),
     )
@@ -155,8 +152,7 @@ def build_mlp() -> ZooEntry:
 class MLPTokens(nn.Module):
     """Token-wise MLP with a residual stream: ``h = in(x); h + mlp(h)``."""
 
-    def __init__(self, din: int = 12, dim: int = 16, hidden: int = 32,
-                 dout: int = 8) -> None:
+    def __init__(self, din: int = 12, dim: int = 16, hidden: int = 32, dout: int = 8) -> None:
         super().__init__()
         self.proj_in = nn.Linear(din, dim)
         self.fc1 = nn.Linear(dim, hidden)
@@ -288,13 +284,10 @@ class DenseLayer(nn.Module):
 class TinyDenseNet(nn.Module):
     """Stem, a 3-layer dense block, a transition, global pool and head."""
 
-    def __init__(self, stem: int = 8, growth: int = 4, num_layers: int = 3,
-                 num_classes: int = 10) -> None:
+    def __init__(self, stem: int = 8, growth: int = 4, num_layers: int = 3, num_classes: int = 10) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, stem, 3, padding=1, bias=False)
-        self.layers = nn.ModuleList(
-            DenseLayer(stem + i * growth, growth) for i in range(num_layers)
-        )
+        self.layers = nn.ModuleList(DenseLayer(stem + i * growth, growth) for i in range(num_layers))
         cat = stem + num_layers * growth
         self.transition = nn.Sequential(
             nn.BatchNorm2d(cat),
@@ -352,8 +345,7 @@ class InvertedResidual(nn.Module):
             nn.ReLU6(inplace=True),
         )
         self.depthwise = nn.Sequential(
-            nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1,
-                      groups=hidden, bias=False),
+            nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False),
             nn.BatchNorm2d(hidden),
             nn.ReLU6(inplace=True),
         )
@@ -477,9 +469,7 @@ class InceptionModule(nn.Module):
     out_channels = 8 + 12 + 6 + 6
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat(
-            [self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], 1
-        )
+        return torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], 1)
 
 
 class TinyInception(nn.Module):
@@ -553,17 +543,22 @@ class TransformerBlock(nn.Module):
 class TinyViT(nn.Module):
     """Patch embed, class token, positional embedding, 2 blocks, head."""
 
-    def __init__(self, image: int = 16, patch: int = 4, dim: int = 16,
-                 num_heads: int = 2, hidden: int = 32, depth: int = 2,
-                 num_classes: int = 10) -> None:
+    def __init__(
+        self,
+        image: int = 16,
+        patch: int = 4,
+        dim: int = 16,
+        num_heads: int = 2,
+        hidden: int = 32,
+        depth: int = 2,
+        num_classes: int = 10,
+    ) -> None:
         super().__init__()
         tokens = (image // patch) ** 2 + 1
         self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
         self.pos_embed = nn.Parameter(0.1 * torch.randn(1, tokens, dim))
-        self.blocks = nn.Sequential(
-            *(TransformerBlock(dim, num_heads, hidden) for _ in range(depth))
-        )
+        self.blocks = nn.Sequential(*(TransformerBlock(dim, num_heads, hidden) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -727,8 +722,7 @@ def build_unet_like() -> ZooEntry:
 class EmbeddingNet(nn.Module):
     """Embedding -> token MLP -> mean over tokens -> Linear."""
 
-    def __init__(self, vocab: int = 50, dim: int = 16, hidden: int = 32,
-                 num_classes: int = 10) -> None:
+    def __init__(self, vocab: int = 50, dim: int = 16, hidden: int = 32, num_classes: int = 10) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.fc1 = nn.Linear(dim, hidden)
@@ -827,9 +821,7 @@ def build_two_inputs() -> ZooEntry:
 def _same(a: object, b: object, atol: float = 1e-6) -> bool:
     """Structural equality of (nested) tensor outputs within ``atol``."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and (
-            torch.equal(a, b) or torch.allclose(a, b, rtol=0.0, atol=atol)
-        )
+        return a.shape == b.shape and (torch.equal(a, b) or torch.allclose(a, b, rtol=0.0, atol=atol))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k], atol) for k in a)
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
@@ -870,8 +862,7 @@ def _self_check() -> int:
                 ex_ok, ex_msg = False, f"FAIL ({type(exc).__name__}: {exc})"
         failures += (not fx_ok) + (not ex_ok)
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
-        print(f"{name:13s} in={shapes:30s} out={_describe(eager):40s} "
-              f"fx={fx_msg} export={ex_msg}")
+        print(f"{name:13s} in={shapes:30s} out={_describe(eager):40s} fx={fx_msg} export={ex_msg}")
     return failures
 
 

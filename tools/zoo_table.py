@@ -28,9 +28,9 @@ EXTERNAL = ("model input", "model output")
 
 def run_one(name: str, onnx: bool, deepen: bool) -> dict[str, Any]:
     import torch
+    from torchvision_zoo import build
 
     import r2r_fx
-    from torchvision_zoo import build
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     row: dict[str, Any] = {"model": name}
@@ -58,9 +58,15 @@ def run_one(name: str, onnx: bool, deepen: bool) -> dict[str, Any]:
     t = time.perf_counter()
     report = r2r_fx.verify(gm, grown, inputs, onnx=onnx)
     row["verify_s"] = time.perf_counter() - t
-    row.update(rel_eval=report.eval_rel_error, rel_train=report.train_rel_error,
-               rel_train_f64=report.train_rel_error_f64, train_floor=report.train_noise_floor,
-               rel_onnx=report.onnx_max_rel_error, ok=report.ok, notes=report.notes)
+    row.update(
+        rel_eval=report.eval_rel_error,
+        rel_train=report.train_rel_error,
+        rel_train_f64=report.train_rel_error_f64,
+        train_floor=report.train_noise_floor,
+        rel_onnx=report.onnx_max_rel_error,
+        ok=report.ok,
+        notes=report.notes,
+    )
     del grown, result
     if deepen and hasattr(r2r_fx, "deepen"):
         t = time.perf_counter()
@@ -69,15 +75,30 @@ def run_one(name: str, onnx: bool, deepen: bool) -> dict[str, Any]:
         row["blocks"] = sum(len(r.get("blocks", [])) for r in deep.meta.get("r2r_record", []))
         row["params_deepened"] = sum(p.numel() for p in deep.parameters())
         dreport = r2r_fx.verify(gm, deep, inputs, onnx=onnx)
-        row.update(deepen_rel_eval=dreport.eval_rel_error, deepen_rel_train=dreport.train_rel_error,
-                   deepen_rel_onnx=dreport.onnx_max_rel_error, deepen_ok=dreport.ok)
+        row.update(
+            deepen_rel_eval=dreport.eval_rel_error,
+            deepen_rel_train=dreport.train_rel_error,
+            deepen_rel_onnx=dreport.onnx_max_rel_error,
+            deepen_ok=dreport.ok,
+        )
         row["ok"] = row["ok"] and dreport.ok
     return row
 
 
 def _short(reason: str) -> str:
-    for key in ("normalised over by", "attention", "unsupported op", "reshape", "concatenated and reshaped",
-                "contracts activations", "softmax", "sliced", "indexed", "reduced", "no producer"):
+    for key in (
+        "normalised over by",
+        "attention",
+        "unsupported op",
+        "reshape",
+        "concatenated and reshaped",
+        "contracts activations",
+        "softmax",
+        "sliced",
+        "indexed",
+        "reduced",
+        "no producer",
+    ):
         if key in reason:
             if key == "unsupported op":
                 return reason.split("(")[0].strip()
@@ -94,8 +115,10 @@ def _fmt(x: Any) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = ("| model | flavour | params | groups widened / internal / all | widen s | rel eval | rel train "
-            "(f64; floor) | rel ONNX | blocks | deepen rel | ok | main skip reasons / error |")
+    head = (
+        "| model | flavour | params | groups widened / internal / all | widen s | rel eval | rel train "
+        "(f64; floor) | rel ONNX | blocks | deepen rel | ok | main skip reasons / error |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
@@ -107,7 +130,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['model']} | {r['flavour']} | {r['params'] / 1e6:.1f}M | {r['widened']} / {r['internal']} / "
             f"{r['groups']} | {_fmt(r['widen_s'])} | {_fmt(r['rel_eval'])} | {_fmt(r['rel_train'])} | "
             f"{_fmt(r['rel_onnx'])} | {_fmt(r.get('blocks'))} | {_fmt(deep)} | {'yes' if r['ok'] else 'NO'} | "
-            f"{reasons} |")
+            f"{reasons} |"
+        )
     return "\n".join(lines)
 
 
@@ -126,10 +150,12 @@ def summary(rows: list[dict[str, Any]]) -> str:
     internal = sum(r["internal"] for r in conv)
     worst = max((r["rel_eval"] for r in done), default=0.0)
     worst_onnx = max((r["rel_onnx"] for r in done if r.get("rel_onnx") is not None), default=None)
-    return (f"{len(rows)} models: {len(done)} ran, {ok} function-preserving within tolerance, "
-            f"{len(rows) - len(done)} failed; convolutional models: {widened}/{internal} internal width groups "
-            f"widened ({100 * widened / max(1, internal):.1f}%); worst relative error {worst:.1e} (PyTorch), "
-            f"{_fmt(worst_onnx)} (ONNX Runtime)")
+    return (
+        f"{len(rows)} models: {len(done)} ran, {ok} function-preserving within tolerance, "
+        f"{len(rows) - len(done)} failed; convolutional models: {widened}/{internal} internal width groups "
+        f"widened ({100 * widened / max(1, internal):.1f}%); worst relative error {worst:.1e} (PyTorch), "
+        f"{_fmt(worst_onnx)} (ONNX Runtime)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     names = args.models or classification_models()
     rows = []
     for i, name in enumerate(names, 1):
-        cmd = [sys.executable, __file__, "--one", name] + (["--no-onnx"] if args.no_onnx else []) + (
-            ["--no-deepen"] if args.no_deepen else [])
+        cmd = (
+            [sys.executable, __file__, "--one", name]
+            + (["--no-onnx"] if args.no_onnx else [])
+            + (["--no-deepen"] if args.no_deepen else [])
+        )
         t = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)

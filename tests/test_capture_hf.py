@@ -1,0 +1,261 @@
+"""HuggingFace transformers (BERT, GPT-2, Llama) through capture, analysis, widening and verification.
+
+The models are tiny and randomly initialised from configs (nothing is downloaded). They do not survive
+``torch.fx.symbolic_trace``, so ``capture`` falls back to non-strict ``torch.export`` ("aten" graphs).
+
+Attention dropout is 0 in every config: HF passes it to ``scaled_dot_product_attention`` as
+``dropout_p`` (``0.0`` outside training), and the graph is exported in eval mode, so a captured
+model has no attention dropout in train mode. Hidden-state dropout is kept where the config has it
+(``nn.Dropout`` modules become ``aten.dropout`` calls that capture turns back into modules).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+import r2r_fx
+
+
+def _torchvision_is_broken() -> bool:
+    """Whether torchvision is installed but cannot be imported.
+
+    transformers imports torchvision whenever it is installed (for LlamaConfig too). The torchvision
+    wheels this project's machines get are CUDA builds that fail to import on a CPU-only torch
+    ("operator torchvision::nms does not exist"); ``tools/torchvision_zoo.py`` first loads a shim from
+    ../shared/zoo that fixes that.
+    """
+    try:
+        try:
+            from torchvision_zoo import import_torchvision
+        except ImportError:
+            importlib.import_module("torchvision")
+        else:
+            import_torchvision()
+    except ImportError:
+        return False  # not installed: transformers does without it
+    except Exception:  # noqa: BLE001 - installed but broken
+        return "torchvision" not in sys.modules
+    return False
+
+
+# A broken torchvision is hidden from transformers (importlib.util.find_spec then says "not installed")
+# while transformers and the model classes are imported; transformers caches that answer.
+_HIDE_TORCHVISION = _torchvision_is_broken()
+if _HIDE_TORCHVISION:
+    sys.modules["torchvision"] = None
+try:
+    pytest.importorskip("transformers")
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        BertModel,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+finally:
+    if _HIDE_TORCHVISION:
+        del sys.modules["torchvision"]
+
+HIDDEN, LAYERS, HEADS, VOCAB, INTERMEDIATE = 32, 2, 4, 100, 64
+RTOL = 1e-5
+ONNX_RTOL = 1e-4
+
+
+def _bert_config(**extra) -> object:
+    return BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=INTERMEDIATE,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.0,
+        **extra,
+    )
+
+
+def _bert() -> nn.Module:
+    return BertModel(_bert_config())
+
+
+def _bert_classifier() -> nn.Module:
+    return BertForSequenceClassification(_bert_config(num_labels=3))
+
+
+def _gpt2() -> nn.Module:
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=HIDDEN,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        n_inner=INTERMEDIATE,
+        n_positions=32,
+        resid_pdrop=0.1,
+        embd_pdrop=0.1,
+        attn_pdrop=0.0,
+        use_cache=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def _llama() -> nn.Module:
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        attention_dropout=0.0,
+        use_cache=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    build: Callable[[], nn.Module]
+    dropout: bool  # the config has non-zero hidden dropout
+
+
+CASES = {
+    c.name: c
+    for c in (
+        Case("bert", _bert, True),
+        Case("bert_classifier", _bert_classifier, True),
+        Case("gpt2", _gpt2, True),
+        Case("llama", _llama, False),
+    )
+}
+
+
+def _ids(batch: int = 2, seq: int = 8) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, VOCAB, (batch, seq), generator=generator, dtype=torch.int64)
+
+
+_captured: dict[str, tuple[nn.Module, torch.fx.GraphModule]] = {}
+
+
+def _model_and_graph(name: str) -> tuple[nn.Module, torch.fx.GraphModule]:
+    """(eager model in eval mode, its capture), built once per module; callers must not modify them."""
+    if name not in _captured:
+        torch.manual_seed(0)
+        model = CASES[name].build().eval()
+        _captured[name] = model, r2r_fx.capture(model, (_ids(),))
+    return _captured[name]
+
+
+def _set_dropout(model: nn.Module, p: float) -> int:
+    count = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = p
+            count += 1
+    return count
+
+
+def _assert_same_output(expected, got) -> None:
+    assert type(got) is type(expected)
+    assert list(got.keys()) == list(expected.keys())
+    for key in expected.keys():
+        _, rel = r2r_fx.tree.max_errors(expected[key], got[key])
+        assert rel <= RTOL, f"{key}: relative error {rel:.3g}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_capture_falls_back_to_export_and_keeps_the_output_structure(name):
+    model, gm = _model_and_graph(name)
+    assert gm.meta["r2r_flavour"] == "aten"
+    ids = _ids()
+    with torch.no_grad():
+        expected, got = model(ids), gm(ids)
+    _assert_same_output(expected, got)
+    # The graph is not bound to the example batch size.
+    ids = _ids(batch=3)
+    with torch.no_grad():
+        _assert_same_output(model(ids), gm(ids))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_train_and_eval_modes(name):
+    model, gm = (copy.deepcopy(m) for m in _model_and_graph(name))
+    ids = _ids()
+    gm.train()
+    assert all(m.training for m in gm.modules())
+    if CASES[name].dropout:
+        # Dropout modules of the captured graph follow the mode: train-mode output is random.
+        with torch.no_grad():
+            train_out, eval_out = gm(ids), gm.eval()(ids)
+        gm.train()
+        _, rel = r2r_fx.tree.max_errors(eval_out, train_out)
+        assert rel > 1e-3, "dropout is not active in train mode"
+    # With dropout at 0 the captured model computes the same train-mode function as eager.
+    assert (_set_dropout(gm, 0.0) > 0) == CASES[name].dropout
+    _set_dropout(model, 0.0)
+    model.train()
+    with torch.no_grad():
+        _assert_same_output(model(ids), gm(ids))
+    gm.eval()
+    model.eval()
+    assert not any(m.training for m in gm.modules())
+    with torch.no_grad():
+        _assert_same_output(model(ids), gm(ids))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_width_groups_give_reasons(name):
+    _, gm = _model_and_graph(name)
+    groups = r2r_fx.width_groups(gm)
+    assert groups
+    for g in groups:
+        assert g.widenable == (not g.reason), g
+
+
+@pytest.mark.parametrize("name", ["bert", "bert_classifier", "gpt2", "llama"])
+def test_mlp_hidden_width_is_widenable(name):
+    _, gm = _model_and_graph(name)
+    groups = r2r_fx.width_groups(gm)
+    mlp = [g for g in groups if g.widenable and g.width == INTERMEDIATE]
+    assert len(mlp) == LAYERS, groups
+    # Query/key/value projections split into heads: frozen with that reason (heads are not widened yet).
+    assert any(not g.widenable and "reshape splits a channel axis" in g.reason for g in groups), groups
+    if name == "bert_classifier":  # pooler -> classifier as well
+        assert sum(g.widenable for g in groups) == LAYERS + 1, groups
+    grown = r2r_fx.widen(gm, factor=2.0, seed=0)
+    grown_mlp = [g for g in r2r_fx.width_groups(grown) if g.width == 2 * INTERMEDIATE]
+    assert len(grown_mlp) == LAYERS
+
+
+@pytest.mark.parametrize("name", ["bert", "bert_classifier", "gpt2", "llama"])
+def test_no_group_is_frozen_by_an_unsupported_op(name):
+    _, gm = _model_and_graph(name)
+    unsupported = [g for g in r2r_fx.width_groups(gm) if "unsupported op" in g.reason]
+    assert not unsupported
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_widen_preserves_function(name):
+    # ONNX export (dynamo) and onnxruntime handle all four graphs: onnx=True throughout.
+    model, gm = _model_and_graph(name)
+    grown = r2r_fx.widen(gm, factor=2.0, seed=0)
+    report = r2r_fx.verify(model, grown, (_ids(),), onnx=True)
+    assert report.eval_rel_error <= RTOL, report
+    assert report.train_rel_error is not None and report.train_rel_error <= RTOL, report
+    assert report.onnx_max_rel_error is not None and report.onnx_max_rel_error <= ONNX_RTOL, report
+    assert report.ok, report

@@ -1,0 +1,71 @@
+"""torchvision's classification zoo: a CI subset here; tools/zoo_table.py sweeps all 80 models.
+
+Skipped cleanly when torchvision is not installed. The CPU shim in ../shared/zoo is imported first
+when present (see tools/torchvision_zoo.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+from helpers import assert_function_preserved
+from torchvision_zoo import build, classification_models, import_torchvision
+
+import r2r_fx
+
+try:
+    import_torchvision()  # the CPU shim first, then torchvision
+except ImportError:
+    pytest.skip("torchvision is not installed", allow_module_level=True)
+
+CAPTURE_SUBSET = [
+    "alexnet",
+    "densenet121",
+    "efficientnet_b0",
+    "googlenet",
+    "inception_v3",
+    "maxvit_t",
+    "mnasnet0_5",
+    "mobilenet_v3_small",
+    "regnet_x_400mf",
+    "resnet18",
+    "resnext50_32x4d",
+    "shufflenet_v2_x0_5",
+    "squeezenet1_1",
+    "swin_t",
+    "vgg11_bn",
+    "vit_b_32",
+    "convnext_tiny",
+]
+WIDEN_SUBSET = [
+    "resnet18",
+    "mobilenet_v3_small",
+    "shufflenet_v2_x0_5",
+    "squeezenet1_1",
+    "efficientnet_b0",
+    "regnet_x_400mf",
+    "densenet121",
+]
+ONNX_SUBSET = ["resnet18", "mobilenet_v3_small"]
+
+
+def test_the_zoo_has_80_classification_models():
+    assert len(classification_models()) == 80
+
+
+@pytest.mark.parametrize("name", CAPTURE_SUBSET)
+def test_capture_and_analyze(name):
+    model, inputs = build(name)
+    gm = r2r_fx.capture(model, inputs)  # checked against eager inside
+    groups = r2r_fx.width_groups(gm)
+    assert groups and any(g.widenable for g in groups)
+    assert all(g.reason for g in groups if not g.widenable)
+
+
+@pytest.mark.parametrize("name", WIDEN_SUBSET)
+def test_widen_preserves_function(name):
+    model, inputs = build(name)
+    gm = r2r_fx.capture(model, inputs)
+    grown = r2r_fx.widen(gm, factor=2.0, seed=0)
+    # Deep BatchNorm nets sit at their own float32 rounding floor in train mode: the float64 re-check
+    # (same 1e-5 tolerance) decides, and the float32 error must not exceed the reference's own floor.
+    assert_function_preserved(gm, grown, inputs, onnx=name in ONNX_SUBSET, f64_fallback=True)
