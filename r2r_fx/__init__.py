@@ -6,17 +6,22 @@ from r2r_fx import tree
 from r2r_fx.analysis import WidthGroup, analyze, width_groups
 from r2r_fx.capture import CaptureError, capture
 from r2r_fx.export import export_onnx, run_onnx
+from r2r_fx.passes.deepen import DeepenPass, InsertionPoint, deepen, insertion_points
 from r2r_fx.passes.widen import WidenPass, widen
 from r2r_fx.verify import VerifyReport, verify
 
 __all__ = [
     "CaptureError",
+    "DeepenPass",
+    "InsertionPoint",
     "VerifyReport",
     "WidenPass",
     "WidthGroup",
     "analyze",
     "capture",
+    "deepen",
     "export_onnx",
+    "insertion_points",
     "run_onnx",
     "verify",
     "widen",

@@ -29,7 +29,8 @@ def assert_function_preserved(
 
     By default the float32 train-mode error itself must be within 1e-5. With ``f64_fallback`` a
     float32 train-mode error above that is accepted only if the float64 re-check is within 1e-5 and
-    the float32 error is no larger than the reference's own float32 rounding floor."""
+    the float32 error is within twice the reference's own float32 rounding floor (two float32 runs of
+    the same exact function each sit about one floor away from it)."""
     report = r2r_fx.verify(
         reference, candidate, inputs, onnx=onnx, train=train, rtol=RTOL, onnx_rtol=ONNX_RTOL, f64_fallback=f64_fallback
     )
@@ -38,7 +39,7 @@ def assert_function_preserved(
         assert report.train_rel_error is not None, report.notes
         if report.train_rel_error_f64 is not None:
             assert report.train_rel_error_f64 <= RTOL, report.notes
-            assert report.train_rel_error <= report.train_noise_floor, report.notes
+            assert report.train_rel_error <= 2 * report.train_noise_floor, report.notes
         else:
             assert report.train_rel_error <= RTOL, f"train relative error {report.train_rel_error:.3g}"
     if onnx:

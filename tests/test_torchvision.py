@@ -67,5 +67,5 @@ def test_widen_preserves_function(name):
     gm = r2r_fx.capture(model, inputs)
     grown = r2r_fx.widen(gm, factor=2.0, seed=0)
     # Deep BatchNorm nets sit at their own float32 rounding floor in train mode: the float64 re-check
-    # (same 1e-5 tolerance) decides, and the float32 error must not exceed the reference's own floor.
+    # (same 1e-5 tolerance) decides; the float32 error must stay within twice the reference's own floor.
     assert_function_preserved(gm, grown, inputs, onnx=name in ONNX_SUBSET, f64_fallback=True)

@@ -1,0 +1,314 @@
+"""R2DeeperR: insert residual blocks ``x + z(x)`` with ``z(x) = 0`` at insertion, weights random.
+
+Maths (R2R, arXiv 2410.11038, section 4.3): for a 4-D (or 3-D/5-D conv) activation ``z`` is
+conv -> BatchNorm -> ReLU -> conv; for 2-D and token activations it is Linear -> ReLU -> Linear. The
+first layer's output channels come in identical halves ``[U; U]`` and the BatchNorm parameters and
+statistics of a pair are identical, so the hidden activation is ``[h; h]`` in eval and train mode.
+The last layer's input columns come in opposite halves ``[V, -V]`` and it has no bias, so
+``z(x) = V h - V h = 0`` exactly, while both layers get non-zero gradients (``+-V^T g`` reach the
+two copies of ``U``). Random values are uniform with the standard deviation of the weights of the
+layer that produced ``x``.
+
+Insertion points are tensors every path from the inputs to the outputs passes through (the
+dominators of the output), whose channel axis is an internal width. A *stage* is a maximal run of
+such points with one activation shape apart from the channel count; by default one block goes after
+the last point of each stage (for a ResNet: after the last residual block of each stage).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx
+from torch import nn
+
+from r2r_fx.analysis import Analysis, analyze
+from r2r_fx.capture import example_inputs_of, record_shapes
+from r2r_fx.passbase import Pass, PassResult, append_record, copy_graph_module
+from r2r_fx.rules import shape_of, tensor_shapes
+
+__all__ = ["DeepenPass", "InsertionPoint", "deepen", "insertion_points"]
+
+logger = logging.getLogger(__name__)
+
+_CONV = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
+_BN = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+
+
+@dataclass(frozen=True)
+class InsertionPoint:
+    """A node after which a residual block can go."""
+
+    node: str
+    shape: tuple[int, ...]
+    channel_axis: int
+    kind: str  # "conv1d" | "conv2d" | "conv3d" | "linear"
+    stage: int  # -1 off the main path
+    default: bool  # the last main-path point of its stage
+
+    @property
+    def width(self) -> int:
+        return self.shape[self.channel_axis]
+
+
+def insertion_points(gm: torch.fx.GraphModule, analysis: Analysis | None = None) -> list[InsertionPoint]:
+    """Candidate points in graph order, with their shapes and stages."""
+    analysis = analysis or analyze(gm)
+    dominators = _output_dominators(gm)
+    points: list[tuple[torch.fx.Node, tuple[int, ...], int]] = []
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        shape = shape_of(node)
+        meta = node.meta.get("tensor_meta")
+        if shape is None or len(shape) < 2 or not meta.dtype.is_floating_point:
+            continue
+        axis = _channel_axis(analysis, node.name, shape)
+        if axis == 1 and len(shape) >= 3 and all(s == 1 for s in shape[2:]):
+            continue  # pooled to 1x1: a 3x3 conv block there is a Linear block in disguise
+        if axis is not None:
+            points.append((node, shape, axis))
+    main = [p for p in points if p[0].name in dominators]
+    keys = [_stage_key(shape, axis) for _, shape, axis in main]
+    stages: dict[str, tuple[int, bool]] = {}
+    stage = -1
+    for i, (node, _, _) in enumerate(main):
+        if i == 0 or keys[i] != keys[i - 1]:
+            stage += 1
+        stages[node.name] = (stage, i + 1 == len(main) or keys[i + 1] != keys[i])
+    out = []
+    for node, shape, axis in points:
+        kind = "linear" if axis == len(shape) - 1 and not (axis == 1 and len(shape) >= 3) else f"conv{len(shape) - 2}d"
+        stage, last = stages.get(node.name, (-1, False))
+        out.append(InsertionPoint(node.name, shape, axis, kind, stage, last))
+    return out
+
+
+def _stage_key(shape: tuple[int, ...], axis: int) -> tuple[Any, ...]:
+    """Activation shape apart from batch and channel count: a stage keeps it."""
+    return len(shape), axis, tuple(s for a, s in enumerate(shape) if a not in (0, axis))
+
+
+def _output_dominators(gm: torch.fx.GraphModule) -> set[str]:
+    """Nodes on every tensor path from the inputs to the output (size queries do not count as paths)."""
+    graph = nx.DiGraph()
+    graph.add_node("__source__")
+    for node in gm.graph.nodes:
+        graph.add_node(node.name)
+        if not tensor_shapes(node):
+            continue
+        if node.op == "placeholder":
+            graph.add_edge("__source__", node.name)
+        for user in node.users:
+            graph.add_edge(node.name, user.name)
+    output = next(n.name for n in gm.graph.nodes if n.op == "output")
+    idom = nx.immediate_dominators(graph, "__source__")
+    chain, node = set(), output
+    while node in idom and idom[node] != node:
+        node = idom[node]
+        chain.add(node)
+    return chain
+
+
+def _channel_axis(analysis: Analysis, name: str, shape: tuple[int, ...]) -> int | None:
+    """The axis of ``name`` that is an internal width (a group with producers, not an input/output)."""
+    candidates = [1, len(shape) - 1] if len(shape) >= 3 else [1]
+    for axis in candidates:
+        if (name, axis) not in analysis.builder.sizes:
+            continue
+        groups = {analysis.group_of_atom.get(a) for a in analysis.layout((name, axis)).atoms()}
+        if None in groups or not groups:
+            continue
+        if all(analysis.groups[g].producers and not analysis.groups[g].reason.startswith("model ") for g in groups):
+            return axis
+    return None
+
+
+def _weight_std(gm: torch.fx.GraphModule, node: torch.fx.Node) -> float | None:
+    """Std of the weight of the nearest layer upstream of ``node`` (breadth-first)."""
+    frontier, seen = [node], set()
+    while frontier:
+        current = frontier.pop(0)
+        if current in seen:
+            continue
+        seen.add(current)
+        weight = None
+        if current.op == "call_module":
+            weight = getattr(gm.get_submodule(str(current.target)), "weight", None)
+        elif current.op == "call_function":
+            for arg in current.args[1:2]:
+                if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+                    weight = _get(gm, str(arg.target))
+        if isinstance(weight, torch.Tensor) and weight.dim() >= 2 and weight.numel() > 1:
+            return float(weight.detach().float().std())
+        frontier.extend(current.all_input_nodes)
+    return None
+
+
+def _get(gm: nn.Module, target: str) -> Any:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def _uniform_(tensor: torch.Tensor, std: float, generator: torch.Generator) -> None:
+    bound = std * math.sqrt(3.0)
+    values = torch.empty(tensor.shape, dtype=tensor.dtype).uniform_(-bound, bound, generator=generator)
+    tensor.copy_(values.to(tensor.device))
+
+
+def build_block(
+    point: InsertionPoint, hidden: int, std: float | None, like: torch.Tensor, generator: torch.Generator
+) -> dict[str, nn.Module]:
+    """The layers of ``z`` with the R2R zero-output initialisation (see the module docstring)."""
+    width = point.width
+    if point.kind == "linear":
+        first, last = nn.Linear(width, hidden), nn.Linear(hidden, width, bias=False)
+        layers = {"fc1": first, "act": nn.ReLU(), "fc2": last}
+    else:
+        rank = len(point.shape)
+        conv, bn = _CONV[rank], _BN[rank]
+        first = conv(width, hidden, 3, padding=1, bias=False)
+        last = conv(hidden, width, 3, padding=1, bias=False)
+        layers = {"conv1": first, "bn": bn(hidden), "act": nn.ReLU(), "conv2": last}
+    for module in layers.values():
+        module.to(dtype=like.dtype, device=like.device)
+    half = hidden // 2
+    with torch.no_grad():
+        scale = std if std else 1.0 / math.sqrt(first.weight[0].numel())
+        _uniform_(first.weight, scale, generator)
+        first.weight[half:] = first.weight[:half]
+        if getattr(first, "bias", None) is not None:
+            _uniform_(first.bias, scale, generator)
+            first.bias[half:] = first.bias[:half]
+        _uniform_(last.weight, scale, generator)
+        last.weight[:, half:] = -last.weight[:, :half]
+    return layers
+
+
+class DeepenPass(Pass):
+    """Insert R2R residual blocks at chosen points (default: one per stage)."""
+
+    name = "deepen"
+
+    def __init__(
+        self,
+        *,
+        at: Sequence[str] | str | None = None,
+        count: int = 1,
+        block: str = "auto",
+        hidden: int | None = None,
+        method: str = "r2r",
+        seed: int | None = None,
+    ) -> None:
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        if block != "auto":
+            raise ValueError(f"unknown block {block!r}; only 'auto' (conv-BN-ReLU-conv or Linear-ReLU-Linear)")
+        if method != "r2r":
+            raise ValueError(f"unknown deepen method {method!r}; choose 'r2r'")
+        self.at = [at] if isinstance(at, str) else (list(at) if at is not None else None)
+        self.count, self.hidden, self.method, self.seed = count, hidden, method, seed
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        analysis = analyze(gm)
+        points = insertion_points(gm, analysis)
+        chosen = self._choose(gm, points)
+        grown = copy_graph_module(gm)
+        generator = torch.Generator()
+        generator.manual_seed(self.seed if self.seed is not None else int(torch.randint(0, 2**31, ()).item()))
+        existing = sum(1 for n, _ in grown.named_children() if n == "r2r_blocks")
+        index = len(list(grown.get_submodule("r2r_blocks").children())) if existing else 0
+        blocks = []
+        nodes = {n.name: n for n in grown.graph.nodes}
+        like = next(iter(grown.parameters()), torch.zeros(()))
+        for point in chosen:
+            x = nodes[point.node]
+            std = _weight_std(grown, x)
+            for _ in range(self.count):
+                hidden = self.hidden or point.width
+                hidden += hidden % 2
+                layers = build_block(point, hidden, std, like, generator)
+                prefix = f"r2r_blocks.b{index}"
+                x = _insert(grown, x, prefix, layers)
+                blocks.append(
+                    {
+                        "at": point.node,
+                        "kind": point.kind,
+                        "width": point.width,
+                        "hidden": hidden,
+                        "module": prefix,
+                        "output_node": x.name,
+                        "params": sum(p.numel() for m in layers.values() for p in m.parameters()),
+                    }
+                )
+                index += 1
+        grown.graph.lint()
+        grown.recompile()
+        record_shapes(grown, example_inputs_of(grown), meta=True)
+        record = {
+            "op": "deepen",
+            "method": self.method,
+            "exact": True,
+            "blocks": blocks,
+            "new_params": [
+                f"{b['module']}.{n}" for b in blocks for n, _ in grown.get_submodule(b["module"]).named_parameters()
+            ],
+        }
+        append_record(grown, record)
+        return PassResult(grown, bool(blocks), record)
+
+    def _choose(self, gm: torch.fx.GraphModule, points: list[InsertionPoint]) -> list[InsertionPoint]:
+        if self.at is None:
+            return [p for p in points if p.default]
+        by_name = {p.node: p for p in points}
+        names = {n.name for n in gm.graph.nodes}
+        chosen = []
+        for name in self.at:
+            if name not in by_name:
+                valid = ", ".join(p.node for p in points) or "none"
+                problem = (
+                    "is not a node of this graph"
+                    if name not in names
+                    else "is not a point where a residual block can be formed"
+                )
+                raise ValueError(f"{name!r} {problem}; valid insertion points: {valid}")
+            chosen.append(by_name[name])
+        return chosen
+
+
+def _insert(gm: torch.fx.GraphModule, x: torch.fx.Node, prefix: str, layers: dict[str, nn.Module]) -> torch.fx.Node:
+    """Insert ``x + z(x)`` after ``x`` and route every former user of ``x`` to the sum."""
+    graph = gm.graph
+    previous = x
+    created = []
+    for name, module in layers.items():
+        gm.add_submodule(f"{prefix}.{name}", module)
+        with graph.inserting_after(previous):
+            previous = graph.call_module(f"{prefix}.{name}", (previous,))
+        created.append(previous)
+    with graph.inserting_after(previous):
+        total = graph.call_function(operator.add, (x, previous))
+    keep = set(created) | {total}
+    x.replace_all_uses_with(total, delete_user_cb=lambda user: user not in keep)
+    return total
+
+
+def deepen(
+    gm: torch.fx.GraphModule,
+    *,
+    at: Sequence[str] | str | None = None,
+    count: int = 1,
+    block: str = "auto",
+    hidden: int | None = None,
+    method: str = "r2r",
+    seed: int | None = None,
+) -> torch.fx.GraphModule:
+    """Return a copy of ``gm`` with R2R residual blocks inserted (one per stage by default)."""
+    return DeepenPass(at=at, count=count, block=block, hidden=hidden, method=method, seed=seed).call(gm).model
