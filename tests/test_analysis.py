@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from zoo import ZOO
 
 import r2r_fx
 from r2r_fx.rules import factor_reshape
+
+from zoo import ZOO
 
 # (width, producers, None if widenable else the start of the reason), in analysis order.
 EXPECTED = {

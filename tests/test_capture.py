@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from zoo import ZOO
 
 import r2r_fx
 from r2r_fx.tree import max_errors
+
+from zoo import ZOO
 
 
 @pytest.mark.parametrize("via", ["symbolic_trace", "export"])

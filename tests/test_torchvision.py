@@ -7,10 +7,11 @@ when present (see tools/torchvision_zoo.py).
 from __future__ import annotations
 
 import pytest
-from helpers import assert_function_preserved
-from torchvision_zoo import build, classification_models, import_torchvision
 
 import r2r_fx
+
+from helpers import assert_function_preserved
+from torchvision_zoo import build, classification_models, import_torchvision
 
 try:
     import_torchvision()  # the CPU shim first, then torchvision

@@ -8,9 +8,10 @@ import onnx
 import pytest
 import torch
 from torch import nn
-from zoo import ZOO
 
 import r2r_fx
+
+from zoo import ZOO
 
 
 def test_export_onnx_has_dynamic_batch(tmp_path):

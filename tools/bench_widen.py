@@ -42,13 +42,12 @@ from torchvision_zoo import import_torchvision, randomize  # noqa: E402
 
 tv = import_torchvision()  # the CPU shim must be loaded before anything imports torchvision
 
-from r2r_fx.passes.widen import grow_parameters, plan_extras  # noqa: E402
-
 import r2r_fx  # noqa: E402
 from r2r_fx.analysis import analyze  # noqa: E402
 from r2r_fx.capture import example_inputs_of, record_shapes  # noqa: E402
 from r2r_fx.methods import get_method  # noqa: E402
 from r2r_fx.passbase import copy_graph_module  # noqa: E402
+from r2r_fx.passes.widen import grow_parameters, plan_extras  # noqa: E402
 from r2r_fx.surgery import fix_widths  # noqa: E402
 
 MODELS = ("resnet50", "vit_b_16")

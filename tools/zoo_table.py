@@ -28,9 +28,10 @@ EXTERNAL = ("model input", "model output")
 
 def run_one(name: str, onnx: bool, deepen: bool) -> dict[str, Any]:
     import torch
-    from torchvision_zoo import build
 
     import r2r_fx
+
+    from torchvision_zoo import build
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     row: dict[str, Any] = {"model": name}

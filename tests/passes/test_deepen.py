@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import r2r_fx
+
 from helpers import assert_function_preserved, parameter_count, random_batch
 from zoo import ZOO
 

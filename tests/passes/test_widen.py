@@ -8,13 +8,14 @@ import pickle
 
 import pytest
 import torch
-from helpers import assert_function_preserved, assert_new_weights_train, parameter_count
-from r2r_fx.passes.widen import WidenPass
 from torch import nn
-from zoo import ZOO
 
 import r2r_fx
 from r2r_fx.passbase import records_of
+from r2r_fx.passes.widen import WidenPass
+
+from helpers import assert_function_preserved, assert_new_weights_train, parameter_count
+from zoo import ZOO
 
 FLAVOURS = ["symbolic_trace", "export"]
 
