@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 EXTERNAL = ("model input", "model output")
 
 
-def run_one(name: str, onnx: bool, deepen: bool) -> dict[str, Any]:
+def run_one(name: str, onnx: bool, deepen: bool, widen: bool = True) -> dict[str, Any]:
     import torch
 
     import r2r_fx
@@ -50,6 +50,17 @@ def run_one(name: str, onnx: bool, deepen: bool) -> dict[str, Any]:
     row["widenable"] = sum(g.widenable for g in groups)
     reasons = collections.Counter(_short(g.reason) for g in internal if not g.widenable)
     row["skip_reasons"] = dict(reasons.most_common())
+    row["ok"] = True
+    if widen:
+        _widen_columns(row, gm, inputs, onnx)
+    if deepen:
+        _deepen_columns(row, gm, inputs, onnx)
+    return row
+
+
+def _widen_columns(row: dict[str, Any], gm: Any, inputs: Any, onnx: bool) -> None:
+    import r2r_fx
+
     t = time.perf_counter()
     result = r2r_fx.WidenPass(factor=2.0, seed=0).call(gm)
     row["widen_s"] = time.perf_counter() - t
@@ -69,21 +80,25 @@ def run_one(name: str, onnx: bool, deepen: bool) -> dict[str, Any]:
         notes=report.notes,
     )
     del grown, result
-    if deepen and hasattr(r2r_fx, "deepen"):
-        t = time.perf_counter()
-        deep = r2r_fx.deepen(gm, seed=0)
-        row["deepen_s"] = time.perf_counter() - t
-        row["blocks"] = sum(len(r.get("blocks", [])) for r in deep.meta.get("r2r_record", []))
-        row["params_deepened"] = sum(p.numel() for p in deep.parameters())
-        dreport = r2r_fx.verify(gm, deep, inputs, onnx=onnx)
-        row.update(
-            deepen_rel_eval=dreport.eval_rel_error,
-            deepen_rel_train=dreport.train_rel_error,
-            deepen_rel_onnx=dreport.onnx_max_rel_error,
-            deepen_ok=dreport.ok,
-        )
-        row["ok"] = row["ok"] and dreport.ok
-    return row
+
+
+def _deepen_columns(row: dict[str, Any], gm: Any, inputs: Any, onnx: bool) -> None:
+    import r2r_fx
+
+    t = time.perf_counter()
+    deep = r2r_fx.deepen(gm, seed=0)
+    row["deepen_s"] = time.perf_counter() - t
+    row["blocks"] = sum(len(r.get("blocks", [])) for r in deep.meta.get("r2r_record", []))
+    row["params_deepened"] = sum(p.numel() for p in deep.parameters())
+    dreport = r2r_fx.verify(gm, deep, inputs, onnx=onnx)
+    row.update(
+        deepen_rel_eval=dreport.eval_rel_error,
+        deepen_rel_train=dreport.train_rel_error,
+        deepen_rel_onnx=dreport.onnx_max_rel_error,
+        deepen_ok=dreport.ok,
+    )
+    row["deepen_notes"] = dreport.notes
+    row["ok"] = row["ok"] and dreport.ok
 
 
 def _short(reason: str) -> str:
@@ -118,7 +133,7 @@ def _fmt(x: Any) -> str:
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = (
         "| model | flavour | params | groups widened / internal / all | widen s | rel eval | rel train "
-        "(f64; floor) | rel ONNX | blocks | deepen rel | ok | main skip reasons / error |"
+        "(f64; floor) | rel ONNX | blocks | deepen rel (train; ONNX) | ok | main skip reasons / error |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -126,13 +141,22 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {r['model']} | - | - | - | - | - | - | - | - | - | FAIL | {r['error'][:120]} |")
             continue
         reasons = ", ".join(f"{k} x{v}" for k, v in list(r.get("skip_reasons", {}).items())[:3])
-        deep = r.get("deepen_rel_onnx") if r.get("deepen_rel_onnx") is not None else r.get("deepen_rel_eval")
-        lines.append(
-            f"| {r['model']} | {r['flavour']} | {r['params'] / 1e6:.1f}M | {r['widened']} / {r['internal']} / "
-            f"{r['groups']} | {_fmt(r['widen_s'])} | {_fmt(r['rel_eval'])} | {_fmt(r['rel_train'])} | "
-            f"{_fmt(r['rel_onnx'])} | {_fmt(r.get('blocks'))} | {_fmt(deep)} | {'yes' if r['ok'] else 'NO'} | "
-            f"{reasons} |"
-        )
+        deep = f"{_fmt(r.get('deepen_rel_train'))}; {_fmt(r.get('deepen_rel_onnx'))}" if "blocks" in r else "-"
+        cells = [
+            r["model"],
+            r["flavour"],
+            f"{r['params'] / 1e6:.1f}M",
+            f"{_fmt(r.get('widened'))} / {r['internal']} / {r['groups']}",
+            _fmt(r.get("widen_s")),
+            _fmt(r.get("rel_eval")),
+            _train(r),
+            _fmt(r.get("rel_onnx")),
+            _fmt(r.get("blocks")),
+            deep,
+            "yes" if r["ok"] else "NO",
+            reasons,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -146,10 +170,10 @@ def _train(r: dict[str, Any]) -> str:
 def summary(rows: list[dict[str, Any]]) -> str:
     done = [r for r in rows if "error" not in r]
     ok = sum(bool(r.get("ok")) for r in done)
-    conv = [r for r in done if not r["model"].startswith(("vit", "swin", "maxvit"))]
+    conv = [r for r in done if not r["model"].startswith(("vit", "swin", "maxvit")) and "widened" in r]
     widened = sum(r["widened"] for r in conv)
     internal = sum(r["internal"] for r in conv)
-    worst = max((r["rel_eval"] for r in done), default=0.0)
+    worst = max((r.get("rel_eval") or r.get("deepen_rel_eval") or 0.0 for r in done), default=0.0)
     worst_onnx = max((r["rel_onnx"] for r in done if r.get("rel_onnx") is not None), default=None)
     return (
         f"{len(rows)} models: {len(done)} ran, {ok} function-preserving within tolerance, "
@@ -164,23 +188,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", help="model names (default: all classification models)")
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime check")
     parser.add_argument("--no-deepen", action="store_true", help="skip the deepen columns")
+    parser.add_argument("--no-widen", action="store_true", help="skip the widen columns")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per model")
     parser.add_argument("--out", help="folder for zoo.json and zoo.md")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(args.one, not args.no_onnx, not args.no_deepen)))
+        print(json.dumps(run_one(args.one, not args.no_onnx, not args.no_deepen, not args.no_widen)))
         return 0
     from torchvision_zoo import classification_models
 
     names = args.models or classification_models()
     rows = []
     for i, name in enumerate(names, 1):
-        cmd = (
-            [sys.executable, __file__, "--one", name]
-            + (["--no-onnx"] if args.no_onnx else [])
-            + (["--no-deepen"] if args.no_deepen else [])
-        )
+        flags = {"--no-onnx": args.no_onnx, "--no-deepen": args.no_deepen, "--no-widen": args.no_widen}
+        cmd = [sys.executable, __file__, "--one", name] + [flag for flag, on in flags.items() if on]
         t = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
