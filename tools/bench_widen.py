@@ -44,11 +44,10 @@ tv = import_torchvision()  # the CPU shim must be loaded before anything imports
 
 import r2r_fx  # noqa: E402
 from r2r_fx.analysis import analyze  # noqa: E402
-from r2r_fx.capture import example_inputs_of, record_shapes  # noqa: E402
 from r2r_fx.methods import get_method  # noqa: E402
 from r2r_fx.passbase import copy_graph_module  # noqa: E402
 from r2r_fx.passes.widen import grow_parameters, plan_extras  # noqa: E402
-from r2r_fx.surgery import fix_widths  # noqa: E402
+from r2r_fx.surgery import fix_widths, get_tensor, update_shapes  # noqa: E402
 
 MODELS = ("resnet50", "vit_b_16")
 FACTOR = 2.0
@@ -78,8 +77,13 @@ def widen_steps(gm: torch.fx.GraphModule) -> dict[str, float]:
     extras, _ = plan_extras(analysis, factor=FACTOR, extra=None, groups=None)
     times["plan_extras"] = clock() - t
     t = clock()
-    grown = copy_graph_module(gm)
-    times["copy_graph_module (deepcopy)"] = clock() - t
+    replaced = [
+        get_tensor(gm, p)
+        for p, axes in analysis.bound_params().items()
+        if any(extras.get(a) for _, layout, _ in axes for a in layout.atoms())
+    ]
+    grown = copy_graph_module(gm, skip=replaced)
+    times["copy_graph_module (grown params shared)"] = clock() - t
     generator = torch.Generator()
     generator.manual_seed(0)
     t = clock()
@@ -89,8 +93,8 @@ def widen_steps(gm: torch.fx.GraphModule) -> dict[str, float]:
     fix_widths(grown, analysis, extras)
     times["fix_widths (+ recompile)"] = clock() - t
     t = clock()
-    record_shapes(grown, example_inputs_of(grown))
-    times["record_shapes (grown forward)"] = clock() - t
+    update_shapes(grown, analysis, extras)
+    times["update_shapes (from layouts)"] = clock() - t
     return times
 
 
