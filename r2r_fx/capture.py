@@ -27,7 +27,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from r2r_fx.tree import max_errors
 
-__all__ = ["CaptureError", "capture", "example_inputs_of", "flavour_of", "record_shapes"]
+__all__ = ["CaptureError", "capture", "example_inputs_of", "flavour_of", "from_exported_program", "record_shapes"]
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +186,11 @@ def _export(model: nn.Module, inputs: tuple[Any, ...]) -> torch.fx.GraphModule:
         program = torch.export.export(model, inputs, strict=False, dynamic_shapes=dynamic)
     except Exception:  # noqa: BLE001 - a dynamic batch is a nicety; retry with static shapes
         program = torch.export.export(model, inputs, strict=False)
+    return from_exported_program(program)
+
+
+def from_exported_program(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    """A plain GraphModule (``.train()``/``.eval()`` work) from an ExportedProgram, e.g. a loaded .pt2."""
     exported = program.module()
     graph = exported.graph
     for node in list(graph.nodes):

@@ -1,0 +1,150 @@
+"""End-to-end tests of the installed ``r2r-rewrite`` console script (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import r2r_fx
+
+from cli_models import small_cnn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(os.path.dirname(sys.executable), "r2r-rewrite")
+SHAPE = ["--input-shape", "2,3,16,16"]
+
+
+def run(*args: str, cwd: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": HERE}
+    return subprocess.run([SCRIPT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def files(tmp_path):
+    model = small_cnn()
+    x = torch.randn(2, 3, 16, 16)
+    torch.save(model, tmp_path / "model.pt")
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    torch.save((x,), tmp_path / "inputs.pt")
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "model.pt2")
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "model.pt").read_bytes()[:200])
+    (tmp_path / "afile").write_text("not a folder")
+    return tmp_path
+
+
+def test_pt2_widen_deepen_onnx_and_report(files):
+    proc = run("model.pt2", "--widen", "2", "--deepen", "1", "--onnx", "grown.onnx", "--report", "r.json", cwd=files)
+    assert proc.returncode == 0, proc.stderr
+    assert "relative error" in proc.stdout and "wrote model.grown.pt2" in proc.stdout
+    report = json.loads((files / "r.json").read_text())
+    assert set(report) == {
+        "model",
+        "method",
+        "params_before",
+        "params_after",
+        "groups",
+        "blocks_inserted",
+        "verify",
+        "timings_s",
+    }
+    assert report["params_after"] > report["params_before"] and report["blocks_inserted"]
+    assert set(report["groups"][0]) == {"id", "width_before", "width_after", "status", "reason"}
+    assert set(report["verify"]) >= {"max_abs_error", "max_rel_error", "onnx_max_abs_error", "onnx_max_rel_error", "ok"}
+    assert set(report["timings_s"]) == {"capture", "analyze", "rewrite", "verify", "export"}
+    x = torch.randn(3, 3, 16, 16)  # another batch size: the ONNX file has a dynamic batch axis
+    (onnx_out,) = r2r_fx.run_onnx(files / "grown.onnx", (x,))
+    with torch.no_grad():
+        expected = small_cnn()(x)
+        grown = torch.export.load(files / "model.grown.pt2").module()(x)
+    assert (onnx_out - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert (grown - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_pickle_needs_trust(files):
+    proc = run("model.pt", "--widen", "2", *SHAPE, cwd=files)
+    assert proc.returncode == 2 and "--trust-pickle" in proc.stderr and "runs code" in proc.stderr
+    assert not (files / "model.grown.pt2").exists()
+    proc = run("model.pt", "--trust-pickle", "--widen", "+4", *SHAPE, "-o", "out.pt", "--json", cwd=files)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["verify"]["ok"] and any(g["width_after"] == g["width_before"] + 4 for g in report["groups"])
+    assert (files / "out.pt").exists()
+
+
+@pytest.mark.parametrize("method_flag", [[], ["--method", "r2r"]])
+def test_factory_with_weights_and_inputs_file(files, method_flag):
+    proc = run(
+        "cli_models:small_cnn",
+        "--weights",
+        "weights.pt",
+        "--inputs",
+        "inputs.pt",
+        "--widen",
+        "2",
+        "--groups",
+        "1",
+        "-o",
+        "f.pt2",
+        *method_flag,
+        cwd=files,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "groups widened  1 of" in proc.stdout
+
+
+def test_plan_lists_groups_and_points(files):
+    proc = run("model.pt2", "--plan", cwd=files)
+    assert proc.returncode == 0, proc.stderr
+    assert "width groups:" in proc.stdout and "insertion points" in proc.stdout and "widenable" in proc.stdout
+    plan = json.loads(run("model.pt2", "--plan", "--json", cwd=files).stdout)
+    assert plan["groups"] and plan["insertion_points"]
+    assert not (files / "model.grown.pt2").exists()
+
+
+def test_deepen_at_node_and_python_dash_m(files):
+    point = json.loads(run("model.pt2", "--plan", "--json", cwd=files).stdout)["insertion_points"][0]["node"]
+    env = {**os.environ, "PYTHONPATH": HERE}
+    proc = subprocess.run(
+        [sys.executable, "-m", "r2r_fx", "model.pt2", "--deepen-at", point, "-o", "d.pt2"],
+        cwd=files,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"blocks inserted 1 ({point})" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["missing.pt2", "--widen", "2"], "model file not found"),
+        (["truncated.pt", "--widen", "2", *SHAPE], "corrupt or truncated"),
+        (["model.pt", "--widen", "2", *SHAPE], "--trust-pickle"),
+        (["no_such_pkg.mod:fn", "--widen", "2", *SHAPE], "cannot import no_such_pkg.mod:fn"),
+        (["cli_models:small_cnn", "--widen", "2", "--input-shape", "2,5,16,16"], "fails on the example inputs"),
+        (["cli_models:small_cnn", "--widen", "2", "--input-shape", "int64:2,3,16,16"], "fails on the example inputs"),
+        (["cli_models:small_cnn", "--widen", "2"], "no example inputs"),
+        (["cli_models:small_cnn", "--widen", "2", *SHAPE, "--groups", "99"], "unknown width group id 99"),
+        (["cli_models:small_cnn", "--deepen-at", "nope", *SHAPE], "'nope' is not a node"),
+        (["model.pt2", "--widen", "2", "-o", "model.pt2"], "is the input file"),
+        (["model.pt2", "--widen", "2", "-o", "no/such/dir/out.pt2"], "output directory does not exist"),
+        (["model.pt2", "--widen", "2", "-o", "afile/out.pt2"], "output directory does not exist"),
+        (["model.pt2", "--widen", "two"], "bad --widen"),
+        (["model.pt2"], "nothing to do"),
+        (["model.pt2", "--widen", "2", "--method", "bogus"], "method 'bogus' is not available"),
+    ],
+)
+def test_bad_input_is_a_clear_error_with_exit_2_and_no_output(files, args, message):
+    before = set(os.listdir(files))
+    proc = run(*args, cwd=files)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("r2r-rewrite: error:")]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert set(os.listdir(files)) == before
