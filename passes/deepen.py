@@ -31,7 +31,7 @@ from torch import nn
 
 from r2r_fx.analysis import Analysis, analyze
 from r2r_fx.capture import example_inputs_of, record_shapes
-from r2r_fx.passbase import Pass, PassResult, append_record, copy_graph_module
+from r2r_fx.passbase import Pass, PassResult, append_record, copy_graph_module, make_generator
 from r2r_fx.rules import shape_of, tensor_shapes
 
 __all__ = ["DeepenPass", "InsertionPoint", "deepen", "insertion_points"]
@@ -221,8 +221,7 @@ class DeepenPass(Pass):
         points = insertion_points(gm, analysis)
         chosen = self._choose(gm, points)
         grown = copy_graph_module(gm)
-        generator = torch.Generator()
-        generator.manual_seed(self.seed if self.seed is not None else int(torch.randint(0, 2**31, ()).item()))
+        generator = make_generator(self.seed)
         existing = sum(1 for n, _ in grown.named_children() if n == "r2r_blocks")
         index = len(list(grown.get_submodule("r2r_blocks").children())) if existing else 0
         blocks = []

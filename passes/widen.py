@@ -22,7 +22,7 @@ import torch.fx
 
 from r2r_fx.analysis import Analysis, analyze
 from r2r_fx.methods import Method, get_method
-from r2r_fx.passbase import Pass, PassResult, append_record, copy_graph_module
+from r2r_fx.passbase import Pass, PassResult, append_record, copy_graph_module, make_generator
 from r2r_fx.surgery import axis_index, fix_widths, get_tensor, set_tensor, update_shapes
 
 __all__ = ["WidenPass", "plan_extras", "widen"]
@@ -148,8 +148,7 @@ class WidenPass(Pass):
             if any(extras.get(a) for _, layout, _ in axes for a in layout.atoms())
         ]
         grown = copy_graph_module(gm, skip=replaced)
-        generator = torch.Generator()
-        generator.manual_seed(self.seed if self.seed is not None else int(torch.randint(0, 2**31, ()).item()))
+        generator = make_generator(self.seed)
         changes = grow_parameters(grown, analysis, extras, self.method, generator)
         fix_widths(grown, analysis, extras)
         update_shapes(grown, analysis, extras)

@@ -13,9 +13,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx
 
-__all__ = ["Pass", "PassError", "PassManager", "PassResult", "append_record", "copy_graph_module", "records_of"]
+__all__ = [
+    "Pass",
+    "PassError",
+    "PassManager",
+    "PassResult",
+    "append_record",
+    "copy_graph_module",
+    "make_generator",
+    "records_of",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +77,13 @@ def copy_graph_module(gm: torch.fx.GraphModule, skip: Sequence[torch.Tensor] = (
     """
     memo = {id(t): t for t in skip}
     return copy.deepcopy(gm, memo)
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` (or from torch's global RNG when None)."""
+    generator = torch.Generator()
+    generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
+    return generator
 
 
 def append_record(gm: torch.fx.GraphModule, entry: dict[str, Any]) -> None:

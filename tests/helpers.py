@@ -10,7 +10,7 @@ from torch import nn
 import r2r_fx
 from r2r_fx.record import new_entry_mask, old_positions, param_changes
 
-__all__ = ["assert_function_preserved", "assert_new_weights_train", "parameter_count", "random_batch"]
+__all__ = ["captured", "assert_function_preserved", "assert_new_weights_train", "parameter_count", "random_batch"]
 
 RTOL = 1e-5
 ONNX_RTOL = 1e-4
@@ -106,3 +106,11 @@ def _reached(grad: torch.Tensor, axis: int, which: torch.Tensor) -> torch.Tensor
 
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def captured(name: str, via: str = "symbolic_trace"):
+    """(eager model, example inputs, captured GraphModule) for a local-zoo model."""
+    from zoo import ZOO
+
+    model, inputs = ZOO[name]()
+    return model, inputs, r2r_fx.capture(model, inputs, via=via)

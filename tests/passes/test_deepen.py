@@ -8,21 +8,16 @@ from torch import nn
 
 import r2r_fx
 
-from helpers import assert_function_preserved, parameter_count, random_batch
+from helpers import assert_function_preserved, captured, parameter_count, random_batch
 from zoo import ZOO
 
 FLAVOURS = ["symbolic_trace", "export"]
 
 
-def _captured(name: str, via: str = "symbolic_trace"):
-    model, inputs = ZOO[name]()
-    return model, inputs, r2r_fx.capture(model, inputs, via=via)
-
-
 @pytest.mark.parametrize("via", FLAVOURS)
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_deepen_one_block_per_stage_preserves_function(name, via):
-    model, inputs, gm = _captured(name, via)
+    model, inputs, gm = captured(name, via)
     points = r2r_fx.insertion_points(gm)
     defaults = [p for p in points if p.default]
     result = r2r_fx.DeepenPass(seed=0).call(gm)
@@ -35,7 +30,7 @@ def test_deepen_one_block_per_stage_preserves_function(name, via):
 
 @pytest.mark.parametrize("name", ["resnet", "densenet", "mobilenetv2", "vit", "conv1d", "embedding"])
 def test_deepen_then_widen_and_widen_then_deepen(name):
-    model, inputs, gm = _captured(name)
+    model, inputs, gm = captured(name)
     deep_wide = r2r_fx.widen(r2r_fx.deepen(gm, seed=0), factor=2.0, seed=1)
     wide_deep = r2r_fx.deepen(r2r_fx.widen(gm, factor=2.0, seed=1), seed=0)
     for grown in (deep_wide, wide_deep):
@@ -51,7 +46,7 @@ def test_deepen_then_widen_and_widen_then_deepen(name):
 
 @pytest.mark.parametrize("name", ["resnet", "vit", "mlp", "conv3d"])
 def test_every_new_block_parameter_gets_a_gradient(name):
-    _, inputs, gm = _captured(name)
+    _, inputs, gm = captured(name)
     deep = r2r_fx.deepen(gm, seed=0).train()
     out = deep(*random_batch(inputs))
     (out * torch.randn_like(out)).sum().backward()
@@ -64,7 +59,7 @@ def test_every_new_block_parameter_gets_a_gradient(name):
 
 
 def test_explicit_point_and_count():
-    model, inputs, gm = _captured("resnet")
+    model, inputs, gm = captured("resnet")
     deep = r2r_fx.deepen(gm, at="layer1_relu", count=2, hidden=6, seed=0)
     blocks = deep.meta["r2r_record"][-1]["blocks"]
     assert [b["at"] for b in blocks] == ["layer1_relu", "layer1_relu"]
@@ -74,7 +69,7 @@ def test_explicit_point_and_count():
 
 
 def test_bad_points_are_clear_errors():
-    _, _, gm = _captured("resnet")
+    _, _, gm = captured("resnet")
     with pytest.raises(ValueError, match="'nope' is not a node of this graph; valid insertion points: "):
         r2r_fx.deepen(gm, at="nope")
     with pytest.raises(ValueError, match="'x' is not a point where a residual block can be formed"):
@@ -84,7 +79,7 @@ def test_bad_points_are_clear_errors():
 
 
 def test_block_is_exactly_zero_at_insertion_in_train_mode():
-    model, inputs, gm = _captured("vgg")
+    model, inputs, gm = captured("vgg")
     deep = r2r_fx.deepen(gm, seed=0)
     block = deep.get_submodule("r2r_blocks.b0")
     x = torch.randn(4, block.conv1.in_channels, 5, 5)

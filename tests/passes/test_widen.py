@@ -14,21 +14,16 @@ import r2r_fx
 from r2r_fx.passbase import records_of
 from r2r_fx.passes.widen import WidenPass
 
-from helpers import assert_function_preserved, assert_new_weights_train, parameter_count
+from helpers import assert_function_preserved, assert_new_weights_train, captured, parameter_count
 from zoo import ZOO
 
 FLAVOURS = ["symbolic_trace", "export"]
 
 
-def _captured(name: str, via: str = "symbolic_trace"):
-    model, inputs = ZOO[name]()
-    return model, inputs, r2r_fx.capture(model, inputs, via=via)
-
-
 @pytest.mark.parametrize("via", FLAVOURS)
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_widen_preserves_function(name, via):
-    model, inputs, gm = _captured(name, via)
+    model, inputs, gm = captured(name, via)
     result = WidenPass(factor=2.0, seed=0).call(gm)
     grown = result.model
     widenable = [g for g in r2r_fx.width_groups(gm) if g.widenable]
@@ -42,13 +37,13 @@ def test_widen_preserves_function(name, via):
 
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_new_weights_receive_gradients(name):
-    _, inputs, gm = _captured(name)
+    _, inputs, gm = captured(name)
     assert_new_weights_train(r2r_fx.widen(gm, factor=2.0, seed=1), inputs)
 
 
 @pytest.mark.parametrize("name", ["resnet", "densenet", "mobilenetv2", "inception", "vit", "grouped"])
 def test_widen_twice_composes(name):
-    model, inputs, gm = _captured(name)
+    model, inputs, gm = captured(name)
     once = r2r_fx.widen(gm, factor=2.0, seed=0)
     twice = r2r_fx.widen(once, extra=6, seed=1)
     assert parameter_count(twice) > parameter_count(once)
@@ -58,7 +53,7 @@ def test_widen_twice_composes(name):
 
 @pytest.mark.parametrize("name", ["resnet", "densenet", "unet_like", "shufflenet"])
 def test_widen_one_group_at_a_time(name):
-    model, inputs, gm = _captured(name)
+    model, inputs, gm = captured(name)
     current = gm
     for group in [g for g in r2r_fx.width_groups(gm) if g.widenable]:
         current = r2r_fx.widen(current, extra=4, groups=[group.id], seed=group.id)
@@ -67,7 +62,7 @@ def test_widen_one_group_at_a_time(name):
 
 
 def test_input_graph_module_untouched():
-    _, inputs, gm = _captured("resnet")
+    _, inputs, gm = captured("resnet")
     before = {k: v.clone() for k, v in gm.state_dict().items()}
     code = gm.code
     r2r_fx.widen(gm, factor=2.0, seed=0)
@@ -77,7 +72,7 @@ def test_input_graph_module_untouched():
 
 
 def test_select_groups_by_producer_name_and_extra():
-    model, inputs, gm = _captured("resnet")
+    model, inputs, gm = captured("resnet")
     grown = WidenPass(extra=4, groups=["layer1_conv1"], seed=0).call(gm)
     widened = [g for g in grown.record["groups"] if g["status"] == "widened"]
     assert len(widened) == 1 and widened[0]["width_after"] == widened[0]["width_before"] + 4
@@ -88,7 +83,7 @@ def test_select_groups_by_producer_name_and_extra():
 
 
 def test_widths_round_to_what_the_maths_needs():
-    _, _, gm = _captured("grouped")
+    _, _, gm = captured("grouped")
     record = WidenPass(extra=1, seed=0).call(gm).record
     by_width = {g["width_before"]: g for g in record["groups"] if g["status"] == "widened"}
     assert by_width[32]["width_after"] == 34  # pairs
@@ -96,7 +91,7 @@ def test_widths_round_to_what_the_maths_needs():
 
 
 def test_unknown_group_is_a_clear_error():
-    _, _, gm = _captured("resnet")
+    _, _, gm = captured("resnet")
     with pytest.raises(ValueError, match="unknown width group id 99"):
         r2r_fx.widen(gm, extra=2, groups=[99])
     with pytest.raises(ValueError, match="no width group is produced by a node named 'nope'"):
@@ -105,7 +100,7 @@ def test_unknown_group_is_a_clear_error():
 
 def test_broken_pairs_are_detected():
     """The verification must fail when the R2R invariant is violated (a test that can fail)."""
-    model, inputs, gm = _captured("resnet")
+    model, inputs, gm = captured("resnet")
     grown = r2r_fx.widen(gm, factor=2.0, seed=0)
     with torch.no_grad():
         w = grown.get_submodule("layer1.conv2").weight
@@ -115,7 +110,7 @@ def test_broken_pairs_are_detected():
 
 
 def test_record_survives_deepcopy_and_pickle():
-    _, inputs, gm = _captured("vgg")
+    _, inputs, gm = captured("vgg")
     grown = r2r_fx.widen(gm, factor=2.0, seed=0)
     record = grown.meta["r2r_record"]
     assert record[0]["op"] == "widen" and record[0]["method"] == "r2r"
@@ -131,7 +126,7 @@ def test_record_survives_deepcopy_and_pickle():
 
 
 def test_grown_model_is_plain_torch():
-    _, inputs, gm = _captured("mobilenetv2")
+    _, inputs, gm = captured("mobilenetv2")
     grown = r2r_fx.widen(gm, factor=2.0, seed=0)
     assert all(type(m).__module__.startswith("torch.") for m in grown.modules())
     grown.train()
