@@ -23,7 +23,7 @@ import torch.fx
 from r2r_fx.analysis import Analysis, analyze
 from r2r_fx.methods import Method, get_method
 from r2r_fx.passbase import Pass, PassResult, append_record, copy_graph_module, make_generator
-from r2r_fx.surgery import axis_index, fix_widths, get_tensor, set_tensor, update_shapes
+from r2r_fx.surgery import axis_index, channel_sources, fix_widths, get_tensor, set_tensor, update_shapes
 
 __all__ = ["WidenPass", "plan_extras", "widen"]
 
@@ -31,7 +31,12 @@ logger = logging.getLogger(__name__)
 
 
 def plan_extras(
-    analysis: Analysis, *, factor: float | None, extra: int | None, groups: Iterable[int | str] | None
+    analysis: Analysis,
+    *,
+    factor: float | None,
+    extra: int | None,
+    groups: Iterable[int | str] | None,
+    method: Method | None = None,
 ) -> tuple[dict[int, int], list[dict[str, Any]]]:
     """Channels to add per atom, and a report line per width group (widened or skipped, with reason)."""
     if (factor is None) == (extra is None):
@@ -55,6 +60,8 @@ def plan_extras(
         }
         if g.id not in chosen:
             entry["reason"] = entry["reason"] or "not selected"
+        elif g.widenable and method is not None and method.refuses(g):
+            entry["reason"] = method.refuses(g)
         elif g.widenable:
             step = g.granularity
             per_atom = {}
@@ -96,11 +103,12 @@ def grow_parameters(
 ) -> list[dict[str, Any]]:
     """Grow every bound parameter whose layout gains channels; returns what changed per parameter."""
     changes = []
+    sources = channel_sources(extras, analysis.atom_width, generator)
     for param, axes in analysis.bound_params().items():
         plan = []
         for axis, layout, role in sorted(axes):
             if any(extras.get(a) for a in layout.atoms()):
-                plan.append((axis, axis_index(layout, extras, generator), role))
+                plan.append((axis, axis_index(layout, extras, sources), role))
         if not plan:
             continue
         old = get_tensor(gm, param)
@@ -131,17 +139,20 @@ class WidenPass(Pass):
         groups: Iterable[int | str] | None = None,
         method: str | Method = "r2r",
         init_scale: float | str = "match",
+        noise: float = 0.0,
         seed: int | None = None,
     ) -> None:
         if factor is None and extra is None:
             factor = 2.0
         self.factor, self.extra, self.groups = factor, extra, groups
-        self.method = get_method(method, init_scale)
+        self.method = get_method(method, init_scale, noise)
         self.seed = seed
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         analysis = analyze(gm)
-        extras, report = plan_extras(analysis, factor=self.factor, extra=self.extra, groups=self.groups)
+        extras, report = plan_extras(
+            analysis, factor=self.factor, extra=self.extra, groups=self.groups, method=self.method
+        )
         replaced = [
             get_tensor(gm, p)
             for p, axes in analysis.bound_params().items()
@@ -173,11 +184,15 @@ def widen(
     groups: Iterable[int | str] | None = None,
     method: str | Method = "r2r",
     init_scale: float | str = "match",
+    noise: float = 0.0,
     seed: int | None = None,
 ) -> torch.fx.GraphModule:
-    """Return a widened copy of ``gm`` (``factor=2.0`` by default); the input is untouched."""
-    return (
-        WidenPass(factor=factor, extra=extra, groups=groups, method=method, init_scale=init_scale, seed=seed)
-        .call(gm)
-        .model
+    """Return a widened copy of ``gm`` (``factor=2.0`` by default); the input is untouched.
+
+    ``method``: "r2r" (default), "net2net" (``noise`` breaks its symmetry, then not exact), "netmorph",
+    or "random" (the non-preserving baseline).
+    """
+    pass_ = WidenPass(
+        factor=factor, extra=extra, groups=groups, method=method, init_scale=init_scale, noise=noise, seed=seed
     )
+    return pass_.call(gm).model

@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--groups", help="comma-separated width group ids (or producer names) to widen")
     p.add_argument("--deepen", type=int, metavar="N", help="insert N residual blocks at each stage's end")
     p.add_argument("--deepen-at", action="append", default=[], metavar="NODE", help="insert after NODE (repeatable)")
-    p.add_argument("--method", default="r2r", help="growth method (r2r)")
+    p.add_argument("--method", default="r2r", help="growth method: r2r (default), net2net, netmorph, random")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plan", action="store_true", help="print width groups and insertion points, then stop")
     p.add_argument("-o", "--output", help="output model (.pt2 or .pt); default <stem>.grown.pt2 beside the input")
@@ -294,10 +294,13 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     import r2r_fx
+    from r2r_fx.methods import METHODS
     from r2r_fx.passbase import records_of
 
-    if args.method != "r2r":
-        raise UsageError(f"method {args.method!r} is not available in this version (only r2r)")
+    if args.method not in METHODS:
+        raise UsageError(f"method {args.method!r} is not available; choose one of {', '.join(sorted(METHODS))}")
+    if args.method != "r2r" and (args.deepen is not None or args.deepen_at):
+        raise UsageError(f"--deepen supports only --method r2r in this version, not {args.method!r}")
     widen_kw = _widen_args(args.widen)
     groups = _groups_arg(args.groups)
     if not args.plan and widen_kw is None and args.deepen is None and not args.deepen_at:

@@ -1,4 +1,4 @@
-"""Methods: policies that fill the new entries of grown parameters.
+"""Methods: policies that fill the new entries of grown parameters (widening).
 
 The group analysis and the surgery engine are shared; a method only decides values.
 
@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from r2r_fx.surgery import AxisIndex
 
-__all__ = ["METHODS", "Method", "R2R", "get_method"]
+__all__ = ["METHODS", "Method", "Net2Net", "NetMorph", "R2R", "RandomPad", "get_method"]
 
 
 class Method:
@@ -30,8 +31,13 @@ class Method:
     name = "base"
     exact = True
 
-    def __init__(self, init_scale: float | str = "match") -> None:
+    def __init__(self, init_scale: float | str = "match", noise: float = 0.0) -> None:
         self.scale_factor = 1.0 if init_scale == "match" else float(init_scale)
+        self.noise = float(noise)
+
+    def refuses(self, group: Any) -> str:
+        """A reason this method cannot widen ``group`` (a WidthGroup), or "" when it can."""
+        return ""
 
     def grow(
         self, tensor: torch.Tensor, axes: Sequence[tuple[int, AxisIndex, str]], generator: torch.Generator
@@ -117,13 +123,91 @@ class R2R(Method):
         return t
 
 
-METHODS: dict[str, type[Method]] = {"r2r": R2R}
+class NetMorph(Method):
+    """Network Morphism (Wei et al. 2016): new producer rows random, new consumer columns zero.
+
+    Exact, but the new producer rows get no gradient at the first step (their consumer columns are 0).
+    """
+
+    name = "netmorph"
+
+    def grow(self, tensor, axes, generator):
+        with torch.no_grad():
+            t = self._grown(tensor.detach(), [a for a in axes if a[1].grows], self._scale(tensor), generator)
+            for axis, idx, role in axes:
+                if role == "in" and idx.new_pos.numel():
+                    t.index_fill_(axis, idx.new_pos.to(t.device), 0)
+        return t
 
 
-def get_method(name: str | Method, init_scale: float | str = "match") -> Method:
+class RandomPad(Method):
+    """The non-preserving baseline: new weights random on both sides (verification reports it)."""
+
+    name = "random"
+    exact = False
+
+    def grow(self, tensor, axes, generator):
+        with torch.no_grad():
+            return self._grown(tensor.detach(), [a for a in axes if a[1].grows], self._scale(tensor), generator)
+
+
+class Net2Net(Method):
+    """Net2WiderNet (Chen et al. 2016): each new channel copies an existing one; consumers divide the
+    columns of a copied channel by its replica count, so the copies' contributions add up to the old one.
+
+    One channel mapping per width group is applied to every producer, bias and norm parameter of the
+    group, which makes it work through residual adds and concatenation. ``noise`` (relative to the
+    layer's std) is added to new producer rows to break the symmetry; the function is then no longer
+    exactly preserved (``exact`` is False).
+    """
+
+    name = "net2net"
+
+    def __init__(self, init_scale: float | str = "match", noise: float = 0.0) -> None:
+        super().__init__(init_scale, noise)
+        self.exact = self.noise == 0.0
+
+    def refuses(self, group: Any) -> str:
+        if group.granularity > 2:
+            return "net2net: grouped convolutions would need whole-group copies (not implemented)"
+        return ""
+
+    def grow(self, tensor, axes, generator):
+        grows = [a for a in axes if a[1].grows]
+        with torch.no_grad():
+            t = self._grown(tensor.detach(), grows, self._scale(tensor), generator)
+            for axis, idx, role in grows:  # consumers first: split each column among its replicas
+                if role != "in":
+                    continue
+                device = t.device
+                old_of_new = idx.old_pos[idx.new_source]
+                counts = torch.ones(idx.new_size, dtype=t.dtype, device=device)
+                counts.index_add_(
+                    0, old_of_new.to(device), torch.ones(old_of_new.numel(), dtype=t.dtype, device=device)
+                )
+                shape = [1] * t.dim()
+                shape[axis] = -1
+                t.div_(counts.view(shape))
+                t.index_copy_(axis, idx.new_pos.to(device), t.index_select(axis, old_of_new.to(device)))
+            for axis, idx, role in grows:  # producers and per-channel values: copies of the source channel
+                if role == "in":
+                    continue
+                old_of_new = idx.old_pos[idx.new_source].to(t.device)
+                copies = t.index_select(axis, old_of_new)
+                if role == "out" and self.noise:
+                    copies = copies + self._uniform(copies.shape, self.noise * self._scale(tensor), t, generator)
+                t.index_copy_(axis, idx.new_pos.to(t.device), copies)
+        return t
+
+
+METHODS: dict[str, type[Method]] = {"r2r": R2R, "net2net": Net2Net, "netmorph": NetMorph, "random": RandomPad}
+
+
+def get_method(name: str | Method, init_scale: float | str = "match", noise: float = 0.0) -> Method:
     if isinstance(name, Method):
         return name
     try:
-        return METHODS[name](init_scale=init_scale)
+        cls = METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None
+    return cls(init_scale=init_scale, noise=noise)

@@ -12,7 +12,7 @@ After the parameters, width-dependent constants are fixed: module attributes (``
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +22,16 @@ from torch import nn
 from r2r_fx.analysis import Analysis, Layout
 from r2r_fx.rules import shape_of, tensor_shapes
 
-__all__ = ["AxisIndex", "axis_index", "fix_widths", "get_tensor", "new_width", "set_tensor", "update_shapes"]
+__all__ = [
+    "channel_sources",
+    "AxisIndex",
+    "axis_index",
+    "fix_widths",
+    "get_tensor",
+    "new_width",
+    "set_tensor",
+    "update_shapes",
+]
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -39,6 +48,8 @@ class AxisIndex:
     second: torch.Tensor  # matching positions of the second half (pairs with ``first``)
     source: torch.Tensor  # for each ``first`` entry: an old position of the same atom and inner offset
     runs: list[tuple[int, int, int]]  # (new_start, old_start, length) runs of old entries
+    new_pos: torch.Tensor  # every new position (first and second halves, in axis order)
+    new_source: torch.Tensor  # for each ``new_pos``: the old position of the channel it derives from
 
     @property
     def grows(self) -> bool:
@@ -49,14 +60,22 @@ def new_width(layout: Layout, extras: Mapping[int, int]) -> int:
     return layout.outer * sum((n + extras.get(a, 0)) * inner for a, n, inner in layout.pieces)
 
 
-def axis_index(layout: Layout, extras: Mapping[int, int], generator: torch.Generator | None = None) -> AxisIndex:
+def channel_sources(
+    extras: Mapping[int, int], widths: Sequence[int], generator: torch.Generator
+) -> dict[int, torch.Tensor]:
+    """For each growing atom, the old channel each new channel derives from (one draw per atom, so
+    every parameter of a width group agrees: biases, norm statistics and weights copy the same channel)."""
+    return {a: torch.randint(0, max(1, widths[a]), (e,), generator=generator) for a, e in extras.items() if e}
+
+
+def axis_index(layout: Layout, extras: Mapping[int, int], sources: Mapping[int, torch.Tensor]) -> AxisIndex:
     """Index tensors for growing one axis (vectorised over ``outer``; a loop over the few pieces)."""
     old_w = sum(n * inner for _, n, inner in layout.pieces)
     new_w = sum((n + extras.get(a, 0)) * inner for a, n, inner in layout.pieces)
     outer = layout.outer
     rows = torch.arange(outer).unsqueeze(1)
     old_map = torch.empty(outer, old_w, dtype=torch.long)
-    firsts, seconds, sources, runs = [], [], [], []
+    firsts, seconds, firsts_src, runs, news, news_src = [], [], [], [], [], []
     off_old = off_new = 0
     for atom, n, inner in layout.pieces:
         e = extras.get(atom, 0)
@@ -69,12 +88,11 @@ def axis_index(layout: Layout, extras: Mapping[int, int], generator: torch.Gener
             start = rows * new_w + off_new + span
             firsts.append((start + torch.arange(half)).reshape(-1))
             seconds.append((start + half + torch.arange(half)).reshape(-1))
-            if n:
-                chans = torch.randint(0, n, (e // 2,), generator=generator)
-            else:
-                chans = torch.zeros(e // 2, dtype=torch.long)
+            news.append((start + torch.arange(e * inner)).reshape(-1))
+            chans = sources[atom] if n else torch.zeros(e, dtype=torch.long)
             within = (chans.unsqueeze(1) * inner + torch.arange(inner)).reshape(-1)
-            sources.append((rows * old_w + off_old + within).reshape(-1))
+            news_src.append((rows * old_w + off_old + within).reshape(-1))
+            firsts_src.append((rows * old_w + off_old + within[:half]).reshape(-1))
         off_old += span
         off_new += (n + e) * inner
     empty = torch.zeros(0, dtype=torch.long)
@@ -84,8 +102,10 @@ def axis_index(layout: Layout, extras: Mapping[int, int], generator: torch.Gener
         old_pos=old_map.reshape(-1),
         first=torch.cat(firsts) if firsts else empty,
         second=torch.cat(seconds) if seconds else empty,
-        source=torch.cat(sources) if sources else empty,
+        source=torch.cat(firsts_src) if firsts_src else empty,
         runs=_merge_runs(runs),
+        new_pos=torch.cat(news) if news else empty,
+        new_source=torch.cat(news_src) if news_src else empty,
     )
 
 

@@ -76,7 +76,7 @@ def test_pickle_needs_trust(files):
     assert (files / "out.pt").exists()
 
 
-@pytest.mark.parametrize("method_flag", [[], ["--method", "r2r"]])
+@pytest.mark.parametrize("method_flag", [[], ["--method", "r2r"], ["--method", "net2net"], ["--method", "netmorph"]])
 def test_factory_with_weights_and_inputs_file(files, method_flag):
     proc = run(
         "cli_models:small_cnn",
@@ -104,6 +104,14 @@ def test_plan_lists_groups_and_points(files):
     plan = json.loads(run("model.pt2", "--plan", "--json", cwd=files).stdout)
     assert plan["groups"] and plan["insertion_points"]
     assert not (files / "model.grown.pt2").exists()
+
+
+def test_random_method_fails_verification_and_writes_nothing(files):
+    proc = run("model.pt2", "--widen", "2", "--method", "random", "-o", "r.pt2", cwd=files)
+    assert proc.returncode == 1 and "verification failed" in proc.stderr
+    assert not (files / "r.pt2").exists()
+    forced = run("model.pt2", "--widen", "2", "--method", "random", "-o", "r.pt2", "--force", cwd=files)
+    assert forced.returncode == 1 and (files / "r.pt2").exists()
 
 
 def test_deepen_at_node_and_python_dash_m(files):
@@ -139,6 +147,7 @@ def test_deepen_at_node_and_python_dash_m(files):
         (["model.pt2", "--widen", "two"], "bad --widen"),
         (["model.pt2"], "nothing to do"),
         (["model.pt2", "--widen", "2", "--method", "bogus"], "method 'bogus' is not available"),
+        (["model.pt2", "--deepen", "1", "--method", "net2net"], "--deepen supports only --method r2r"),
     ],
 )
 def test_bad_input_is_a_clear_error_with_exit_2_and_no_output(files, args, message):

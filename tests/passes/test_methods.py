@@ -1,0 +1,81 @@
+"""Widening methods on the shared machinery: Net2Net and NetMorph exact, random pad not, each as stated."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import r2r_fx
+from r2r_fx.record import old_positions, param_changes
+
+from helpers import assert_function_preserved, captured, random_batch
+from zoo import ZOO
+
+EXACT = ["net2net", "netmorph"]
+
+
+@pytest.mark.parametrize("method", EXACT)
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_exact_methods_preserve_function(name, method):
+    model, inputs, gm = captured(name)
+    result = r2r_fx.WidenPass(factor=2.0, seed=0, method=method).call(gm)
+    assert result.record["method"] == method and result.record["exact"]
+    assert any(g["status"] == "widened" for g in result.record["groups"])
+    assert_function_preserved(model, result.model, inputs, onnx=name in ("resnet", "densenet", "vit"))
+
+
+@pytest.mark.parametrize("method", EXACT)
+@pytest.mark.parametrize("name", ["resnet", "mobilenetv2"])
+def test_exact_methods_on_the_aten_graph(name, method):
+    model, inputs, gm = captured(name, via="export")
+    assert_function_preserved(model, r2r_fx.widen(gm, factor=2.0, seed=0, method=method), inputs, onnx=False)
+
+
+def test_random_pad_is_reported_as_not_preserving():
+    model, inputs, gm = captured("resnet")
+    result = r2r_fx.WidenPass(factor=2.0, seed=0, method="random").call(gm)
+    assert not result.record["exact"]
+    report = r2r_fx.verify(model, result.model, inputs, onnx=False)
+    assert not report.ok and report.max_rel_error > 1e-2
+
+
+def test_net2net_noise_breaks_exactness_and_says_so():
+    model, inputs, gm = captured("vgg")
+    result = r2r_fx.WidenPass(factor=2.0, seed=0, method="net2net", noise=0.1).call(gm)
+    assert not result.record["exact"]
+    assert not r2r_fx.verify(model, result.model, inputs, onnx=False).ok
+
+
+def test_net2net_refuses_grouped_convolutions_with_a_reason():
+    _, _, gm = captured("grouped")
+    record = r2r_fx.WidenPass(factor=2.0, seed=0, method="net2net").call(gm).record
+    grouped = next(g for g in record["groups"] if g["width_before"] == 16)
+    assert grouped["status"] == "skipped" and "whole-group copies" in grouped["reason"]
+
+
+def _new_row_gradients(method: str) -> list[float]:
+    _, inputs, gm = captured("mlp")
+    grown = r2r_fx.widen(gm, factor=2.0, seed=0, method=method).train()
+    out = grown(*random_batch(inputs))
+    (out * torch.randn_like(out)).sum().backward()
+    weight = grown.get_submodule("fc1").weight
+    change = param_changes(grown)["fc1.weight"][-1]
+    is_new = torch.ones(weight.shape[0], dtype=torch.bool)
+    is_new[old_positions(change["axes"][0]["old_runs"])] = False
+    return weight.grad[is_new].abs().sum(dim=1).tolist()
+
+
+def test_netmorph_new_rows_get_no_gradient_at_step_one():
+    """Zero consumer columns: the new producer rows are invisible to the loss at the first step."""
+    assert all(g == 0 for g in _new_row_gradients("netmorph"))
+
+
+def test_r2r_and_net2net_new_rows_get_gradients():
+    assert any(g > 0 for g in _new_row_gradients("r2r"))
+    assert any(g > 0 for g in _new_row_gradients("net2net"))
+
+
+def test_unknown_method_is_a_clear_error():
+    _, _, gm = captured("mlp")
+    with pytest.raises(ValueError, match="unknown method 'bogus'; choose one of"):
+        r2r_fx.widen(gm, method="bogus")
