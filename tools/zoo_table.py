@@ -173,14 +173,32 @@ def summary(rows: list[dict[str, Any]]) -> str:
     conv = [r for r in done if not r["model"].startswith(("vit", "swin", "maxvit")) and "widened" in r]
     widened = sum(r["widened"] for r in conv)
     internal = sum(r["internal"] for r in conv)
-    worst = max((r.get("rel_eval") or r.get("deepen_rel_eval") or 0.0 for r in done), default=0.0)
-    worst_onnx = max((r["rel_onnx"] for r in done if r.get("rel_onnx") is not None), default=None)
-    return (
+    parts = [
         f"{len(rows)} models: {len(done)} ran, {ok} function-preserving within tolerance, "
-        f"{len(rows) - len(done)} failed; convolutional models: {widened}/{internal} internal width groups "
-        f"widened ({100 * widened / max(1, internal):.1f}%); worst relative error {worst:.1e} (PyTorch), "
-        f"{_fmt(worst_onnx)} (ONNX Runtime)"
-    )
+        f"{len(rows) - len(done)} failed"
+    ]
+    if conv:
+        parts.append(
+            f"convolutional models: {widened}/{internal} internal width groups widened "
+            f"({100 * widened / max(1, internal):.1f}%)"
+        )
+    widen_rows = [r for r in done if "rel_eval" in r]
+    if widen_rows:
+        worst_eval = max(r["rel_eval"] for r in widen_rows)
+        onnx = [r["rel_onnx"] for r in widen_rows if r.get("rel_onnx") is not None]
+        parts.append(
+            f"widen: worst eval error {worst_eval:.1e}, worst ONNX Runtime error {_fmt(max(onnx, default=None))}"
+            f" over {len(onnx)} models, {sum(r.get('rel_train_f64') is not None for r in widen_rows)} "
+            "decided by the float64 train-mode re-check"
+        )
+    deep_rows = [r for r in done if "blocks" in r]
+    if deep_rows:
+        parts.append(
+            f"deepen: {sum(r['blocks'] for r in deep_rows)} blocks in {len(deep_rows)} models, "
+            f"{sum(bool(r.get('deepen_ok')) for r in deep_rows)} preserved, worst eval error "
+            f"{max(r['deepen_rel_eval'] for r in deep_rows):.1e}"
+        )
+    return "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-widen", action="store_true", help="skip the widen columns")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per model")
     parser.add_argument("--out", help="folder for zoo.json and zoo.md")
+    parser.add_argument(
+        "--from-json",
+        nargs="+",
+        metavar="ZOO_JSON",
+        help="rebuild the table from earlier runs' zoo.json files (merged per model, later files "
+        "adding the columns earlier ones lack) instead of running models",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
@@ -198,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from torchvision_zoo import classification_models
 
+    if args.from_json:
+        rows = _merge(args.from_json)
+        _write(rows, args.out)
+        return 0 if all(r.get("ok") for r in rows) else 1
     names = args.models or classification_models()
     rows = []
     for i, name in enumerate(names, 1):
@@ -217,17 +246,43 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         state = "error: " + row["error"] if "error" in row else ("ok" if row["ok"] else "NOT PRESERVED")
         print(f"[{i}/{len(names)}] {name}: {state} ({row['total_s']:.0f} s)", file=sys.stderr, flush=True)
+    _write(rows, args.out)
+    return 0 if all(r.get("ok") for r in rows) else 1
+
+
+def _merge(paths: list[str]) -> list[dict[str, Any]]:
+    merged: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        with open(path) as f:
+            for row in json.load(f):
+                name = row["model"]
+                if name not in merged or "error" in merged[name]:
+                    ok = row.get("ok", False)
+                    merged[name] = dict(row)
+                    merged[name]["ok"] = ok
+                    continue
+                base = merged[name]
+                if "error" in row:
+                    base["ok"] = False
+                    base["deepen_error" if "blocks" not in base else "error_later"] = row["error"]
+                    continue
+                for key, value in row.items():
+                    base.setdefault(key, value)
+                base["ok"] = bool(base.get("ok")) and bool(row.get("ok"))
+    return list(merged.values())
+
+
+def _write(rows: list[dict[str, Any]], out: str | None) -> None:
     table = markdown(rows)
     print(table)
     print()
     print(summary(rows))
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "zoo.json"), "w") as f:
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "zoo.json"), "w") as f:
             json.dump(rows, f, indent=1)
-        with open(os.path.join(args.out, "zoo.md"), "w") as f:
+        with open(os.path.join(out, "zoo.md"), "w") as f:
             f.write(table + "\n\n" + summary(rows) + "\n")
-    return 0 if all(r.get("ok") for r in rows) else 1
 
 
 if __name__ == "__main__":
