@@ -17,6 +17,7 @@ the last point of each stage (for a ResNet: after the last residual block of eac
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import operator
@@ -34,7 +35,7 @@ from r2r_fx.capture import example_inputs_of, record_shapes
 from r2r_fx.passbase import Pass, PassResult, append_record, copy_graph_module, make_generator
 from r2r_fx.rules import shape_of, tensor_shapes
 
-__all__ = ["DeepenPass", "InsertionPoint", "deepen", "insertion_points"]
+__all__ = ["DEEPEN_METHODS", "DeepenPass", "InsertionPoint", "deepen", "identity_layer", "insertion_points"]
 
 logger = logging.getLogger(__name__)
 
@@ -164,9 +165,16 @@ def _uniform_(tensor: torch.Tensor, std: float, generator: torch.Generator) -> N
 
 
 def build_block(
-    point: InsertionPoint, hidden: int, std: float | None, like: torch.Tensor, generator: torch.Generator
+    point: InsertionPoint,
+    hidden: int,
+    std: float | None,
+    like: torch.Tensor,
+    generator: torch.Generator,
+    opposite: bool = True,
 ) -> dict[str, nn.Module]:
-    """The layers of ``z`` with the R2R zero-output initialisation (see the module docstring)."""
+    """The layers of ``z`` with the R2R zero-output initialisation (see the module docstring).
+
+    ``opposite=False`` leaves the last layer's columns independent: the random-pad baseline."""
     width = point.width
     if point.kind == "linear":
         first, last = nn.Linear(width, hidden), nn.Linear(hidden, width, bias=False)
@@ -188,7 +196,75 @@ def build_block(
             _uniform_(first.bias, scale, generator)
             first.bias[half:] = first.bias[:half]
         _uniform_(last.weight, scale, generator)
-        last.weight[:, half:] = -last.weight[:, :half]
+        if opposite:
+            last.weight[:, half:] = -last.weight[:, :half]
+    return layers
+
+
+DEEPEN_METHODS = ("r2r", "net2net", "netmorph", "random")
+_IDEMPOTENT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+_IDEMPOTENT_FUNCTIONS = {torch.relu, torch.relu_, nn.functional.relu, nn.functional.relu6, nn.functional.hardtanh}
+_IDEMPOTENT_NAMES = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_"}
+
+
+def _activation_module(gm: torch.fx.GraphModule, x: torch.fx.Node) -> nn.Module:
+    """A fresh module computing the idempotent activation that produced ``x``."""
+    if x.op == "call_module":
+        return copy.deepcopy(gm.get_submodule(str(x.target)))
+    name = _op_name(x)
+    if name in ("relu6",):
+        return nn.ReLU6()
+    if name.startswith("hardtanh"):
+        return nn.Hardtanh(*[a for a in x.args[1:3] if isinstance(a, (int, float))])
+    return nn.ReLU()
+
+
+def _op_name(x: torch.fx.Node) -> str:
+    target = x.target
+    if isinstance(target, str):
+        return target
+    return getattr(getattr(target, "overloadpacket", target), "__name__", str(target))
+
+
+def _refuses(method: str, gm: torch.fx.GraphModule, x: torch.fx.Node) -> str:
+    """Net2DeeperNet's identity layer ends in the activation that made ``x``: it must be idempotent."""
+    if method != "net2net":
+        return ""
+    if x.op == "call_module" and isinstance(gm.get_submodule(str(x.target)), _IDEMPOTENT_MODULES):
+        return ""
+    if x.op == "call_function" and (x.target in _IDEMPOTENT_FUNCTIONS or _op_name(x) in _IDEMPOTENT_NAMES):
+        return ""
+    if x.op == "call_method" and x.target in _IDEMPOTENT_NAMES:
+        return ""
+    return (
+        f"net2net deepen needs an idempotent activation (ReLU) right before the new layer; "
+        f"{x.name} is {_op_name(x) if x.op != 'call_module' else type(gm.get_submodule(str(x.target))).__name__}"
+    )
+
+
+def identity_layer(point: InsertionPoint, like: torch.Tensor, batch_norm: bool) -> dict[str, nn.Module]:
+    """An identity conv (3x3, centre tap = I) or identity Linear; BatchNorm set up as identity in eval
+    mode (mean 0, variance 1, scale sqrt(1 + eps)): Net2DeeperNet and NetMorph's new layer."""
+    width = point.width
+    with torch.no_grad():
+        if point.kind == "linear":
+            layer = nn.Linear(width, width)
+            layer.weight.copy_(torch.eye(width))
+            layer.bias.zero_()
+            layers: dict[str, nn.Module] = {"fc": layer}
+        else:
+            rank = len(point.shape)
+            layer = _CONV[rank](width, width, 3, padding=1, bias=False)
+            layer.weight.zero_()
+            centre = (slice(None), slice(None)) + (1,) * (rank - 2)
+            layer.weight[centre] = torch.eye(width)
+            layers = {"conv": layer}
+            if batch_norm:
+                bn = _BN[rank](width)
+                bn.weight.fill_(math.sqrt(1.0 + bn.eps))
+                layers["bn"] = bn
+    for module in layers.values():
+        module.to(dtype=like.dtype, device=like.device)
     return layers
 
 
@@ -211,8 +287,8 @@ class DeepenPass(Pass):
             raise ValueError(f"count must be >= 1, got {count}")
         if block != "auto":
             raise ValueError(f"unknown block {block!r}; only 'auto' (conv-BN-ReLU-conv or Linear-ReLU-Linear)")
-        if method != "r2r":
-            raise ValueError(f"unknown deepen method {method!r}; choose 'r2r'")
+        if method not in DEEPEN_METHODS:
+            raise ValueError(f"unknown deepen method {method!r}; choose one of {', '.join(DEEPEN_METHODS)}")
         self.at = [at] if isinstance(at, str) else (list(at) if at is not None else None)
         self.count, self.hidden, self.method, self.seed = count, hidden, method, seed
 
@@ -224,18 +300,31 @@ class DeepenPass(Pass):
         generator = make_generator(self.seed)
         existing = sum(1 for n, _ in grown.named_children() if n == "r2r_blocks")
         index = len(list(grown.get_submodule("r2r_blocks").children())) if existing else 0
-        blocks = []
+        blocks, skipped = [], []
         nodes = {n.name: n for n in grown.graph.nodes}
         like = next(iter(grown.parameters()), torch.zeros(()))
         for point in chosen:
             x = nodes[point.node]
+            refusal = _refuses(self.method, grown, x)
+            if refusal:
+                if self.at is not None:
+                    raise ValueError(f"{point.node!r}: {refusal}")
+                skipped.append({"at": point.node, "reason": refusal})
+                continue
             std = _weight_std(grown, x)
             for _ in range(self.count):
                 hidden = self.hidden or point.width
                 hidden += hidden % 2
-                layers = build_block(point, hidden, std, like, generator)
                 prefix = f"r2r_blocks.b{index}"
-                x = _insert(grown, x, prefix, layers)
+                if self.method in ("r2r", "random"):
+                    layers = build_block(point, hidden, std, like, generator, opposite=self.method == "r2r")
+                    x = _insert(grown, x, prefix, layers)
+                else:
+                    hidden = point.width
+                    layers = identity_layer(point, like, batch_norm=self.method == "net2net")
+                    if self.method == "net2net":
+                        layers["act"] = _activation_module(grown, x)
+                    x = _insert(grown, x, prefix, layers, residual=False, parametric=self.method == "netmorph")
                 blocks.append(
                     {
                         "at": point.node,
@@ -254,8 +343,9 @@ class DeepenPass(Pass):
         record = {
             "op": "deepen",
             "method": self.method,
-            "exact": True,
+            "exact": self.method != "random",
             "blocks": blocks,
+            "skipped": skipped,
             "new_params": [
                 f"{b['module']}.{n}" for b in blocks for n, _ in grown.get_submodule(b["module"]).named_parameters()
             ],
@@ -282,8 +372,16 @@ class DeepenPass(Pass):
         return chosen
 
 
-def _insert(gm: torch.fx.GraphModule, x: torch.fx.Node, prefix: str, layers: dict[str, nn.Module]) -> torch.fx.Node:
-    """Insert ``x + z(x)`` after ``x`` and route every former user of ``x`` to the sum."""
+def _insert(
+    gm: torch.fx.GraphModule,
+    x: torch.fx.Node,
+    prefix: str,
+    layers: dict[str, nn.Module],
+    residual: bool = True,
+    parametric: bool = False,
+) -> torch.fx.Node:
+    """Insert ``x + z(x)`` (or, non-residual, ``z(x)``) after ``x`` and route every former user of ``x``
+    to it. ``parametric`` ends ``z`` with NetMorph's ``a*h + (1-a)*relu(h)``, ``a`` a scalar starting at 1."""
     graph = gm.graph
     previous = x
     created = []
@@ -292,8 +390,28 @@ def _insert(gm: torch.fx.GraphModule, x: torch.fx.Node, prefix: str, layers: dic
         with graph.inserting_after(previous):
             previous = graph.call_module(f"{prefix}.{name}", (previous,))
         created.append(previous)
-    with graph.inserting_after(previous):
-        total = graph.call_function(operator.add, (x, previous))
+    if parametric:
+        owner = gm.get_submodule(prefix)
+        owner.register_parameter("alpha", nn.Parameter(torch.ones((), dtype=layers[next(iter(layers))].weight.dtype)))
+        h = previous
+        with graph.inserting_after(h):
+            alpha = graph.get_attr(f"{prefix}.alpha")
+        with graph.inserting_after(alpha):
+            relu = graph.call_function(torch.relu, (h,))
+        with graph.inserting_after(relu):
+            keep_linear = graph.call_function(operator.mul, (alpha, h))
+        with graph.inserting_after(keep_linear):
+            one_minus = graph.call_function(operator.sub, (1.0, alpha))
+        with graph.inserting_after(one_minus):
+            nonlinear = graph.call_function(operator.mul, (one_minus, relu))
+        with graph.inserting_after(nonlinear):
+            previous = graph.call_function(operator.add, (keep_linear, nonlinear))
+        created += [alpha, relu, keep_linear, one_minus, nonlinear, previous]
+    if residual:
+        with graph.inserting_after(previous):
+            total = graph.call_function(operator.add, (x, previous))
+    else:
+        total = previous
     keep = set(created) | {total}
     x.replace_all_uses_with(total, delete_user_cb=lambda user: user not in keep)
     return total

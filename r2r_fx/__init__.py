@@ -7,12 +7,14 @@ from r2r_fx.analysis import WidthGroup, analyze, width_groups
 from r2r_fx.capture import CaptureError, capture
 from r2r_fx.export import export_onnx, run_onnx
 from r2r_fx.passes.deepen import DeepenPass, InsertionPoint, deepen, insertion_points
+from r2r_fx.passes.grow_kernel import GrowKernelPass, grow_kernel
 from r2r_fx.passes.widen import WidenPass, widen
 from r2r_fx.verify import VerifyReport, verify
 
 __all__ = [
     "CaptureError",
     "DeepenPass",
+    "GrowKernelPass",
     "InsertionPoint",
     "VerifyReport",
     "WidenPass",
@@ -21,6 +23,7 @@ __all__ = [
     "capture",
     "deepen",
     "export_onnx",
+    "grow_kernel",
     "insertion_points",
     "run_onnx",
     "verify",

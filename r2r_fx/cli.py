@@ -299,8 +299,6 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.method not in METHODS:
         raise UsageError(f"method {args.method!r} is not available; choose one of {', '.join(sorted(METHODS))}")
-    if args.method != "r2r" and (args.deepen is not None or args.deepen_at):
-        raise UsageError(f"--deepen supports only --method r2r in this version, not {args.method!r}")
     widen_kw = _widen_args(args.widen)
     groups = _groups_arg(args.groups)
     if not args.plan and widen_kw is None and args.deepen is None and not args.deepen_at:
@@ -336,7 +334,9 @@ def _run(args: argparse.Namespace) -> int:
         if widen_kw is not None:
             grown = r2r_fx.widen(grown, **widen_kw, groups=groups, method=args.method, seed=args.seed)
         if args.deepen is not None or args.deepen_at:
-            grown = r2r_fx.deepen(grown, at=args.deepen_at or None, count=args.deepen or 1, seed=args.seed)
+            grown = r2r_fx.deepen(
+                grown, at=args.deepen_at or None, count=args.deepen or 1, method=args.method, seed=args.seed
+            )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     timings["rewrite"] = time.perf_counter() - t

@@ -79,3 +79,79 @@ def test_unknown_method_is_a_clear_error():
     _, _, gm = captured("mlp")
     with pytest.raises(ValueError, match="unknown method 'bogus'; choose one of"):
         r2r_fx.widen(gm, method="bogus")
+
+
+def test_net2net_copies_are_symmetric_without_noise():
+    """A copied channel and its source get identical gradients: without noise they never diverge."""
+    _, inputs, gm = captured("mlp")
+    grown = r2r_fx.widen(gm, factor=2.0, seed=0, method="net2net").train()
+    out = grown(*random_batch(inputs))
+    (out * torch.randn_like(out)).sum().backward()
+    weight = grown.get_submodule("fc1").weight
+    old = weight.shape[0] // 2
+    for row in range(old, weight.shape[0]):
+        source = next(r for r in range(old) if torch.equal(weight[r], weight[row]))
+        torch.testing.assert_close(weight.grad[row], weight.grad[source])
+
+
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+@pytest.mark.parametrize("name", ["resnet", "vgg", "mlp", "conv1d", "vit"])
+def test_netmorph_deepen_is_exact_in_eval_and_train(name, via):
+    model, inputs, gm = captured(name, via)
+    result = r2r_fx.DeepenPass(seed=0, method="netmorph").call(gm)
+    assert result.record["blocks"] and not result.record["skipped"]
+    assert_function_preserved(model, result.model, inputs, onnx=name == "resnet")
+    alpha = [p for n, p in result.model.named_parameters() if n.endswith("alpha")]
+    assert alpha and all(float(a) == 1.0 for a in alpha)
+
+
+@pytest.mark.parametrize("name", ["resnet", "vgg", "mlp"])
+def test_net2net_deepen_exact_in_eval_after_relu(name):
+    model, inputs, gm = captured(name)
+    result = r2r_fx.DeepenPass(seed=0, method="net2net").call(gm)
+    assert result.record["blocks"]
+    report = r2r_fx.verify(model, result.model, inputs, onnx=True, train=False)
+    assert report.eval_rel_error <= 1e-5 and report.onnx_max_rel_error <= 1e-4
+
+
+def test_net2net_deepen_is_not_preserving_in_train_mode_with_batchnorm():
+    """The identity BatchNorm normalises by batch statistics in train mode: a stated limit."""
+    model, inputs, gm = captured("resnet")
+    deep = r2r_fx.deepen(gm, seed=0, method="net2net")
+    report = r2r_fx.verify(model, deep, inputs, onnx=False)
+    assert report.eval_rel_error <= 1e-5 and report.train_rel_error > 1e-3 and not report.ok
+
+
+def test_net2net_deepen_refuses_non_idempotent_activations():
+    _, _, gm = captured("vit")  # GELU MLPs and LayerNorm outputs: no ReLU point
+    result = r2r_fx.DeepenPass(seed=0, method="net2net").call(gm)
+    assert not result.record["blocks"] and result.record["skipped"]
+    assert all("idempotent activation" in s["reason"] for s in result.record["skipped"])
+    point = result.record["skipped"][0]["at"]
+    with pytest.raises(ValueError, match="needs an idempotent activation"):
+        r2r_fx.deepen(gm, at=point, method="net2net")
+
+
+def test_random_deepen_is_not_preserving():
+    model, inputs, gm = captured("resnet")
+    result = r2r_fx.DeepenPass(seed=0, method="random").call(gm)
+    assert not result.record["exact"]
+    assert not r2r_fx.verify(model, result.model, inputs, onnx=False).ok
+
+
+@pytest.mark.parametrize(("via", "node"), [("symbolic_trace", "layer1_conv1"), ("export", "conv2d_1")])
+def test_grow_kernel_keeps_function_and_shapes(via, node):
+    model, inputs, gm = captured("resnet", via)
+    grown = r2r_fx.grow_kernel(gm, node, 5)
+    record = grown.meta["r2r_record"][-1]
+    assert record["kernel_before"] == [3, 3] and record["kernel_after"] == [5, 5]
+    assert_function_preserved(model, grown, inputs, onnx=True)
+    assert_function_preserved(model, r2r_fx.widen(grown, factor=2.0, seed=0), inputs, onnx=False)
+
+
+def test_grow_kernel_bad_requests():
+    _, _, gm = captured("resnet")
+    with pytest.raises(ValueError, match="is not a convolution node"):
+        r2r_fx.grow_kernel(gm, "fc", 5)
+    with pytest.raises(ValueError, match="differ from it by an even number"):
+        r2r_fx.grow_kernel(gm, "layer1_conv1", 4)
