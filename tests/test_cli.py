@@ -147,7 +147,7 @@ def test_deepen_at_node_and_python_dash_m(files):
         (["model.pt2", "--widen", "two"], "bad --widen"),
         (["model.pt2"], "nothing to do"),
         (["model.pt2", "--widen", "2", "--method", "bogus"], "method 'bogus' is not available"),
-        (["model.pt2", "--deepen-at", "add", "--method", "net2net"], "needs an idempotent activation"),
+        (["model.pt2", "--deepen-at", "conv2d_default", "--method", "net2net"], "needs an idempotent activation"),
     ],
 )
 def test_bad_input_is_a_clear_error_with_exit_2_and_no_output(files, args, message):
