@@ -95,7 +95,7 @@ def test_net2net_copies_are_symmetric_without_noise():
 
 
 @pytest.mark.parametrize("via", ["symbolic_trace", "export"])
-@pytest.mark.parametrize("name", ["resnet", "vgg", "mlp", "conv1d", "vit"])
+@pytest.mark.parametrize("name", sorted(ZOO))
 def test_netmorph_deepen_is_exact_in_eval_and_train(name, via):
     model, inputs, gm = captured(name, via)
     result = r2r_fx.DeepenPass(seed=0, method="netmorph").call(gm)
@@ -105,13 +105,16 @@ def test_netmorph_deepen_is_exact_in_eval_and_train(name, via):
     assert alpha and all(float(a) == 1.0 for a in alpha)
 
 
-@pytest.mark.parametrize("name", ["resnet", "vgg", "mlp"])
+@pytest.mark.parametrize("name", sorted(ZOO))
 def test_net2net_deepen_exact_in_eval_after_relu(name):
+    """Wherever a stage ends in a ReLU the identity layer goes in; other points are skipped with the reason."""
     model, inputs, gm = captured(name)
     result = r2r_fx.DeepenPass(seed=0, method="net2net").call(gm)
-    assert result.record["blocks"]
-    report = r2r_fx.verify(model, result.model, inputs, onnx=True, train=False)
-    assert report.eval_rel_error <= 1e-5 and report.onnx_max_rel_error <= 1e-4
+    assert result.record["blocks"] or result.record["skipped"]
+    assert all("idempotent activation" in s["reason"] for s in result.record["skipped"])
+    report = r2r_fx.verify(model, result.model, inputs, onnx=name in ("resnet", "vgg"), train=False)
+    assert report.eval_rel_error <= 1e-5
+    assert report.onnx_max_rel_error is None or report.onnx_max_rel_error <= 1e-4
 
 
 def test_net2net_deepen_is_not_preserving_in_train_mode_with_batchnorm():
