@@ -74,7 +74,7 @@ def insertion_points(gm: torch.fx.GraphModule, analysis: Analysis | None = None)
         axis = _channel_axis(analysis, node.name, shape)
         if axis == 1 and len(shape) >= 3 and all(s == 1 for s in shape[2:]):
             continue  # pooled to 1x1: a 3x3 conv block there is a Linear block in disguise
-        if axis is not None:
+        if axis is not None and _block_kind(shape, axis) is not None:
             points.append((node, shape, axis))
     main = [p for p in points if p[0].name in dominators]
     keys = [_stage_key(shape, axis) for _, shape, axis in main]
@@ -86,10 +86,19 @@ def insertion_points(gm: torch.fx.GraphModule, analysis: Analysis | None = None)
         stages[node.name] = (stage, i + 1 == len(main) or keys[i + 1] != keys[i])
     out = []
     for node, shape, axis in points:
-        kind = "linear" if axis == len(shape) - 1 and not (axis == 1 and len(shape) >= 3) else f"conv{len(shape) - 2}d"
+        kind = _block_kind(shape, axis)
         stage, last = stages.get(node.name, (-1, False))
         out.append(InsertionPoint(node.name, shape, axis, kind, stage, last))
     return out
+
+
+def _block_kind(shape: tuple[int, ...], axis: int) -> str | None:
+    """conv1d/2d/3d for channels-first activations of rank 3-5, linear for channels-last ones."""
+    if axis == 1 and len(shape) in _CONV:
+        return f"conv{len(shape) - 2}d"
+    if axis == len(shape) - 1:
+        return "linear"
+    return None
 
 
 def _stage_key(shape: tuple[int, ...], axis: int) -> tuple[Any, ...]:
