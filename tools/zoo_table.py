@@ -77,6 +77,7 @@ def _widen_columns(row: dict[str, Any], gm: Any, inputs: Any, onnx: bool) -> Non
         train_floor=report.train_noise_floor,
         rel_onnx=report.onnx_max_rel_error,
         ok=report.ok,
+        widen_ok=report.ok,
         notes=report.notes,
     )
     del grown, result
@@ -251,24 +252,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _merge(paths: list[str]) -> list[dict[str, Any]]:
+    """Rows of several runs merged per model; later runs win key by key (re-runs replace results)."""
     merged: dict[str, dict[str, Any]] = {}
     for path in paths:
         with open(path) as f:
             for row in json.load(f):
-                name = row["model"]
-                if name not in merged or "error" in merged[name]:
-                    ok = row.get("ok", False)
-                    merged[name] = dict(row)
-                    merged[name]["ok"] = ok
-                    continue
-                base = merged[name]
-                if "error" in row:
-                    base["ok"] = False
-                    base["deepen_error" if "blocks" not in base else "error_later"] = row["error"]
-                    continue
-                for key, value in row.items():
-                    base.setdefault(key, value)
-                base["ok"] = bool(base.get("ok")) and bool(row.get("ok"))
+                row = dict(row)
+                if "error" not in row and "rel_eval" in row and "widen_ok" not in row:
+                    row["widen_ok"] = bool(row.get("ok")) if "blocks" not in row else None
+                base = merged.setdefault(row["model"], {})
+                if "error" not in row:
+                    base.pop("error", None)
+                elif "rel_eval" in base or "blocks" in base:
+                    base.setdefault("later_errors", []).append(row.pop("error"))
+                base.update(row)
+    for row in merged.values():
+        if "error" in row:
+            row["ok"] = False
+            continue
+        parts = [row.get("widen_ok"), row.get("deepen_ok")]
+        row["ok"] = all(p for p in parts if p is not None) and not row.get("later_errors")
     return list(merged.values())
 
 
