@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 EXTERNAL = ("model input", "model output")
 
 
-def run_one(name: str, onnx: bool, deepen: bool, widen: bool = True) -> dict[str, Any]:
+def run_one(name: str, onnx: bool, deepen: bool, widen: bool = True, method: str = "r2r") -> dict[str, Any]:
     import torch
 
     import r2r_fx
@@ -51,18 +51,19 @@ def run_one(name: str, onnx: bool, deepen: bool, widen: bool = True) -> dict[str
     reasons = collections.Counter(_short(g.reason) for g in internal if not g.widenable)
     row["skip_reasons"] = dict(reasons.most_common())
     row["ok"] = True
+    row["method"] = method
     if widen:
-        _widen_columns(row, gm, inputs, onnx)
+        _widen_columns(row, gm, inputs, onnx, method)
     if deepen:
-        _deepen_columns(row, gm, inputs, onnx)
+        _deepen_columns(row, gm, inputs, onnx, method)
     return row
 
 
-def _widen_columns(row: dict[str, Any], gm: Any, inputs: Any, onnx: bool) -> None:
+def _widen_columns(row: dict[str, Any], gm: Any, inputs: Any, onnx: bool, method: str) -> None:
     import r2r_fx
 
     t = time.perf_counter()
-    result = r2r_fx.WidenPass(factor=2.0, seed=0).call(gm)
+    result = r2r_fx.WidenPass(factor=2.0, seed=0, method=method).call(gm)
     row["widen_s"] = time.perf_counter() - t
     grown = result.model
     row["widened"] = sum(g["status"] == "widened" for g in result.record["groups"])
@@ -83,11 +84,11 @@ def _widen_columns(row: dict[str, Any], gm: Any, inputs: Any, onnx: bool) -> Non
     del grown, result
 
 
-def _deepen_columns(row: dict[str, Any], gm: Any, inputs: Any, onnx: bool) -> None:
+def _deepen_columns(row: dict[str, Any], gm: Any, inputs: Any, onnx: bool, method: str) -> None:
     import r2r_fx
 
     t = time.perf_counter()
-    deep = r2r_fx.deepen(gm, seed=0)
+    deep = r2r_fx.deepen(gm, seed=0, method=method)
     row["deepen_s"] = time.perf_counter() - t
     row["blocks"] = sum(len(r.get("blocks", [])) for r in deep.meta.get("r2r_record", []))
     row["params_deepened"] = sum(p.numel() for p in deep.parameters())
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime check")
     parser.add_argument("--no-deepen", action="store_true", help="skip the deepen columns")
     parser.add_argument("--no-widen", action="store_true", help="skip the widen columns")
+    parser.add_argument("--method", default="r2r", help="r2r (default), net2net, netmorph or random")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per model")
     parser.add_argument("--out", help="folder for zoo.json and zoo.md")
     parser.add_argument(
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(args.one, not args.no_onnx, not args.no_deepen, not args.no_widen)))
+        print(json.dumps(run_one(args.one, not args.no_onnx, not args.no_deepen, not args.no_widen, args.method)))
         return 0
     from torchvision_zoo import classification_models
 
@@ -232,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for i, name in enumerate(names, 1):
         flags = {"--no-onnx": args.no_onnx, "--no-deepen": args.no_deepen, "--no-widen": args.no_widen}
-        cmd = [sys.executable, __file__, "--one", name] + [flag for flag, on in flags.items() if on]
+        cmd = [sys.executable, __file__, "--one", name, "--method", args.method]
+        cmd += [flag for flag, on in flags.items() if on]
         t = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
