@@ -6,6 +6,7 @@ from r2r_fx import tree
 from r2r_fx.analysis import WidthGroup, analyze, width_groups
 from r2r_fx.capture import CaptureError, capture
 from r2r_fx.export import export_onnx, run_onnx
+from r2r_fx.optim import carry_optimizer, carry_scheduler
 from r2r_fx.passes.deepen import DeepenPass, InsertionPoint, deepen, insertion_points
 from r2r_fx.passes.grow_kernel import GrowKernelPass, grow_kernel
 from r2r_fx.passes.widen import WidenPass, widen
@@ -21,6 +22,8 @@ __all__ = [
     "WidthGroup",
     "analyze",
     "capture",
+    "carry_optimizer",
+    "carry_scheduler",
     "deepen",
     "export_onnx",
     "grow_kernel",

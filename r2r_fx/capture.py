@@ -214,6 +214,11 @@ def _modulize_train_flags(gm: torch.fx.GraphModule) -> None:
             if module is None:
                 continue
             name = f"r2r_bn_{count}"
+            # where each parameter came from, so optimizers built on the eager model can be carried over
+            renames = gm.meta.setdefault("r2r_param_sources", {})
+            for attr, arg in zip(("weight", "bias"), node.args[1:3]):
+                if getattr(arg, "op", None) == "get_attr":
+                    renames[f"{name}.{attr}"] = str(arg.target)
         elif node.target in (_aten.dropout.default, _aten.dropout_.default, _aten.feature_dropout.default):
             p = node.args[1]
             module = nn.Dropout2d(p) if node.target == _aten.feature_dropout.default else nn.Dropout(p)

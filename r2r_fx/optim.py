@@ -1,0 +1,105 @@
+"""Carry an optimizer across a growth step: same class and hyper-parameters, state kept for the old
+entries of every parameter and started fresh (zeros) for the new ones.
+
+The grown model's record (``r2r_record``) says, per grown parameter and axis, where the old entries
+went; per-parameter state tensors of the parameter's shape (SGD momentum, Adam's ``exp_avg`` and
+``exp_avg_sq``) are grown the same way, other state (Adam's ``step``) is copied. Parameters that did
+not exist before (inserted blocks) join the first parameter group with fresh state.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from r2r_fx.passbase import records_of
+from r2r_fx.record import old_positions
+
+__all__ = ["carry_optimizer", "carry_scheduler"]
+
+logger = logging.getLogger(__name__)
+
+
+def _grow_like(state: torch.Tensor, changes: list[dict[str, Any]]) -> torch.Tensor:
+    for change in changes:
+        if list(state.shape) != change["shape_before"]:
+            raise ValueError(f"state of shape {list(state.shape)} does not match the recorded {change['shape_before']}")
+        target = torch.zeros(change["shape_after"], dtype=state.dtype, device=state.device)
+        index: list[Any] = [slice(None)] * state.dim()
+        for axis, info in sorted(change["axes"].items(), key=lambda kv: int(kv[0])):
+            positions = old_positions(info["old_runs"]).to(state.device)
+            index[int(axis)] = positions
+        # advanced indexing on several axes at once needs broadcastable index tensors
+        tensors = [i for i in index if isinstance(i, torch.Tensor)]
+        if len(tensors) == 1:
+            target[tuple(index)] = state
+        else:
+            grids = torch.meshgrid(
+                *[i if isinstance(i, torch.Tensor) else torch.arange(state.shape[a]) for a, i in enumerate(index)],
+                indexing="ij",
+            )
+            target[grids] = state
+        state = target
+    return state
+
+
+def carry_optimizer(
+    optimizer: torch.optim.Optimizer, old_model: nn.Module, new_model: nn.Module
+) -> torch.optim.Optimizer:
+    """A new optimizer of the same class over ``new_model`` (see the module docstring).
+
+    ``old_model`` is the model ``optimizer`` was built on: the eager module or its capture.
+    """
+    old_names = {id(p): n for n, p in old_model.named_parameters(remove_duplicate=False)}
+    new_params = dict(new_model.named_parameters(remove_duplicate=False))
+    sources = getattr(new_model, "meta", {}).get("r2r_param_sources", {})
+    by_old_name = {sources.get(n, n): n for n in new_params}
+    changes: dict[str, list[dict[str, Any]]] = {}
+    for entry in records_of(new_model):
+        for change in entry.get("params", []):
+            changes.setdefault(change["param"], []).append(change)
+    groups, used = [], set()
+    mapping: dict[int, nn.Parameter] = {}
+    for group in optimizer.param_groups:
+        params = []
+        for p in group["params"]:
+            name = old_names.get(id(p))
+            if name is None:
+                raise ValueError("the optimizer holds a parameter that is not in old_model")
+            new_name = by_old_name.get(name)
+            if new_name is None:
+                raise ValueError(f"parameter {name} has no counterpart in the grown model")
+            params.append(new_params[new_name])
+            used.add(new_name)
+            mapping[id(p)] = new_params[new_name]
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
+    fresh = [p for n, p in new_params.items() if n not in used and p.requires_grad]
+    if fresh:
+        groups[0]["params"] = groups[0]["params"] + fresh
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    new_optimizer = type(optimizer)(groups, **defaults)
+    new_name_of = {id(p): n for n, p in new_params.items()}
+    for old_p, state in optimizer.state.items():
+        new_p = mapping.get(id(old_p))
+        if new_p is None:
+            continue
+        history = changes.get(new_name_of[id(new_p)], [])
+        carried = {}
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == old_p.shape and value.dim() > 0:
+                carried[key] = _grow_like(value.detach().clone(), history) if history else value.detach().clone()
+            else:
+                carried[key] = value.clone() if isinstance(value, torch.Tensor) else value
+        new_optimizer.state[new_p] = carried
+    return new_optimizer
+
+
+def carry_scheduler(scheduler: Any, new_optimizer: torch.optim.Optimizer) -> Any:
+    """Point a learning-rate scheduler at the carried optimizer (its step count and state are kept)."""
+    scheduler.optimizer = new_optimizer
+    return scheduler
