@@ -1,0 +1,33 @@
+"""The growth experiment runs end to end in --quick mode and writes its CSV, plots and table."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "growth_experiment.py")
+
+
+def test_quick_run_writes_results_and_preserving_arms_do_not_jump(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, TOOL, "--quick", "--out", str(tmp_path)], capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert {"runs.csv", "results.md", "widen.png", "deepen.png"} <= set(os.listdir(tmp_path))
+    with open(tmp_path / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["arm"] for r in rows} >= {"widen/r2r", "deepen/r2r", "widen/scratch", "widen/random"}
+    table = (tmp_path / "results.md").read_text()
+    for arm in ("widen/r2r", "widen/net2net", "widen/netmorph", "deepen/r2r", "deepen/netmorph"):
+        line = next(line for line in table.splitlines() if line.startswith(f"| {arm} |"))
+        jump = float(line.split("|")[3].split("±")[0])
+        assert abs(jump) < 1e-5, line
+    random_line = next(line for line in table.splitlines() if line.startswith("| widen/random |"))
+    assert abs(float(random_line.split("|")[3].split("±")[0])) > 1e-3
