@@ -73,7 +73,7 @@ def test_widen_preserves_function(name):
 
 
 @pytest.mark.parametrize("method", ["net2net", "netmorph"])
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+@pytest.mark.parametrize("name", WIDEN_SUBSET)
 def test_other_methods_preserve_function(name, method):
     model, inputs = build(name)
     gm = r2r_fx.capture(model, inputs)

@@ -157,7 +157,7 @@ def train_arm(
             "arm": arm["name"],
             "seed": seed,
             "step": step,
-            "loss": float(loss),
+            "loss": loss.item(),
             "wall_s": time.perf_counter() - start,
             "params": sum(p.numel() for p in model.parameters()),
             "val_acc": accuracy(model, xva, yva) if step % args.eval_every == 0 or step == args.steps else "",
