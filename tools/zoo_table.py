@@ -266,6 +266,8 @@ def _merge(paths: list[str]) -> list[dict[str, Any]]:
                 base = merged.setdefault(row["model"], {})
                 if "error" not in row:
                     base.pop("error", None)
+                    if "rel_eval" in row and "blocks" in row:  # a complete re-run replaces earlier failures
+                        base.pop("later_errors", None)
                 elif "rel_eval" in base or "blocks" in base:
                     base.setdefault("later_errors", []).append(row.pop("error"))
                 base.update(row)
