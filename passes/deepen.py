@@ -32,6 +32,7 @@ from torch import nn
 
 from r2r_fx.analysis import Analysis, analyze
 from r2r_fx.capture import example_inputs_of, record_shapes
+from r2r_fx.methods import Method
 from r2r_fx.passbase import Pass, PassResult, append_record, copy_graph_module, make_generator
 from r2r_fx.rules import shape_of, tensor_shapes
 
@@ -168,9 +169,7 @@ def _get(gm: nn.Module, target: str) -> Any:
 
 
 def _uniform_(tensor: torch.Tensor, std: float, generator: torch.Generator) -> None:
-    bound = std * math.sqrt(3.0)
-    values = torch.empty(tensor.shape, dtype=tensor.dtype).uniform_(-bound, bound, generator=generator)
-    tensor.copy_(values.to(tensor.device))
+    tensor.copy_(Method._uniform(tensor.shape, std, tensor, generator))
 
 
 def build_block(

@@ -457,8 +457,6 @@ def _conv(
 def _conv_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     m = gm.get_submodule(str(node.target))
     bias = f"{node.target}.bias" if m.bias is not None else None
-    if isinstance(m.padding, str) and m.padding == "same" and any(k % 2 == 0 for k in m.kernel_size):
-        pass  # 'same' padding keeps channels untouched either way
     _conv(
         c,
         node,
