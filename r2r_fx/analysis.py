@@ -3,7 +3,7 @@
 A *slot* is one axis of one tensor: ``(node name, axis)``; parameter axes are slots too
 (``("param:conv1.weight", 0)``), so tied weights couple their users for free. Each op's rule
 (``r2r_fx.rules``) adds couplings; a union-find merges slots that hold the same channels, and the
-coupling graph is kept as a networkx graph for inspection.
+coupling graph is kept as a networkx graph for inspection (``Analysis.coupling_graph``).
 
 Classes of slots are then resolved to *layouts*: ``outer x [(atom, width, inner), ...]``, where an
 atom is a set of channels no op splits further. Concatenation makes a layout of several atoms,
@@ -22,6 +22,7 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import networkx as nx
 import torch
@@ -97,12 +98,13 @@ class _UnionFind:
         self.parent.setdefault(x, x)
 
     def find(self, x: Slot) -> Slot:
-        self.add(x)
+        parent = self.parent
+        parent.setdefault(x, x)
         root = x
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[x] != root:
-            self.parent[x], x = root, self.parent[x]
+        while parent[root] != root:
+            root = parent[root]
+        while x != root:  # path compression
+            parent[x], x = root, parent[x]
         return root
 
     def union(self, a: Slot, b: Slot) -> bool:
@@ -114,12 +116,17 @@ class _UnionFind:
 
 
 class _Builder:
-    """Collects couplings from the rules (implements ``r2r_fx.rules.Couplings``)."""
+    """Collects couplings from the rules (implements ``r2r_fx.rules.Couplings``).
+
+    Every slot a rule mentions enters the union-find; the coupling edges are recorded in a list, and
+    the networkx graph is built from them when first asked for (the analysis itself only needs the
+    union-find).
+    """
 
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         self.gm = gm
-        self.graph = nx.MultiGraph()
         self.uf = _UnionFind()
+        self.edges: list[tuple[Slot, Slot, str]] = []
         self.sizes: dict[Slot, int] = {}
         self.concats: list[tuple[Slot, list[Slot], bool]] = []
         self.merges: list[tuple[Slot, list[Slot]]] = []
@@ -127,30 +134,30 @@ class _Builder:
         self.frozen: dict[Slot, str] = {}
         self.granularities: list[tuple[Slot, int, str]] = []
         self.param_users: set[tuple[str, str]] = set()
+        # Qualified name -> submodule, gathered once rather than one get_submodule walk per lookup.
+        self.modules: dict[str, torch.nn.Module] = dict(gm.named_modules(remove_duplicate=False))
+        self._slots_seen: list[Slot] = []
 
     # -- the Couplings protocol
     def same(self, a: Slot, b: Slot) -> None:
-        self._touch(a, b)
-        self.graph.add_edge(a, b, kind="same")
-        self.uf.union(a, b)
+        self.edges.append((a, b, "same"))
+        self.uf.union(a, b)  # adds unseen slots, a first
 
     def concat(self, whole: Slot, parts: Sequence[Slot], *, equal: bool = False) -> None:
         self._touch(whole, *parts)
-        for p in parts:
-            self.graph.add_edge(whole, p, kind="concat")
+        self.edges.extend((whole, p, "concat") for p in parts)
         self.concats.append((whole, list(parts), equal))
 
     def merge(self, whole: Slot, members: Sequence[Slot]) -> None:
         self._touch(whole, *members)
-        for m in members:
-            self.graph.add_edge(whole, m, kind="merge")
+        self.edges.extend((whole, m, "merge") for m in members)
         self.merges.append((whole, list(members)))
 
     def bind(self, param: str, axis: int, slot: Slot, role: str, node: torch.fx.Node) -> None:
         assert role in ROLES, role
         pslot = (f"param:{param}", axis)
-        tensor = _get_tensor(self.gm, param)
-        self.sizes.setdefault(pslot, int(tensor.shape[axis]))
+        if pslot not in self.sizes:
+            self.sizes[pslot] = int(self._tensor(param).shape[axis])
         self.same(pslot, slot)
         self.bindings[(param, axis)].append(Binding(param, axis, role, node.name))
 
@@ -165,16 +172,33 @@ class _Builder:
     def uses_param(self, get_attr: torch.fx.Node, user: torch.fx.Node) -> None:
         self.param_users.add((get_attr.name, user.name))
 
+    def add_slot(self, slot: Slot, size: int) -> None:
+        """A tensor axis and its size, from shape propagation."""
+        self.sizes[slot] = size
+        self.uf.add(slot)
+
     def _touch(self, *slots: Slot) -> None:
         for s in slots:
             self.uf.add(s)
-            self.graph.add_node(s)
 
+    def _tensor(self, target: str) -> torch.Tensor:
+        owner, _, name = target.rpartition(".")
+        module = self.modules[owner] if owner in self.modules else self.gm.get_submodule(owner)
+        return getattr(module, name)
 
-def _get_tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    module = gm.get_submodule(owner) if owner else gm
-    return getattr(module, name)
+    def finish(self) -> None:
+        """End of collection: the slots seen so far are the coupling graph's nodes."""
+        self._slots_seen = list(self.uf.parent)
+
+    @cached_property
+    def graph(self) -> nx.MultiGraph:
+        """The coupling graph: every slot the rules mentioned (in first-seen order) and every coupling
+        (edge attribute ``kind``: ``"same"``, ``"concat"`` or ``"merge"``)."""
+        graph = nx.MultiGraph()
+        graph.add_nodes_from(self._slots_seen)
+        for a, b, kind in self.edges:
+            graph.add_edge(a, b, kind=kind)
+        return graph
 
 
 class Analysis:
@@ -195,53 +219,62 @@ class Analysis:
         self._bound_roots = {self.uf.find((f"param:{p}", a)) for (p, a) in b.bindings}
         self._resolve()
 
+    @property
+    def coupling_graph(self) -> nx.MultiGraph:
+        """Every slot the rules mentioned and every coupling between two slots (edge ``kind``:
+        ``"same"``, ``"concat"`` or ``"merge"``), built on first use: the analysis itself works on the
+        union-find, so only those who inspect the couplings pay for the networkx graph."""
+        return self.builder.graph
+
     # ------------------------------------------------------------ collection
     def _collect(self) -> None:
         b, gm = self.builder, self.gm
-        for node in gm.graph.nodes:
-            for name, shape in tensor_shapes(node):
+        nodes = list(gm.graph.nodes)
+        shapes = {node: tensor_shapes(node) for node in nodes}  # read each node's tensor_meta once
+        for node in nodes:
+            for name, shape in shapes[node]:
                 for axis, size in enumerate(shape):
-                    b.sizes[(name, axis)] = size
-                    b._touch((name, axis))
-        for node in gm.graph.nodes:
+                    b.add_slot((name, axis), size)
+        for node in nodes:
             if node.op == "placeholder":
-                for name, shape in tensor_shapes(node):
+                for name, shape in shapes[node]:
                     for axis in range(len(shape)):
                         b.freeze((name, axis), f"model input {node.name}")
             elif node.op == "output":
                 for arg in node.all_input_nodes:
-                    for name, shape in tensor_shapes(arg):
+                    for name, shape in shapes[arg]:
                         for axis in range(len(shape)):
                             b.freeze((name, axis), f"model output {arg.name}")
             elif node.op == "get_attr":
                 continue
             else:
-                rule = rule_for(node, gm)
+                rule = rule_for(node, gm, b.modules)
                 if rule is None:
-                    if tensor_shapes(node) or any(tensor_shapes(a) for a in node.all_input_nodes):
+                    if shapes[node] or any(shapes[a] for a in node.all_input_nodes):
                         freeze_all(b, node, f"unsupported op {_describe(node, gm)}")
                     continue
                 rule(b, node, gm)
         # Parameters read as data (class tokens, positional embeddings, layer scales).
-        for node in gm.graph.nodes:
-            if node.op != "get_attr" or not tensor_shapes(node):
+        for node in nodes:
+            if node.op != "get_attr" or not shapes[node]:
                 continue
             data_users = [u for u in node.users if (node.name, u.name) not in b.param_users]
             if not data_users:
                 continue
-            for axis, size in enumerate(tensor_shapes(node)[0][1]):
+            for axis, size in enumerate(shapes[node][0][1]):
                 b.bind(str(node.target), axis, (node.name, axis), "data", node)
                 if size == 1:
                     b.freeze((node.name, axis), "size-1 axis of a parameter")
+        b.finish()
 
     # ------------------------------------------------------------ unification of definitions
     def _unify_definitions(self) -> None:
         b, uf = self.builder, self.builder.uf
-        for slot_a in list(b.sizes):
+        for slot_a, size in list(b.sizes.items()):
             ra = uf.find(slot_a)
-            if b.sizes.get(ra, b.sizes[slot_a]) != b.sizes[slot_a]:
+            if b.sizes.get(ra, size) != size:
                 self._conflicts[ra] = f"size mismatch at {slot_a}"
-            b.sizes.setdefault(ra, b.sizes[slot_a])
+            b.sizes.setdefault(ra, size)
         changed = True
         while changed:
             changed = False
@@ -391,7 +424,7 @@ class Analysis:
 
         # Ties (equal-size splits) and granularities.
         ties = nx.Graph()
-        ties.add_nodes_from(range(len(self.atom_roots)))
+        ties.add_nodes_from(layer_atoms)  # an atom no layer touches counts only when tied to one
         for parts, equal in self._concat_of.values():
             if not equal:
                 continue
@@ -448,11 +481,7 @@ class Analysis:
 
 
 def _unique(items) -> list[str]:
-    seen: list[str] = []
-    for item in items:
-        if item not in seen:
-            seen.append(item)
-    return seen
+    return list(dict.fromkeys(items))  # first occurrences, in order
 
 
 def _describe(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:

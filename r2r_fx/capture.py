@@ -8,12 +8,13 @@ Two graph flavours come out of here:
   ``nn.Dropout`` modules so that ``.train()`` / ``.eval()`` keep working on the captured model.
 
 Every capture is run once on the example inputs (which also records shapes in ``node.meta``) and
-compared with the eager model in eval mode; a graph that errors or differs is rejected.
+compared with the eager model in eval mode; a graph that errors or differs is rejected. For module
+graphs the two runs go side by side and each layer computes once (``r2r_fx/instep.py``).
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import logging
 import operator
 import traceback
@@ -25,6 +26,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from r2r_fx.instep import eval_mode, run_in_step
 from r2r_fx.tree import max_errors
 
 __all__ = ["CaptureError", "capture", "example_inputs_of", "flavour_of", "from_exported_program", "record_shapes"]
@@ -98,7 +100,11 @@ def capture(
     ``via`` is ``"auto"`` (symbolic tracing, then torch.export), ``"symbolic_trace"`` or ``"export"``.
     ``check=False`` skips the comparison with eager (shapes then come from a meta-device run: no
     arithmetic at all); a graph that cannot even run on meta tensors is still rejected.
-    The model is deep-copied first: the result never shares parameters with ``model``.
+
+    ``model`` is never modified, but like ``torch.fx.symbolic_trace`` and ``torch.export`` the graph
+    shares parameters and layers with it (no copy of the weights); the passes copy before they change
+    anything. Deep-copy the result if it must be independent of ``model``. Every module keeps the
+    train/eval mode it has in ``model``.
     """
     builders = {"symbolic_trace": ("module", _symbolic_trace), "export": ("aten", _export)}
     if via != "auto" and via not in builders:
@@ -107,25 +113,33 @@ def capture(
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture() needs an nn.Module, got {type(model).__name__}")
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    training = model.training
     reference = None
-    if check:
-        try:
-            reference = _eval_output(model, inputs)
-        except Exception as exc:
-            raise CaptureError(f"the eager model fails on the example inputs: {exc}") from exc
-
     causes: list[str] = []
     for flavour, build in chain:
         try:
-            gm = build(copy.deepcopy(model).eval(), inputs)
-            output = record_shapes(gm, inputs, meta=not check)
+            with eval_mode(model, no_grad=False):
+                gm = build(model, inputs)
+            if not check:
+                record_shapes(gm, inputs, meta=True)
+                return _finish(gm, model, flavour, inputs)
+            output = None
+            if reference is None and flavour == "module":
+                # One joint run. Anything short of a match (out of step, an error, a difference) is
+                # decided by the plain separate runs below, which report the real cause.
+                with contextlib.suppress(Exception):
+                    joint = run_in_step(model, gm, inputs)
+                    if joint is not None and max_errors(*joint)[1] <= rtol:
+                        reference, output = joint
+            if output is None:
+                if reference is None:
+                    reference = _eval_output(model, inputs)
+                output = record_shapes(gm, inputs)
+        except _EagerFailure:
+            raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes a reason for the user
             causes.append(f"{flavour}: {_describe_failure(exc)}")
             logger.info("capture via %s failed: %s", flavour, exc)
             continue
-        if not check:
-            return _finish(gm, flavour, inputs, training)
         try:
             _, rel = max_errors(reference, output)
         except ValueError as exc:
@@ -134,27 +148,36 @@ def capture(
         if not rel <= rtol:
             causes.append(f"{flavour}: graph output differs from eager (relative error {rel:.3g})")
             continue
-        return _finish(gm, flavour, inputs, training)
+        return _finish(gm, model, flavour, inputs)
+    if check and reference is None:
+        _eval_output(model, inputs)  # a model that fails by itself is reported as such
     raise CaptureError("could not capture the model:\n  " + "\n  ".join(causes))
 
 
-def _finish(gm: torch.fx.GraphModule, flavour: str, inputs: tuple[Any, ...], training: bool) -> torch.fx.GraphModule:
+class _EagerFailure(CaptureError):
+    """The eager model itself fails on the example inputs."""
+
+
+def _finish(gm: torch.fx.GraphModule, model: nn.Module, flavour: str, inputs: tuple[Any, ...]) -> torch.fx.GraphModule:
     gm.meta["r2r_flavour"] = flavour
     gm.meta["r2r_input_specs"] = [(tuple(t.shape), t.dtype) for t in inputs if isinstance(t, torch.Tensor)]
-    gm.train(training)
+    # Shared layers already have their own mode; containers the GraphModule made and modules the
+    # capture added (ATen batch norms, dropouts) take the mode of the model part they stand for.
+    modes = {name: m.training for name, m in model.named_modules()}
+    sources = gm.meta.get("r2r_param_sources", {})
+    for name, module in gm.named_modules():
+        source = sources.get(f"{name}.weight", sources.get(f"{name}.bias", name)).rpartition(".")[0]
+        module.training = modes.get(name, modes.get(source, model.training))
     return gm
 
 
 def _eval_output(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
     """The model's eval-mode output, leaving every module's mode as it was (no copy of the weights)."""
-    modes = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model):
             return model(*inputs)
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    except Exception as exc:
+        raise _EagerFailure(f"the eager model fails on the example inputs: {exc}") from exc
 
 
 def _describe_failure(exc: BaseException) -> str:
@@ -173,10 +196,11 @@ def _symbolic_trace(model: nn.Module, inputs: tuple[Any, ...]) -> torch.fx.Graph
     gm = torch.fx.symbolic_trace(model)
     # String annotations (``from __future__ import annotations``) become str globals in the generated
     # code, which breaks pickling the GraphModule: drop them.
-    for node in gm.graph.nodes:
-        if isinstance(node.type, str):
-            node.type = None
-    gm.recompile()
+    annotated = [node for node in gm.graph.nodes if isinstance(node.type, str)]
+    for node in annotated:
+        node.type = None
+    if annotated:
+        gm.recompile()
     return gm
 
 

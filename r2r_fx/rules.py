@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -62,9 +62,17 @@ def register_rule(*keys: Any) -> Callable[[Rule], Rule]:
     return wrap
 
 
-def rule_for(node: torch.fx.Node, gm: torch.fx.GraphModule) -> Rule | None:
+def rule_for(
+    node: torch.fx.Node, gm: torch.fx.GraphModule, modules: Mapping[str, nn.Module] | None = None
+) -> Rule | None:
+    """The rule registered for ``node``'s op, or None.
+
+    ``modules`` (``dict(gm.named_modules())``) spares a ``get_submodule`` walk per ``call_module`` node
+    when rules are looked up for a whole graph.
+    """
     if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
+        target = str(node.target)
+        module = modules[target] if modules is not None and target in modules else gm.get_submodule(target)
         for cls in type(module).__mro__:
             if cls in RULES:
                 return RULES[cls]
@@ -91,7 +99,7 @@ def shape_of(node: Any) -> tuple[int, ...] | None:
         return None
     meta = node.meta.get("tensor_meta")
     if meta is not None and hasattr(meta, "shape") and hasattr(meta, "dtype"):
-        return tuple(int(d) for d in meta.shape)
+        return tuple(map(int, meta.shape))
     return None
 
 
@@ -101,12 +109,12 @@ def tensor_shapes(node: torch.fx.Node) -> list[tuple[str, tuple[int, ...]]]:
     if meta is None:
         return []
     if hasattr(meta, "shape") and hasattr(meta, "dtype"):
-        return [(node.name, tuple(int(d) for d in meta.shape))]
+        return [(node.name, tuple(map(int, meta.shape)))]
     out = []
     if isinstance(meta, (tuple, list)):
         for i, item in enumerate(meta):
             if hasattr(item, "shape") and hasattr(item, "dtype"):
-                out.append((f"{node.name}#{i}", tuple(int(d) for d in item.shape)))
+                out.append((f"{node.name}#{i}", tuple(map(int, item.shape))))
     return out
 
 

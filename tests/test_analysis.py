@@ -238,3 +238,24 @@ def test_factor_reshape(src, dst, blocks):
         assert got is None or any(len(i) > 1 and len(o) > 1 for i, o in got)
     else:
         assert got == blocks
+
+
+def test_coupling_graph_is_a_networkx_view_of_the_couplings():
+    import networkx as nx
+
+    def analysis(name):
+        model, inputs = ZOO[name]()
+        return r2r_fx.analyze(r2r_fx.capture(model, inputs, via="symbolic_trace"))
+
+    resnet = analysis("resnet")
+    graph = resnet.coupling_graph
+    assert isinstance(graph, nx.MultiGraph)
+    assert nx.has_path(graph, ("conv1", 1), ("layer1_conv2", 1))  # joined by the residual add
+    assert not nx.has_path(graph, ("conv1", 1), ("layer1_conv1", 1))  # a block's hidden width is its own
+    same = nx.Graph((a, b) for a, b, kind in graph.edges(data="kind") if kind == "same")
+    for component in nx.connected_components(same):  # "same" edges are exactly the union-find classes
+        assert len({resnet.uf.find(slot) for slot in component}) == 1
+    kinds = {
+        name: {kind for *_, kind in analysis(name).coupling_graph.edges(data="kind")} for name in ("densenet", "vgg")
+    }
+    assert "concat" in kinds["densenet"] and "merge" in kinds["vgg"]

@@ -32,12 +32,31 @@ def test_output_structure_is_kept():
     assert isinstance(r2r_fx.capture(model, inputs)(*inputs), tuple)
 
 
-def test_capture_does_not_share_parameters():
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+def test_capture_leaves_the_model_as_it_was(via):
+    """No parameter, buffer or mode of the model changes; growing the graph never touches the model."""
+    model, inputs = ZOO["resnet"]()
+    model.train()
+    model.layer2.downsample[1].eval()  # a frozen BatchNorm: mixed modes must survive
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = {name: m.training for name, m in model.named_modules()}
+    gm = r2r_fx.capture(model, inputs, via=via)
+    grown = r2r_fx.widen(gm, factor=2.0, seed=0)
+    grown(*inputs).sum().backward()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    norms = {name: m.training for name, m in gm.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert len(norms) == 6 and list(norms.values()).count(False) == 1  # the graph keeps the frozen one
+    if via == "symbolic_trace":  # shared layers keep their mode; the graph's containers copy theirs
+        assert not norms["layer2.downsample.1"] and gm.training and gm.get_submodule("layer2.downsample").training
+
+
+def test_module_graph_shares_layers_like_symbolic_trace():
+    """As with torch.fx.symbolic_trace, the module graph calls the model's own layers (no weight copy)."""
     model, inputs = ZOO["resnet"]()
     gm = r2r_fx.capture(model, inputs)
-    with torch.no_grad():
-        next(gm.parameters()).add_(1.0)
-    assert not torch.equal(next(gm.parameters()), next(model.parameters()))
+    assert gm.get_submodule("layer1.conv1") is model.layer1.conv1
 
 
 @pytest.mark.parametrize("name", ["vgg", "resnet", "mobilenetv2"])

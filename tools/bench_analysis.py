@@ -10,22 +10,20 @@ sides alternating so that background load hits both alike; medians are reported)
   ``list(DG.get_all_groups())`` (the channel groups rooted at every Conv/Linear).
 
 The project target is ``r2r / tp <= 1``. The script also times the pieces ``capture`` is made of (see
-``r2r_fx/capture.py``) by re-running them one by one: the deep copy and eager forward that give the
-reference output (on the model itself,
-modes restored), the deep copy handed to the tracer, ``torch.fx.symbolic_trace`` (plus the ``recompile``
-capture does after it), ``record_shapes`` (the ShapeProp run that validates the graph and stores
-shapes), the output comparison, and ``r2r_fx.analysis.Analysis`` (the width-group analysis proper). As
-yardsticks it times one eager forward without and with autograd (Torch-Pruning traces with autograd).
+``r2r_fx/capture.py``) by re-running them one by one: ``torch.fx.symbolic_trace``, the joint run of
+the eager model and the graph that checks the graph and records shapes (``r2r_fx/instep.py``: each
+layer computes once, the glue between layers twice), the output comparison, and
+``r2r_fx.analysis.Analysis`` (the width-group analysis proper). As yardsticks it times one eager
+forward without and with autograd (Torch-Pruning traces with autograd).
 
 Runs offline (random weights). Example::
 
-    .venv/bin/python tools/bench_analysis.py --repeats 7
+    .venv/bin/python tools/bench_analysis.py --repeats 7 --threads 1,0
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import sys
@@ -47,6 +45,7 @@ import torch_pruning as tp  # noqa: E402
 import r2r_fx  # noqa: E402
 from r2r_fx.analysis import Analysis  # noqa: E402
 from r2r_fx.capture import record_shapes  # noqa: E402
+from r2r_fx.instep import run_in_step  # noqa: E402
 from r2r_fx.tree import max_errors  # noqa: E402
 
 
@@ -72,31 +71,20 @@ def r2r_steps(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[
     clock = time.perf_counter
 
     t = clock()
-    with torch.no_grad():
-        reference = model.eval()(*inputs)
-    times["eager forward (reference)"] = clock() - t
+    gm = torch.fx.symbolic_trace(model)
+    times["symbolic_trace"] = clock() - t
     t = clock()
-    traced = copy.deepcopy(model).eval()
-    times["deepcopy (to trace)"] = clock() - t
+    eager, graph = run_in_step(model, gm, inputs)
+    times["joint eager + graph run (instep)"] = clock() - t
     t = clock()
-    gm = torch.fx.symbolic_trace(traced)
-    for node in gm.graph.nodes:
-        if isinstance(node.type, str):
-            node.type = None
-    gm.recompile()
-    times["symbolic_trace + recompile"] = clock() - t
-    t = clock()
-    record_shapes(gm, inputs, meta=True)
-    times["record_shapes on meta (check=False)"] = clock() - t
-    t = clock()
-    output = record_shapes(gm, inputs)
-    times["record_shapes (ShapeProp run)"] = clock() - t
-    t = clock()
-    max_errors(reference, output)
+    max_errors(eager, graph)
     times["compare with eager"] = clock() - t
     t = clock()
     Analysis(gm)
     times["Analysis (width groups)"] = clock() - t
+    t = clock()
+    record_shapes(gm, inputs, meta=True)
+    times["[check=False] meta-device shapes"] = clock() - t
     return times
 
 
@@ -118,92 +106,89 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t, result
 
 
+def measure(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], repeats: int) -> float:
+    """One side-by-side measurement at the current thread count; prints its table, returns r2r/tp."""
+    print(f"\n== {torch.get_num_threads()} torch thread(s), {repeats} repeats (median), 1 warm-up")
+    # Warm-up: first calls pay for lazy imports, kernel selection and allocator growth.
+    groups = {"r2r": run_r2r(model, inputs), "tp": run_tp(model, inputs), "fast": run_r2r_unchecked(model, inputs)}
+    r2r_steps(model, inputs)
+    yardsticks(model, inputs)
+
+    sides = {"r2r": run_r2r, "tp": run_tp, "fast": run_r2r_unchecked}
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for i in range(repeats):
+        order = list(sides) if i % 2 == 0 else list(reversed(sides))
+        for name in order:
+            seconds, groups[name] = timed(lambda fn=sides[name]: fn(model, inputs))
+            times[name].append(seconds)
+    step_runs = [r2r_steps(model, inputs) for _ in range(repeats)]
+    yard_runs = [yardsticks(model, inputs) for _ in range(repeats)]
+
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    widenable = sum(1 for g in groups["r2r"] if g.widenable)
+    labels = {
+        "r2r": ("r2r_fx capture + width_groups", f"{len(groups['r2r'])} ({widenable} widenable)"),
+        "tp": ("torch-pruning DG + get_all_groups", f"{len(groups['tp'])}"),
+        "fast": ("r2r_fx capture(check=False) + groups", "(no eager comparison, meta-device shapes)"),
+    }
+    print(f"{'':38s}{'median s':>10s}{'min s':>10s}{'max s':>10s}  groups")
+    for name, (label, note) in labels.items():
+        ts = times[name]
+        print(f"{label:38s}{med[name]:10.3f}{min(ts):10.3f}{max(ts):10.3f}  {note}")
+    ratio = med["r2r"] / med["tp"]
+    for name, label in (("r2r", "checked capture"), ("fast", "check=False")):
+        value = med[name] / med["tp"]
+        print(f"ratio r2r/tp (medians), {label + ':':16s} {value:.2f}  -> {_verdict(value)} the target (<= 1)")
+
+    print("r2r_fx breakdown (steps re-run one by one, medians):")
+    for key in step_runs[0]:
+        print(f"  {key:36s}{statistics.median(run[key] for run in step_runs):10.3f}")
+    print("yardsticks (medians):")
+    for key in yard_runs[0]:
+        print(f"  {key:36s}{statistics.median(run[key] for run in yard_runs):10.3f}")
+    return ratio
+
+
+def _verdict(ratio: float) -> str:
+    return "meets" if ratio <= 1.0 else "MISSES"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per side (median reported)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repetitions per side (median reported)")
     parser.add_argument(
         "--threads",
-        type=int,
-        default=1,
-        help="torch.set_num_threads; 0 keeps torch's default. 1 by default: on a small "
-        "shared machine, OpenMP threads spinning against other load swing timings 10x",
+        default="1,0",
+        help="comma-separated torch.set_num_threads values to measure at, one after the other; 0 is "
+        "torch's default (all cores). 1 is the steadiest on a small shared machine, where OpenMP "
+        "threads spinning against other load swing timings",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    try:
+        thread_counts = [int(t) for t in args.threads.split(",")]
+    except ValueError:
+        parser.error(f"--threads takes comma-separated integers, got {args.threads!r}")
+    if any(t < 0 for t in thread_counts):
+        parser.error("--threads values must be >= 0")
 
     torch.manual_seed(args.seed)
     model = tv.models.resnet50(weights=None).eval()
     inputs = (torch.randn(1, 3, 224, 224),)
     print(
-        f"resnet50, input 1x3x224x224, torch {torch.__version__}, "
-        f"torch-pruning {version('torch-pruning')}, {torch.get_num_threads()} threads, "
-        f"{args.repeats} repeats (median), 1 warm-up"
+        f"resnet50, input 1x3x224x224, torch {torch.__version__}, torch-pruning {version('torch-pruning')}, "
+        f"{os.cpu_count()} cores"
     )
-
-    # Warm-up: first calls pay for lazy imports, kernel selection and allocator growth.
-    r2r_groups = run_r2r(model, inputs)
-    tp_groups = run_tp(model, inputs)
-    r2r_steps(model, inputs)
-    yardsticks(model, inputs)
-
-    run_r2r_unchecked(model, inputs)
-    r2r_times: list[float] = []
-    tp_times: list[float] = []
-    fast_times: list[float] = []
-    for i in range(args.repeats):
-        order = [("r2r", run_r2r), ("tp", run_tp), ("fast", run_r2r_unchecked)]
-        if i % 2:
-            order.reverse()
-        for name, fn in order:
-            seconds, groups = timed(lambda fn=fn: fn(model, inputs))
-            {"r2r": r2r_times, "tp": tp_times, "fast": fast_times}[name].append(seconds)
-            if name == "r2r":
-                r2r_groups = groups
-            elif name == "tp":
-                tp_groups = groups
-
-    step_runs = [r2r_steps(model, inputs) for _ in range(args.repeats)]
-    yard_runs = [yardsticks(model, inputs) for _ in range(args.repeats)]
-
-    r2r_med, tp_med = statistics.median(r2r_times), statistics.median(tp_times)
-    widenable = sum(1 for g in r2r_groups if g.widenable)
-    print()
-    print(f"{'':34s}{'median s':>10s}{'min s':>10s}{'max s':>10s}  groups")
-    print(
-        f"{'r2r_fx capture + width_groups':34s}{r2r_med:10.3f}{min(r2r_times):10.3f}{max(r2r_times):10.3f}"
-        f"  {len(r2r_groups)} ({widenable} widenable)"
-    )
-    print(
-        f"{'torch-pruning DG + get_all_groups':34s}{tp_med:10.3f}{min(tp_times):10.3f}{max(tp_times):10.3f}"
-        f"  {len(tp_groups)}"
-    )
-    fast_med = statistics.median(fast_times)
-    print(
-        f"{'r2r_fx capture(check=False) + groups':34s}{fast_med:10.3f}{min(fast_times):10.3f}"
-        f"{max(fast_times):10.3f}  (no eager comparison, meta-device shapes)"
-    )
-    ratio = r2r_med / tp_med
-    verdict = "meets" if ratio <= 1.0 else "MISSES"
-    print(f"ratio r2r/tp (medians), checked capture: {ratio:.2f}  -> {verdict} the target (<= 1)")
-    fast_ratio = fast_med / tp_med
-    verdict = "meets" if fast_ratio <= 1.0 else "MISSES"
-    print(f"ratio r2r/tp (medians), check=False:     {fast_ratio:.2f}  -> {verdict} the target (<= 1)")
-
-    print()
-    print("r2r_fx breakdown (steps re-run one by one, medians):")
-    total = 0.0
-    for key in step_runs[0]:
-        med = statistics.median(run[key] for run in step_runs)
-        total += med
-        print(f"  {key:34s}{med:10.3f}")
-    print(f"  {'sum of steps (both record_shapes)':34s}{total:10.3f}")
-    print("yardsticks (medians):")
-    for key in yard_runs[0]:
-        print(f"  {key:34s}{statistics.median(run[key] for run in yard_runs):10.3f}")
+    default_threads = torch.get_num_threads()
+    ratios = {}
+    for threads in thread_counts:
+        torch.set_num_threads(threads or default_threads)
+        ratios[torch.get_num_threads()] = measure(model, inputs, args.repeats)
+    print("\nsummary, checked capture + width_groups against torch-pruning:")
+    for threads, ratio in ratios.items():
+        print(f"  {threads} thread(s): {ratio:.2f}  -> {_verdict(ratio)} the target (<= 1)")
     return 0
 
 
