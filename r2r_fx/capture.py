@@ -122,18 +122,16 @@ def capture(
             if not check:
                 record_shapes(gm, inputs, meta=True)
                 return _finish(gm, model, flavour, inputs)
-            output = None
             if reference is None and flavour == "module":
                 # One joint run. Anything short of a match (out of step, an error, a difference) is
                 # decided by the plain separate runs below, which report the real cause.
                 with contextlib.suppress(Exception):
                     joint = run_in_step(model, gm, inputs)
                     if joint is not None and max_errors(*joint)[1] <= rtol:
-                        reference, output = joint
-            if output is None:
-                if reference is None:
-                    reference = _eval_output(model, inputs)
-                output = record_shapes(gm, inputs)
+                        return _finish(gm, model, flavour, inputs)
+            if reference is None:
+                reference = _eval_output(model, inputs)
+            output = record_shapes(gm, inputs)
         except _EagerFailure:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes a reason for the user

@@ -12,9 +12,10 @@ would record them.
 Sharing tensors between the two runs is sound only while neither side changes a shared tensor behind
 the other's back:
 
-* the graph side runs augmented assignments out of place (``out += identity`` as ``out + identity``),
-  and a module output that other graph code changes in place (``x.add_(y)``, ``x[i] = y``) is
-  cloned for the graph, so each side changes its own copy;
+* ``symbolic_trace`` already records ``out += identity`` as ``out + identity``; the graph side also
+  runs explicit ``operator.iadd``-style nodes out of place, and a module output that other graph
+  code changes in place (``x.add_(y)``, ``x[i] = y``) is cloned for the graph, so each side changes
+  its own copy (eager's ``+=`` then writes to a tensor the graph has finished reading);
 * a leaf module that works in place (``ReLU(inplace=True)``) and gets different (equal) tensors on
   the two sides runs on each side's own tensor, unless the graph never reads its own again: then the
   graph takes eager's result;
@@ -46,9 +47,9 @@ __all__ = ["eval_mode", "record_meta", "run_in_step"]
 
 logger = logging.getLogger(__name__)
 
-# The graph side runs ``a += b`` as ``a + b``: the value is the same, and a tensor the eager side
-# also holds is not changed under it. (A later reader of the old ``a`` then sees a difference and the
-# runs fall out of step: conservative, never wrong.)
+# The graph side runs an explicit ``operator.iadd(a, b)`` node as ``a + b``: the value is the same,
+# and a tensor the eager side also holds is not changed under it. (A later reader of the old ``a``
+# then sees a difference and the runs fall out of step: conservative, never wrong.)
 _OUT_OF_PLACE = {
     operator.iadd: operator.add,
     operator.iand: operator.and_,
