@@ -98,13 +98,19 @@ class _UnionFind:
         self.parent.setdefault(x, x)
 
     def find(self, x: Slot) -> Slot:
+        # A root maps to itself as the very same object (``parent[x] = x``; unions store roots), so
+        # identity tests suffice, and the common case (x's parent is a root) costs two lookups.
         parent = self.parent
-        parent.setdefault(x, x)
-        root = x
-        while parent[root] != root:
-            root = parent[root]
-        while x != root:  # path compression
-            parent[x], x = root, parent[x]
+        p = parent.get(x)
+        if p is None:
+            parent[x] = x
+            return x
+        root = p
+        while (up := parent[root]) is not root:
+            root = up
+        if root is not p:
+            while x is not root:  # path compression
+                parent[x], x = root, parent[x]
         return root
 
     def union(self, a: Slot, b: Slot) -> bool:
@@ -181,10 +187,13 @@ class _Builder:
         for s in slots:
             self.uf.add(s)
 
+    def module(self, target: str) -> torch.nn.Module:
+        module = self.modules.get(target)
+        return module if module is not None else self.gm.get_submodule(target)
+
     def _tensor(self, target: str) -> torch.Tensor:
         owner, _, name = target.rpartition(".")
-        module = self.modules[owner] if owner in self.modules else self.gm.get_submodule(owner)
-        return getattr(module, name)
+        return getattr(self.module(owner), name)
 
     def finish(self) -> None:
         """End of collection: the slots seen so far are the coupling graph's nodes."""
@@ -381,12 +390,15 @@ class Analysis:
         # that all structural conflicts are known before freezing.
         for param, axis in b.bindings:
             self.layout((f"param:{param}", axis))
-        slots_of: dict[int, list[Slot]] = defaultdict(list)
+        by_root: dict[Slot, list[Slot]] = defaultdict(list)
+        find = self.uf.find
         for slot in list(b.sizes):
-            layout = self.layout(slot)
-            if not slot[0].startswith("param:"):
-                for a in layout.atoms():
-                    slots_of[a].append(slot)
+            by_root[find(slot)].append(slot)
+        slots_of: dict[int, list[Slot]] = defaultdict(list)
+        for root, slots in by_root.items():  # first-seen order, so atoms are numbered as before
+            tensors = [s for s in slots if not s[0].startswith("param:")]
+            for a in self.layout(root).atoms():
+                slots_of[a].extend(tensors)
         frozen_atoms: dict[int, str] = {}
 
         def freeze_layout(layout: Layout, reason: str) -> None:

@@ -27,7 +27,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from r2r_fx.instep import eval_mode, run_in_step
-from r2r_fx.tree import max_errors
+from r2r_fx.tree import fresh_inputs, max_errors
 
 __all__ = ["CaptureError", "capture", "example_inputs_of", "flavour_of", "from_exported_program", "record_shapes"]
 
@@ -126,12 +126,12 @@ def capture(
                 # One joint run. Anything short of a match (out of step, an error, a difference) is
                 # decided by the plain separate runs below, which report the real cause.
                 with contextlib.suppress(Exception):
-                    joint = run_in_step(model, gm, inputs)
+                    joint = run_in_step(model, gm, fresh_inputs(inputs))
                     if joint is not None and max_errors(*joint)[1] <= rtol:
                         return _finish(gm, model, flavour, inputs)
             if reference is None:
-                reference = _eval_output(model, inputs)
-            output = record_shapes(gm, inputs)
+                reference = _eval_output(model, fresh_inputs(inputs))
+            output = record_shapes(gm, fresh_inputs(inputs))
         except _EagerFailure:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes a reason for the user
@@ -148,7 +148,7 @@ def capture(
             continue
         return _finish(gm, model, flavour, inputs)
     if check and reference is None:
-        _eval_output(model, inputs)  # a model that fails by itself is reported as such
+        _eval_output(model, fresh_inputs(inputs))  # a model that fails by itself is reported as such
     raise CaptureError("could not capture the model:\n  " + "\n  ".join(causes))
 
 
@@ -165,7 +165,9 @@ def _finish(gm: torch.fx.GraphModule, model: nn.Module, flavour: str, inputs: tu
     sources = gm.meta.get("r2r_param_sources", {})
     for name, module in gm.named_modules():
         source = sources.get(f"{name}.weight", sources.get(f"{name}.bias", name)).rpartition(".")[0]
-        module.training = modes.get(name, modes.get(source, model.training))
+        mode = modes.get(name, modes.get(source, model.training))
+        if module.training != mode:
+            module.training = mode
     return gm
 
 

@@ -45,6 +45,7 @@ class Couplings(Protocol):
     def granularity(self, slot: Slot, k: int, node: torch.fx.Node) -> None: ...
     def freeze(self, slot: Slot, reason: str) -> None: ...
     def uses_param(self, get_attr: torch.fx.Node, user: torch.fx.Node) -> None: ...
+    def module(self, target: str) -> nn.Module: ...
 
 
 Rule = Callable[[Couplings, torch.fx.Node, torch.fx.GraphModule], None]
@@ -320,7 +321,7 @@ register_rule(
 
 @register_rule(nn.PReLU)
 def _prelu(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
-    module = gm.get_submodule(str(node.target))
+    module = c.module(str(node.target))
     _pointwise(c, node, gm)
     if module.weight.numel() > 1:
         c.bind(f"{node.target}.weight", 0, (node.name, 1), "channel", node)
@@ -463,7 +464,7 @@ def _conv(
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 def _conv_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
-    m = gm.get_submodule(str(node.target))
+    m = c.module(str(node.target))
     bias = f"{node.target}.bias" if m.bias is not None else None
     _conv(
         c,
@@ -526,7 +527,7 @@ def _linear(c: Couplings, node: torch.fx.Node, x: torch.fx.Node, weight: str | N
 
 @register_rule(nn.Linear)
 def _linear_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
-    m = gm.get_submodule(str(node.target))
+    m = c.module(str(node.target))
     _linear(c, node, node.args[0], f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None)
 
 
@@ -578,7 +579,7 @@ def _channel_norm(
 
 @register_rule(nn.modules.batchnorm._NormBase, nn.GroupNorm)
 def _norm_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
-    m = gm.get_submodule(str(node.target))
+    m = c.module(str(node.target))
     names = ("weight", "bias", "running_mean", "running_var")
     params = [f"{node.target}.{n}" if getattr(m, n, None) is not None else None for n in names]
     group = m.num_channels // m.num_groups if isinstance(m, nn.GroupNorm) else 1
@@ -622,7 +623,7 @@ def _layer_norm(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> 
     x = node.args[0]
     shape = shape_of(x)
     if node.op == "call_module":
-        normalized = len(gm.get_submodule(str(node.target)).normalized_shape)
+        normalized = len(c.module(str(node.target)).normalized_shape)
     else:
         ns = node.args[1]
         normalized = len(ns) if isinstance(ns, (list, tuple)) else 1
@@ -630,7 +631,7 @@ def _layer_norm(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> 
         freeze_all(c, node, "layer norm without a static shape")
         return
     rank = len(shape)
-    layer = type(gm.get_submodule(str(node.target))).__name__ if node.op == "call_module" else "layer_norm"
+    layer = type(c.module(str(node.target))).__name__ if node.op == "call_module" else "layer_norm"
     reason = f"normalised over by {layer} {node.name} (mean/variance would change)"
     for a in range(rank - normalized, rank):
         c.freeze((x.name, a), reason)
@@ -799,7 +800,7 @@ def _pad(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     x = node.args[0]
     shape = shape_of(x)
     if node.op == "call_module":
-        pad = gm.get_submodule(str(node.target)).padding
+        pad = c.module(str(node.target)).padding
     else:
         pad = _arg(node, 1, "pad")
     if shape is None or not isinstance(pad, (list, tuple)):
@@ -883,7 +884,7 @@ register_rule(
 def _softmax(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     x = node.args[0]
     shape = shape_of(x)
-    dim = gm.get_submodule(str(node.target)).dim if node.op == "call_module" else _arg(node, 1, "dim")
+    dim = c.module(str(node.target)).dim if node.op == "call_module" else _arg(node, 1, "dim")
     if shape is None or not isinstance(dim, int):
         freeze_all(c, node, "softmax over a dynamic axis")
         return

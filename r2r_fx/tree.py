@@ -7,8 +7,22 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_map_only
 
-__all__ = ["leaves", "max_errors"]
+__all__ = ["fresh_inputs", "leaves", "max_errors"]
+
+
+def fresh_inputs(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A copy of every tensor in ``inputs`` (structure, strides and ``requires_grad`` kept).
+
+    Each run of a model gets its own, so a forward that changes its inputs in place (``x.div_(255)``)
+    leaves the caller's tensors alone and the next run sees the same values.
+    """
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone().requires_grad_(t.requires_grad)
+
+    return tuple(tree_map_only(torch.Tensor, copy, tuple(inputs)))
 
 
 def leaves(tree: Any) -> list[tuple[str, Any]]:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from r2r_fx.export import export_onnx, run_onnx
-from r2r_fx.tree import leaves, max_errors
+from r2r_fx.tree import fresh_inputs, leaves, max_errors
 
 __all__ = ["VerifyReport", "verify"]
 
@@ -69,7 +69,7 @@ def _run(model: nn.Module, inputs: Sequence[Any], train: bool, seed: int) -> Any
         model.train(train)
         torch.manual_seed(seed)
         with torch.no_grad():
-            return model(*inputs)
+            return model(*fresh_inputs(inputs))
     finally:
         for m, mode in modes:
             m.training = mode

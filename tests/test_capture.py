@@ -118,3 +118,29 @@ def test_float64_capture_keeps_dtype():
     model = model.double()
     gm = r2r_fx.capture(model, tuple(t.double() for t in inputs))
     assert all(p.dtype == torch.float64 for p in gm.parameters())
+
+
+class ScalesItsInput(nn.Module):
+    """Preprocessing in place, as in ``x.div_(255)``: every run changes the tensor it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        x = x.div_(255.0)
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+def test_a_model_that_changes_its_input_captures_and_verifies(via):
+    model, x = ScalesItsInput().eval(), torch.randn(2, 3, 8, 8) * 255
+    before = x.clone()
+    gm = r2r_fx.capture(model, (x,), via=via)
+    assert torch.equal(x, before), "capture changed the caller's example input"
+    with torch.no_grad():
+        expected = model(x.clone())
+        assert torch.equal(gm(x.clone()), expected)
+    report = r2r_fx.verify(model, gm, (x,), onnx=False)
+    assert report.ok and report.max_rel_error == 0.0, report
+    assert torch.equal(x, before), "verify changed the caller's example input"

@@ -256,3 +256,30 @@ def test_in_place_layer_on_a_tensor_the_graph_reads_again():
     with torch.no_grad():
         assert torch.equal(joint[1], model(x))
         assert torch.equal(joint[1], gm(x))
+
+
+class MutatesInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = x.add_(2.0)  # the graph reads x here for the last time: fc reads the add_ node
+        return self.fc(y)
+
+
+def test_a_write_just_before_the_graph_lets_go_is_caught():
+    """The graph's glue changes the input (held by both sides) by its last read of it.
+
+    Nothing checks that tensor at a later layer call, so only the check right after the graph's
+    stretch of glue sees the write. Without it, eager would add its 2.0 on top of the graph's 1.0 and
+    both sides would feed the same tensor to ``fc``: equal outputs from an unfaithful graph.
+    """
+    model = MutatesInput().eval()
+
+    def add_one_instead(graph):
+        add = _node(graph, "add_")
+        add.args = (add.args[0], 1.0)
+
+    gm = _tampered(model, add_one_instead)
+    assert run_in_step(model, gm, (torch.randn(3, 4),)) is None

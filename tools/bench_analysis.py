@@ -1,7 +1,7 @@
 """Benchmark: r2r_fx width-group analysis against Torch-Pruning's dependency graph, on resnet50.
 
 What is measured, on torchvision ``resnet50(weights=None).eval()`` with one ``torch.randn(1, 3, 224, 224)``
-input, all in one process (each side warmed up once, then ``--repeats`` timed repetitions with the two
+input, all in one process (each side warmed up three times, then ``--repeats`` timed repetitions with the two
 sides alternating so that background load hits both alike; medians are reported):
 
 * **r2r_fx**: ``r2r_fx.capture(model, inputs)`` followed by ``r2r_fx.width_groups(gm)``, i.e. everything a
@@ -10,15 +10,16 @@ sides alternating so that background load hits both alike; medians are reported)
   ``list(DG.get_all_groups())`` (the channel groups rooted at every Conv/Linear).
 
 The project target is ``r2r / tp <= 1``. The script also times the pieces ``capture`` is made of (see
-``r2r_fx/capture.py``) by re-running them one by one: ``torch.fx.symbolic_trace``, the joint run of
-the eager model and the graph that checks the graph and records shapes (``r2r_fx/instep.py``: each
-layer computes once, the glue between layers twice), the output comparison, and
-``r2r_fx.analysis.Analysis`` (the width-group analysis proper). As yardsticks it times one eager
-forward without and with autograd (Torch-Pruning traces with autograd).
+``r2r_fx/capture.py``) by re-running them one by one: ``torch.fx.symbolic_trace`` (its tracer, then
+the GraphModule with its generated code), the joint run of the eager model and the graph that checks
+the graph and records shapes (``r2r_fx/instep.py``: each layer computes once, the glue between layers
+twice), the output comparison, and ``r2r_fx.analysis.Analysis`` (the width-group analysis proper);
+and Torch-Pruning's two calls one by one. As yardsticks it times one eager forward without and with
+autograd (Torch-Pruning traces with autograd).
 
 Runs offline (random weights). Example::
 
-    .venv/bin/python tools/bench_analysis.py --repeats 7 --threads 1,0
+    .venv/bin/python tools/bench_analysis.py --repeats 11 --threads 1,0
 """
 
 from __future__ import annotations
@@ -71,8 +72,12 @@ def r2r_steps(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[
     clock = time.perf_counter
 
     t = clock()
+    graph_only = torch.fx.Tracer().trace(model)
+    times["symbolic_trace: tracer"] = clock() - t
+    t = clock()
+    torch.fx.GraphModule(model, graph_only)
+    times["symbolic_trace: GraphModule + codegen"] = clock() - t
     gm = torch.fx.symbolic_trace(model)
-    times["symbolic_trace"] = clock() - t
     t = clock()
     eager, graph = run_in_step(model, gm, inputs)
     times["joint eager + graph run (instep)"] = clock() - t
@@ -86,6 +91,16 @@ def r2r_steps(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[
     record_shapes(gm, inputs, meta=True)
     times["[check=False] meta-device shapes"] = clock() - t
     return times
+
+
+def tp_steps(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, float]:
+    """Torch-Pruning's two calls, timed one by one."""
+    t = time.perf_counter()
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
+    build = time.perf_counter() - t
+    t = time.perf_counter()
+    list(dg.get_all_groups())
+    return {"build_dependency (autograd forward)": build, "get_all_groups": time.perf_counter() - t}
 
 
 def yardsticks(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, float]:
@@ -106,13 +121,19 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t, result
 
 
+_WARM_UPS = 3
+
+
 def measure(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], repeats: int) -> float:
     """One side-by-side measurement at the current thread count; prints its table, returns r2r/tp."""
-    print(f"\n== {torch.get_num_threads()} torch thread(s), {repeats} repeats (median), 1 warm-up")
-    # Warm-up: first calls pay for lazy imports, kernel selection and allocator growth.
-    groups = {"r2r": run_r2r(model, inputs), "tp": run_tp(model, inputs), "fast": run_r2r_unchecked(model, inputs)}
-    r2r_steps(model, inputs)
-    yardsticks(model, inputs)
+    print(f"\n== {torch.get_num_threads()} torch thread(s), {repeats} repeats (median), {_WARM_UPS} warm-ups")
+    # Warm-up: first calls pay for lazy imports, kernel selection and allocator growth. One round is
+    # not enough here: right after start-up Torch-Pruning's autograd run stays slow for a few calls.
+    for _ in range(_WARM_UPS):
+        groups = {"r2r": run_r2r(model, inputs), "tp": run_tp(model, inputs), "fast": run_r2r_unchecked(model, inputs)}
+        r2r_steps(model, inputs)
+        tp_steps(model, inputs)
+        yardsticks(model, inputs)
 
     sides = {"r2r": run_r2r, "tp": run_tp, "fast": run_r2r_unchecked}
     times: dict[str, list[float]] = {name: [] for name in sides}
@@ -122,6 +143,7 @@ def measure(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], repeats: i
             seconds, groups[name] = timed(lambda fn=sides[name]: fn(model, inputs))
             times[name].append(seconds)
     step_runs = [r2r_steps(model, inputs) for _ in range(repeats)]
+    tp_runs = [tp_steps(model, inputs) for _ in range(repeats)]
     yard_runs = [yardsticks(model, inputs) for _ in range(repeats)]
 
     med = {name: statistics.median(ts) for name, ts in times.items()}
@@ -143,6 +165,9 @@ def measure(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], repeats: i
     print("r2r_fx breakdown (steps re-run one by one, medians):")
     for key in step_runs[0]:
         print(f"  {key:36s}{statistics.median(run[key] for run in step_runs):10.3f}")
+    print("torch-pruning breakdown (medians):")
+    for key in tp_runs[0]:
+        print(f"  {key:36s}{statistics.median(run[key] for run in tp_runs):10.3f}")
     print("yardsticks (medians):")
     for key in yard_runs[0]:
         print(f"  {key:36s}{statistics.median(run[key] for run in yard_runs):10.3f}")
@@ -155,7 +180,7 @@ def _verdict(ratio: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7, help="timed repetitions per side (median reported)")
+    parser.add_argument("--repeats", type=int, default=11, help="timed repetitions per side (median reported)")
     parser.add_argument(
         "--threads",
         default="1,0",
