@@ -67,6 +67,11 @@ _OUT_OF_PLACE = {
 }
 
 
+# Input leaves the joint run can follow: tensors (watched through their version counters) and values
+# that cannot change. Anything else (a dataclass, a tokenizer's BatchEncoding) could hide a tensor.
+_WATCHABLE = (torch.Tensor, int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device)
+
+
 class _OutOfStep(Exception):
     """The eager run and the graph run no longer do the same thing."""
 
@@ -132,6 +137,8 @@ def run_in_step(model: nn.Module, gm: torch.fx.GraphModule, inputs: tuple[Any, .
     own = {id(m) for m in model.modules()}
     if not leaves or any(id(m) not in own or _has_hooks(m) for m in leaves.values()) or _global_hooks():
         return None
+    if not all(isinstance(leaf, _WATCHABLE) for leaf in tree_flatten(tuple(inputs))[0]):
+        return None  # tensors inside objects pytree cannot open would escape the version checks
     try:
         run = _JointRun(gm, leaves, inputs)
     except _OutOfStep as exc:

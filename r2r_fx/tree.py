@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
@@ -13,16 +14,20 @@ __all__ = ["fresh_inputs", "leaves", "max_errors"]
 
 
 def fresh_inputs(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A copy of every tensor in ``inputs`` (structure, strides and ``requires_grad`` kept).
+    """A deep copy of ``inputs``: tensors anywhere in them (dataclasses and other containers too),
+    with their strides, ``requires_grad`` and the aliasing between them kept.
 
     Each run of a model gets its own, so a forward that changes its inputs in place (``x.div_(255)``)
     leaves the caller's tensors alone and the next run sees the same values.
     """
+    try:
+        return tuple(copy.deepcopy(tuple(inputs)))
+    except Exception:  # noqa: BLE001 - e.g. a non-leaf tensor that requires grad: copy the tensors pytree sees
+        return tuple(tree_map_only(torch.Tensor, _detached_copy, tuple(inputs)))
 
-    def copy(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().clone().requires_grad_(t.requires_grad)
 
-    return tuple(tree_map_only(torch.Tensor, copy, tuple(inputs)))
+def _detached_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(t.requires_grad)
 
 
 def leaves(tree: Any) -> list[tuple[str, Any]]:
