@@ -35,7 +35,6 @@ __all__ = [
     "example_inputs_of",
     "flavour_of",
     "from_exported_program",
-    "mode_flag_modules",
     "record_shapes",
 ]
 
@@ -209,7 +208,7 @@ def _symbolic_trace(model: nn.Module, inputs: tuple[Any, ...]) -> torch.fx.Graph
         annotated = [node for node in gm.graph.nodes if isinstance(node.type, str)]
         for node in annotated:
             node.type = None
-        if _follow_mode(gm, model) or annotated:
+        if annotated:
             gm.recompile()
     finally:
         # The tracer parks the tensors it meets in ``forward`` on the model as ``_tensor_constant0``,
@@ -217,131 +216,6 @@ def _symbolic_trace(model: nn.Module, inputs: tuple[Any, ...]) -> torch.fx.Graph
         for name in set(model.__dict__) - parked:
             del model.__dict__[name]
     return gm
-
-
-def _follow_mode(gm: torch.fx.GraphModule, model: nn.Module) -> bool:
-    """Hand back to ``.train()`` / ``.eval()`` the arguments that were ``self.training`` in the source.
-
-    ``symbolic_trace`` reads ``self.training`` as it traces (capture traces in eval mode), so
-    ``F.dropout(x, p, training=self.training)`` or torchvision's stochastic depth would stay off in
-    train mode for good. When a call in the graph has a ``False`` argument, a second trace in train
-    mode tells which of them follow the mode: the two graphs must agree but for ``False`` turned
-    ``True``, and those arguments then read the ``training`` flag of the module whose code made the
-    call (a container in the GraphModule, which ``.train()`` / ``.eval()`` reach). Returns whether the
-    graph changed.
-    """
-    suspects = [
-        n
-        for n in gm.graph.nodes
-        if n.op in ("call_function", "call_method") and any(v is False for v in (*n.args, *n.kwargs.values()))
-    ]
-    if not suspects:
-        return False
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.train()
-        train_graph = torch.fx.Tracer().trace(model)
-    except Exception as exc:  # noqa: BLE001 - the eval-mode graph stands; say what is lost
-        logger.warning("tracing in train mode failed (%s); train mode keeps the eval-mode flags", exc)
-        return False
-    finally:
-        for m, mode in modes:
-            m.training = mode
-    flips = _mode_flips(list(gm.graph.nodes), list(train_graph.nodes), model)
-    if flips is None:
-        logger.warning(
-            "the model takes another path in train mode than in eval mode; the captured graph is the "
-            "eval-mode path, in train mode too"
-        )
-        return False
-    for node, keys in flips:
-        owner = _owner_path(node)
-        container = _container(gm, owner)
-        container.training = False  # as traced; capture's _finish gives it the model's mode
-        with gm.graph.inserting_before(node):
-            # create_node: Graph.get_attr warns about attributes that are not modules or tensors
-            flag = gm.graph.create_node("get_attr", f"{owner}.training" if owner else "training")
-        node.args = tuple(flag if i in keys else a for i, a in enumerate(node.args))
-        node.kwargs = {k: flag if k in keys else v for k, v in node.kwargs.items()}
-    return bool(flips)
-
-
-def mode_flag_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules whose ``training`` flag a captured graph passes to calls such as ``F.dropout``."""
-    if not isinstance(model, torch.fx.GraphModule):
-        return []
-    owners = [
-        str(n.target).rpartition(".")[0]
-        for n in model.graph.nodes
-        if n.op == "get_attr" and str(n.target).rpartition(".")[2] == "training"
-    ]
-    return [model.get_submodule(owner) if owner else model for owner in owners]
-
-
-def _mode_flips(
-    eval_nodes: list[torch.fx.Node], train_nodes: list[torch.fx.Node], model: nn.Module
-) -> list[tuple[torch.fx.Node, set[Any]]] | None:
-    """Per eval-graph node, the argument positions and keywords that are False in eval and True in
-    train; None when the two graphs differ in anything else. (Constants the tracer parked on ``model``
-    are numbered on from the first trace, so they are compared by value.)"""
-    if len(eval_nodes) != len(train_nodes):
-        return None
-    twin: dict[torch.fx.Node, torch.fx.Node] = {}  # train node -> eval node
-    flips = []
-    for a, b in zip(eval_nodes, train_nodes):
-        if a.op != b.op or len(a.args) != len(b.args) or a.kwargs.keys() != b.kwargs.keys():
-            return None
-        if a.target != b.target and not (a.op == "get_attr" and _same_constant(model, a.target, b.target)):
-            return None
-        twin[b] = a
-        pairs = [*enumerate(zip(a.args, b.args)), *((k, (v, b.kwargs[k])) for k, v in a.kwargs.items())]
-        keys = {key for key, (x, y) in pairs if x is False and y is True}
-        if any(key not in keys and not _same_argument(x, y, twin) for key, (x, y) in pairs):
-            return None
-        if keys:
-            flips.append((a, keys))
-    return flips
-
-
-def _same_constant(model: nn.Module, a: Any, b: Any) -> bool:
-    x, y = getattr(model, str(a), None), getattr(model, str(b), None)
-    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-        return x.dtype == y.dtype and x.shape == y.shape and bool(torch.equal(x, y))
-    return False
-
-
-def _same_argument(x: Any, y: Any, twin: dict[torch.fx.Node, torch.fx.Node]) -> bool:
-    if isinstance(x, torch.fx.Node) or isinstance(y, torch.fx.Node):
-        return twin.get(y) is x
-    if isinstance(x, (tuple, list)):
-        return type(x) is type(y) and len(x) == len(y) and all(_same_argument(p, q, twin) for p, q in zip(x, y))
-    if isinstance(x, dict):
-        return isinstance(y, dict) and x.keys() == y.keys() and all(_same_argument(x[k], y[k], twin) for k in x)
-    if isinstance(x, slice):
-        return isinstance(y, slice) and all(
-            _same_argument(p, q, twin) for p, q in zip((x.start, x.stop, x.step), (y.start, y.stop, y.step))
-        )
-    try:
-        return type(x) is type(y) and bool(x == y)
-    except Exception:  # noqa: BLE001 - values that cannot be compared count as different
-        return False
-
-
-def _owner_path(node: torch.fx.Node) -> str:
-    """The qualified name of the module whose ``forward`` made this call ("" for the root)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return str(list(stack.values())[-1][0]) if stack else ""
-
-
-def _container(gm: torch.fx.GraphModule, path: str) -> nn.Module:
-    """The GraphModule's module at ``path``, made (a plain ``nn.Module``) if the graph had no need of it."""
-    if not path:
-        return gm
-    try:
-        return gm.get_submodule(path)
-    except AttributeError:
-        gm.add_submodule(path, nn.Module())
-        return gm.get_submodule(path)
 
 
 def _export(model: nn.Module, inputs: tuple[Any, ...]) -> torch.fx.GraphModule:

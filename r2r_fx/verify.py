@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from r2r_fx.capture import mode_flag_modules
 from r2r_fx.export import export_onnx, run_onnx
 from r2r_fx.tree import fresh_inputs, leaves, max_errors
 
@@ -68,8 +67,6 @@ def _run(model: nn.Module, inputs: Sequence[Any], train: bool, seed: int) -> Any
         for m, _ in dropouts:
             m.p = 0.0
         model.train(train)
-        for m in mode_flag_modules(model):  # functional dropout / stochastic depth: off, like p = 0 above
-            m.training = False
         torch.manual_seed(seed)
         with torch.no_grad():
             return model(*fresh_inputs(inputs))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import pytest
 import torch
@@ -178,75 +177,6 @@ def test_tensors_inside_a_dataclass_input_are_copied_and_checked():
         r2r_fx.capture(ScalesItsBatch(graph_factor=1.0).eval(), (batch,), via="symbolic_trace")
 
 
-class Scaled(nn.Module):
-    """Functional dropout that follows this module's mode, as torchvision's StochasticDepth does."""
-
-    def forward(self, x):
-        return F.dropout(x, 0.5, training=self.training)
-
-
-class FunctionalDropouts(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc, self.block, self.frozen, self.head = nn.Linear(16, 16), Scaled(), Scaled(), nn.Linear(16, 4)
-
-    def forward(self, x):
-        x = F.dropout(self.fc(x), 0.25, training=self.training)  # the root's flag
-        x = F.dropout(x, 0.5, training=False)  # always off: must stay off
-        return self.head(self.frozen(self.block(x)))
-
-
-def test_functional_flags_follow_train_and_eval():
-    model, x = FunctionalDropouts(), torch.randn(64, 16)
-    model.train()
-    model.frozen.eval()  # a part frozen by the user stays off in train mode
-    gm = r2r_fx.capture(model, (x,), via="symbolic_trace")
-    flags = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    assert flags == {"training", "block.training", "frozen.training"}
-    for mode in (True, False):
-        model.train(mode)
-        gm.train(mode)
-        model.frozen.eval()
-        gm.get_submodule("frozen").eval()
-        torch.manual_seed(0)
-        expected = model(x)
-        torch.manual_seed(0)
-        assert torch.equal(gm(x), expected), f"train={mode}"
-    gm.train()
-    assert not torch.equal(gm(x), gm(x)), "dropout inactive in train mode"
-
-
-class BranchesOnMode(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.fc(x) * 2 if self.training else F.dropout(self.fc(x), 0.5, training=False)
-
-
-def test_a_model_that_branches_on_its_mode_keeps_the_eval_path_and_says_so(caplog):
-    model, x = BranchesOnMode().eval(), torch.randn(3, 4)
-    with caplog.at_level(logging.WARNING, logger="r2r_fx.capture"):
-        gm = r2r_fx.capture(model, (x,), via="symbolic_trace")
-    assert "another path in train mode" in caplog.text
-    gm.train()
-    with torch.no_grad():
-        assert torch.equal(gm(x), model.eval()(x))
-
-
-def test_widened_functional_dropout_trains_and_verifies():
-    model, x = FunctionalDropouts().eval(), torch.randn(8, 16)
-    gm = r2r_fx.capture(model, (x,), via="symbolic_trace")
-    grown = r2r_fx.widen(gm, factor=2.0, seed=0)
-    assert grown.get_submodule("fc").out_features == 32
-    report = r2r_fx.verify(gm, grown, (x,))  # train mode compares with the random ops off
-    assert report.ok and report.train_rel_error is not None, report
-    grown.train()
-    assert not torch.equal(grown(x), grown(x)), "the grown model lost its dropout in train mode"
-    assert {str(n.target) for n in grown.graph.nodes if n.op == "get_attr"} >= {"training", "block.training"}
-
-
 class ConstantAndFlag(nn.Module):
     def __init__(self):
         super().__init__()
@@ -260,8 +190,8 @@ class ConstantAndFlag(nn.Module):
 def test_capture_takes_the_tracers_constants_off_the_model():
     model, x = ConstantAndFlag().eval(), torch.randn(4, 2)
     before = dict(model.__dict__)
-    gm = r2r_fx.capture(model, (x,), via="symbolic_trace")  # traced twice: the flag
+    gm = r2r_fx.capture(model, (x,), via="symbolic_trace")
     assert model.__dict__ == before
-    assert {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"} == {"_tensor_constant0", "training"}
+    assert {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"} == {"_tensor_constant0"}
     with torch.no_grad():
         assert torch.equal(gm(x), model(x))
