@@ -29,14 +29,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from r2r_fx.instep import eval_mode, run_in_step
 from r2r_fx.tree import fresh_inputs, max_errors
 
-__all__ = [
-    "CaptureError",
-    "capture",
-    "example_inputs_of",
-    "flavour_of",
-    "from_exported_program",
-    "record_shapes",
-]
+__all__ = ["CaptureError", "capture", "example_inputs_of", "flavour_of", "from_exported_program", "record_shapes"]
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Benchmark: r2r_fx width-group analysis against Torch-Pruning's dependency graph, on resnet50.
 
 What is measured, on torchvision ``resnet50(weights=None).eval()`` with one ``torch.randn(1, 3, 224, 224)``
-input, all in one process (each side warmed up three times, then ``--repeats`` timed repetitions with the two
-sides alternating so that background load hits both alike; medians are reported):
+input, all in one process (each side warmed up three times, then ``--repeats`` timed repetitions with
+the two sides alternating so that background load hits both alike; medians are reported):
 
 * **r2r_fx**: ``r2r_fx.capture(model, inputs)`` followed by ``r2r_fx.width_groups(gm)``, i.e. everything a
   user pays to get from an eager model to its width groups.
