@@ -192,10 +192,55 @@ def _describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}{where}"
 
 
+class _Tracer(torch.fx.Tracer):
+    """``torch.fx.Tracer`` with quicker paths for the common cases; it records the same graph.
+
+    * ``create_arg``: proxies, plain tuples and plain constants are converted without the chain of
+      parameter/buffer/constant tests the base class runs first (none of them applies to these).
+    * ``call_module``: the base class also keeps a ``Scope`` for its own ``node_name_to_scope``
+      table, which the graph never sees; the ``nn_module_stack`` of every node is kept as it is
+      (except where ``forward`` catches an exception raised inside a submodule: torch then leaves that
+      submodule on the stack of every later node, this tracer takes it off).
+    """
+
+    def create_arg(self, a: Any) -> Any:
+        kind = type(a)
+        if kind is torch.fx.Proxy:
+            return a.node
+        if kind is tuple:
+            return tuple([self.create_arg(x) for x in a])
+        if kind in _PLAIN_CONSTANTS:
+            return a
+        return super().create_arg(a)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        path = self.path_of_module(m)
+        calls = self.num_calls.get(path, 0)
+        self.module_stack[f"{path}@{calls}" if calls else path] = (path, type(m))
+        self.num_calls[path] = calls + 1
+        try:
+            if not self.is_leaf_module(m, path):
+                return forward(*args, **kwargs)
+            return self.create_proxy("call_module", path, args, kwargs)
+        finally:
+            self.module_stack.popitem(last=True)
+
+
+_PLAIN_CONSTANTS = {int, float, bool, str, type(None)}
+
+
+def _trace_module(model: nn.Module) -> torch.fx.GraphModule:
+    """``torch.fx.symbolic_trace(model)``, with the quicker tracer above."""
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    graph._tracer_cls = torch.fx.Tracer  # what reloading a pickled GraphModule re-traces with: torch's own
+    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
 def _symbolic_trace(model: nn.Module, inputs: tuple[Any, ...]) -> torch.fx.GraphModule:
     parked = set(model.__dict__)
     try:
-        gm = torch.fx.symbolic_trace(model)
+        gm = _trace_module(model)
         # String annotations (``from __future__ import annotations``) become str globals in the generated
         # code, which breaks pickling the GraphModule: drop them.
         annotated = [node for node in gm.graph.nodes if isinstance(node.type, str)]

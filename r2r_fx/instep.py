@@ -67,6 +67,29 @@ _OUT_OF_PLACE = {
 }
 
 
+# Glue whose tensor result is always newly allocated (the graph side runs the in-place operators out of
+# place too): when only one module call reads such a result, the comparison may overwrite it.
+_FRESH = {
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.cat,
+    torch.concat,
+    "add",
+    "sub",
+    "mul",
+    "div",
+}
+
 # Input leaves the joint run can follow: tensors (watched through their version counters) and values
 # that cannot change. Anything else (a dataclass, a tokenizer's BatchEncoding) could hide a tensor.
 _WATCHABLE = (torch.Tensor, int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device)
@@ -189,17 +212,24 @@ class _GraphSide(torch.fx.Interpreter):
 
     def steps(self, inputs: tuple[Any, ...], freed: Callable[[torch.fx.Node], None]) -> Generator[Any, Any, Any]:
         """Yields ``(node, args, kwargs)`` per call_module node, expects its value sent back; returns the output."""
-        env = self.env = {}
+        env = self.env  # Interpreter.__init__ made it; the joint run reads it too
         last_uses = self.user_to_last_uses
         load = env.__getitem__  # a missing value is a broken graph: the KeyError makes the run out of step
         self.args_iter = iter(self.graph.process_inputs(*inputs))
+        no_kwargs: dict[str, Any] = {}  # shared, never written to
         for node in self.graph.nodes:
-            args, kwargs = map_arg(node.args, load), map_arg(node.kwargs, load)
+            args, kwargs = node.args, node.kwargs
+            args = map_arg(args, load) if args else ()
+            kwargs = map_arg(kwargs, load) if kwargs else no_kwargs
             if node.op == "call_module":
                 value = yield node, args, kwargs
             else:  # Interpreter.run_node without its per-node context manager
                 value = getattr(self, node.op)(node.target, args, kwargs)
-            record_meta(node, value)
+            if type(value) is torch.Tensor:  # record_meta's usual case, inline
+                meta = node.meta
+                meta["tensor_meta"], meta["type"] = _tensor_metadata(value), torch.Tensor
+            else:
+                record_meta(node, value)
             env[node] = value
             for dead in last_uses.get(node, ()):
                 del env[dead]
@@ -231,6 +261,7 @@ class _JointRun:
         interpreter = _GraphSide(gm)
         self.last_read_by = interpreter.user_to_last_uses  # node -> the inputs it is the last reader of
         self.graph_side = interpreter.steps(inputs, self._retire)
+        self.values = interpreter.env  # the graph side's live values, node -> value
         # equal tensors the two sides got from one module call (an in-place module run on each side)
         self.equal: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor], int, int]] = {}
         self.pending: tuple[torch.fx.Node, Any, Any] | None = None
@@ -272,18 +303,30 @@ class _JointRun:
         if eager_spec != graph_spec:
             raise _OutOfStep(f"{node.target} gets differently structured arguments")
         distinct = [(e, g) for e, g in zip(eager_leaves, graph_leaves) if e is not g]
-        for e, g in distinct:
-            if not self._known_equal(e, g) and not _same_value(e, g):
-                raise _OutOfStep(f"{node.target} gets different arguments")
-        tensors = [(e, e._version) for e, _ in distinct if isinstance(e, torch.Tensor)]
+        dropped: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if distinct:
+            distinct, dropped = self._compare(node, distinct, flat=isinstance(graph_spec, int))
+            if dropped:  # positional tensors only (flat): eager's equal tensor stands in for the graph's
+                gone = {id(g) for _, g in dropped}
+                graph_args = tuple(e if id(g) in gone else g for e, g in zip(args, graph_args))
+        watched = [(e, e._version) for e, _ in distinct if isinstance(e, torch.Tensor)]
+        watched += [(e, e._version) for e, _ in dropped]
         out = forward(*args, **kwargs)
-        if not distinct:
+        changed = [e for e, version in watched if e._version != version]
+        if changed:
+            self._check_not_held(node, changed)
+        if not distinct and not dropped:
             graph_out = out
-        elif not any(e._version != version for e, version in tensors):
-            swap = {id(e): g for e, g in distinct}  # an argument passed through stays the graph's own
-            graph_out = _map_tensors(lambda t: swap.get(id(t), t), out) if swap else out
+        elif not changed:
+            # An argument passed through (nn.Identity, eval-mode Dropout) stays the graph's own: its own
+            # tensor, or for a dropped one an equal copy, so that eager's later writes stay eager's.
+            swap = {id(e): g for e, g in distinct}
+            own = {id(e) for e, _ in dropped}
+            graph_out = _map_tensors(lambda t: t.clone() if id(t) in own else swap.get(id(t), t), out)
         elif all(n in self.last_read_by.get(node, ()) for n in node.all_input_nodes):
             graph_out = out  # it changed eager's arguments in place; the graph's own are dead after it
+        elif dropped:
+            raise _OutOfStep(f"{node.target} changes in place arguments the graph still reads")
         else:
             graph_out = forward(*graph_args, **graph_kwargs)  # each side's own arguments change in place
         if node in self.cloned:
@@ -295,6 +338,58 @@ class _JointRun:
             self._register_outputs(node, out, graph_out)
         self._advance(graph_out)
         return out
+
+    def _compare(
+        self, node: torch.fx.Node, distinct: list[tuple[Any, Any]], *, flat: bool
+    ) -> tuple[list[tuple[Any, Any]], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Check the graph's arguments against eager's: the pairs that stay distinct, and the dropped ones.
+
+        A tensor that glue has just computed for this call alone (a residual sum, say) is compared in
+        its own memory (``g -= e`` rather than a new ``g - e``) and then dropped: eager's equal tensor
+        stands in for it from here on.
+        """
+        kept: list[tuple[Any, Any]] = []
+        dropped: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for e, g in distinct:
+            if self._known_equal(e, g):
+                kept.append((e, g))
+            elif flat and type(e) is type(g) is torch.Tensor and _same_kind(e, g) and self._scratch(node, g):
+                if not _all_zero(g.sub_(e)):
+                    raise _OutOfStep(f"{node.target} gets different arguments")
+                dropped.append((e, g))
+            elif _same_value(e, g):
+                kept.append((e, g))
+            else:
+                raise _OutOfStep(f"{node.target} gets different arguments")
+        return kept, dropped
+
+    def _check_not_held(self, node: torch.fx.Node, changed: list[torch.Tensor]) -> None:
+        """A module changed eager's argument in place where the graph passed its own equal tensor: the
+        graph must not also hold eager's tensor (or a view of its memory) as some node's value, or the
+        write would reach a value the graph meant to keep."""
+        memory = {_memory(t) for t in changed if t.numel()}  # an empty tensor has nothing to write
+        if None in memory:
+            raise _OutOfStep(f"{node.target} changed in place a tensor whose memory cannot be told apart")
+        for holder, entries in self.shared.items():
+            for t, _ in entries:
+                if t.numel() and _memory(t) in memory:
+                    raise _OutOfStep(f"{node.target} changed in place a tensor the graph holds as {holder.name}")
+
+    def _scratch(self, node: torch.fx.Node, g: torch.Tensor) -> bool:
+        """Whether the tensor ``g`` is a fresh graph-only float tensor that only ``node`` reads (free to overwrite)."""
+        if g._base is not None or not g.is_floating_point():
+            return False
+        for src in node.args:
+            if isinstance(src, torch.fx.Node) and self.values.get(src) is g:
+                return (
+                    src.target in _FRESH
+                    and src.op in ("call_function", "call_method")
+                    and "out" not in src.kwargs
+                    and len(src.users) == 1
+                    and node.args.count(src) == 1
+                    and not node.kwargs
+                )
+        return False
 
     def _register_outputs(self, node: torch.fx.Node, out: Any, graph_out: Any) -> None:
         """Watch the output tensors both sides hold; remember the equal pairs each side holds its own of."""
@@ -327,8 +422,9 @@ class _JointRun:
             raise _OutOfStep(f"the graph fails: {type(exc).__name__}: {exc}") from exc
         # What the graph let go of, it may have written just before: check it now. (Eager writing
         # to it later is no harm: the graph has read it for the last time.)
-        retired, self.retired = self.retired, []
-        self._check_shared(retired)
+        if self.retired:
+            retired, self.retired = self.retired, []
+            self._check_shared(retired)
 
     def _share(self, node: torch.fx.Node, value: Any) -> None:
         entries = [(t, t._version) for t in _tensor_leaves(value)]
@@ -347,9 +443,12 @@ class _JointRun:
                     raise _OutOfStep(f"the value of {node.name}, held by both runs, was changed in place")
 
     def _snapshot_shared(self) -> None:
-        for node, entries in self.shared.items():
-            if any(t._version != version for t, version in entries):
-                self.shared[node] = [(t, t._version) for t, _ in entries]
+        shared = self.shared
+        for node, entries in shared.items():
+            for t, version in entries:
+                if t._version != version:
+                    shared[node] = [(t, t._version) for t, _ in entries]
+                    break
 
 
 def _tensor_leaves(value: Any) -> list[torch.Tensor]:
@@ -366,8 +465,12 @@ def _map_tensors(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
 
 def _flatten(args: Any, kwargs: Any) -> tuple[list[Any], Any]:
     """The leaves of a call's arguments and their structure (quick for the usual tensors-only call)."""
-    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
-        return list(args), len(args)
+    if not kwargs:
+        for a in args:
+            if not isinstance(a, torch.Tensor):
+                break
+        else:
+            return args, len(args)
     return tree_flatten((tuple(args), dict(kwargs)))
 
 
@@ -375,18 +478,36 @@ def _same_value(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return False
-        if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        if not _same_kind(a, b):
             return False
-        if a.numel() and a.is_floating_point():
+        if a.is_floating_point():
             # x - y == 0 exactly when x == y (NaN and inf give NaN: "different", which is safe);
             # a subtraction and one min/max pass are about three times as fast as torch.equal on CPU
-            low, high = torch.aminmax(a - b)
-            return low.item() == 0 and high.item() == 0
+            return _all_zero(a - b)
         return bool(torch.equal(a, b))
     try:
         return type(a) is type(b) and bool(a == b)
     except Exception:  # noqa: BLE001 - values that cannot be compared are not the same
         return False
+
+
+def _memory(t: torch.Tensor) -> int | None:
+    """Where a tensor's storage lives (views share it); None where it cannot be told (sparse, ...)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _same_kind(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+
+
+def _all_zero(t: torch.Tensor) -> bool:
+    if not t.numel():
+        return True
+    low, high = torch.aminmax(t)
+    return low.item() == 0 and high.item() == 0
 
 
 def _mutates(node: torch.fx.Node) -> bool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import pickle
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from torch import nn
 from torch.fx._symbolic_trace import is_fx_tracing
 
 import r2r_fx
+from r2r_fx.capture import _trace_module
 from r2r_fx.tree import max_errors
 
 from zoo import ZOO
@@ -61,6 +64,35 @@ def test_module_graph_shares_layers_like_symbolic_trace():
     model, inputs = ZOO["resnet"]()
     gm = r2r_fx.capture(model, inputs)
     assert gm.get_submodule("layer1.conv1") is model.layer1.conv1
+
+
+def _recorded(gm):
+    """Everything the tracer records, node by node (nodes of two graphs compare by name)."""
+    return [
+        (n.name, n.op, str(n.target), str(n.args), str(n.kwargs), n.type, n.meta.get("nn_module_stack"))
+        for n in gm.graph.nodes
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_the_quick_tracer_records_what_symbolic_trace_records(name):
+    model, _ = ZOO[name]()
+    ours, torchs = _trace_module(copy.deepcopy(model)), torch.fx.symbolic_trace(copy.deepcopy(model))
+    assert ours.code == torchs.code
+    assert _recorded(ours) == _recorded(torchs)
+    assert any(n.meta.get("nn_module_stack") for n in ours.graph.nodes)
+    assert dict(ours.named_modules()).keys() == dict(torchs.named_modules()).keys()
+
+
+def test_a_captured_graph_pickles_without_r2r_fx():
+    """Reloading a pickled GraphModule re-traces it with the tracer class it records: torch's own."""
+    model, inputs = ZOO["resnet"]()
+    gm = r2r_fx.capture(model, inputs)
+    assert gm._tracer_cls is torch.fx.Tracer
+    blob = pickle.dumps(gm)
+    assert b"r2r_fx" not in blob
+    with torch.no_grad():
+        assert torch.equal(pickle.loads(blob)(*inputs), gm(*inputs))
 
 
 @pytest.mark.parametrize("name", ["vgg", "resnet", "mobilenetv2"])

@@ -283,3 +283,118 @@ def test_a_write_just_before_the_graph_lets_go_is_caught():
 
     gm = _tampered(model, add_one_instead)
     assert run_in_step(model, gm, (torch.randn(3, 4),)) is None
+
+
+def _plain(model, gm, x):
+    with torch.no_grad():
+        return model(x.clone()), gm(x.clone())
+
+
+class PassThenReLU(nn.Module):
+    """A residual-style sum passed through a layer that hands its input back, then an in-place ReLU."""
+
+    def __init__(self, keep):
+        super().__init__()
+        self.keep, self.relu = keep, nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        b = self.keep(x + 1.0)
+        return self.relu(b) + b
+
+
+@pytest.mark.parametrize("keep", [nn.Identity(), nn.Dropout(0.5), nn.Flatten(0)], ids=["identity", "dropout", "view"])
+def test_a_sum_passed_through_stays_in_step_and_exact(keep):
+    """The sum is compared in its own memory and dropped; the graph's value after the pass-through must
+    still be its own, or eager's in-place ReLU would reach it."""
+    model, x = PassThenReLU(keep).eval(), torch.randn(4, 5)
+    gm, joint = _joint(model, (x.clone(),))
+    eager, graph = _plain(model, gm, x)
+    assert torch.equal(eager, graph)
+    if joint is not None:  # a view makes the graph share eager's memory: falling back is fine
+        assert torch.equal(joint[0], eager) and torch.equal(joint[1], eager)
+    if not isinstance(keep, nn.Flatten):
+        assert joint is not None
+
+
+@pytest.mark.parametrize("keep", [nn.Identity(), nn.Flatten(0)], ids=["identity", "view"])
+def test_an_in_place_layer_on_a_copy_the_graph_made_is_caught(keep):
+    """Eager's ReLU changes b itself; the tampered graph gives it a copy and reads b unchanged after.
+
+    The copy equals b, so the arguments compare equal; what must not pass is eager's in-place write
+    reaching a tensor the graph holds as another node's value (b, or a view of its memory).
+    """
+    model, x = PassThenReLU(keep).eval(), torch.randn(4, 5)
+
+    def copy_before_relu(graph):
+        keep_node = next(n for n in graph.nodes if n.op == "call_module" and n.target == "keep")
+        relu = next(n for n in graph.nodes if n.op == "call_module" and n.target == "relu")
+        with graph.inserting_before(relu):
+            copy = graph.call_method("clone", (keep_node,))
+        relu.replace_input_with(keep_node, copy)
+
+    gm = _tampered(model, copy_before_relu)
+    eager, graph = _plain(model, gm, x)
+    assert not torch.equal(eager, graph)
+    joint = run_in_step(model, gm, (x.clone(),))
+    assert joint is None or max_errors(*joint)[1] > 0
+
+
+def test_an_in_place_layer_on_an_input_the_graph_reads_again_is_caught():
+    """Eval eager hands the input itself to an in-place ReLU; the traced graph hands it ``x * 1``.
+
+    ``torch.is_grad_enabled()`` is True while tracing and False in capture's check, so the graph
+    records the copy. Capture must not return a graph whose output differs from eval-mode eager.
+    """
+
+    class GradDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.relu = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            t = x * 1 if torch.is_grad_enabled() else x
+            return self.relu(t) + x
+
+    model, x = GradDependent().eval(), torch.randn(4, 5)
+    gm = torch.fx.symbolic_trace(model)
+    assert run_in_step(model, gm, (x.clone(),)) is None
+    try:
+        captured = r2r_fx.capture(model, (x,))
+    except r2r_fx.CaptureError:
+        return
+    eager, graph = _plain(model, captured, x)
+    assert torch.equal(eager, graph)
+
+
+class Accumulate(nn.Module):
+    """Changes both its arguments in place."""
+
+    def forward(self, a, b):
+        a.add_(1.0)
+        b.mul_(2.0)
+        return a
+
+
+class TwoInPlaceArguments(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.acc = Accumulate()
+
+    def forward(self, x):
+        b = x * 3.0
+        return self.acc(x + 1.0, b) + b
+
+
+def test_a_layer_changing_a_dropped_and_a_kept_argument_in_place():
+    """``x + 1`` is dropped for eager's equal tensor, ``b`` is read again: running the layer once more
+    on the graph's arguments would change eager's tensor twice. The result must still be eager's."""
+
+    class LeafAccumulate(torch.fx.Tracer):
+        def is_leaf_module(self, m, name):
+            return isinstance(m, Accumulate) or super().is_leaf_module(m, name)
+
+    model, x = TwoInPlaceArguments().eval(), torch.randn(4, 5)
+    gm = torch.fx.GraphModule(model, LeafAccumulate().trace(model))
+    eager, _ = _plain(model, gm, x)
+    joint = run_in_step(model, gm, (x.clone(),))
+    assert joint is None or (torch.equal(joint[0], eager) and torch.equal(joint[1], eager))
