@@ -33,7 +33,7 @@ import contextlib
 import logging
 import operator
 import weakref
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -216,20 +216,13 @@ class _GraphSide(torch.fx.Interpreter):
         last_uses = self.user_to_last_uses
         load = env.__getitem__  # a missing value is a broken graph: the KeyError makes the run out of step
         self.args_iter = iter(self.graph.process_inputs(*inputs))
-        no_kwargs: dict[str, Any] = {}  # shared, never written to
         for node in self.graph.nodes:
-            args, kwargs = node.args, node.kwargs
-            args = map_arg(args, load) if args else ()
-            kwargs = map_arg(kwargs, load) if kwargs else no_kwargs
+            args, kwargs = map_arg(node.args, load), map_arg(node.kwargs, load)
             if node.op == "call_module":
                 value = yield node, args, kwargs
             else:  # Interpreter.run_node without its per-node context manager
                 value = getattr(self, node.op)(node.target, args, kwargs)
-            if type(value) is torch.Tensor:  # record_meta's usual case, inline
-                meta = node.meta
-                meta["tensor_meta"], meta["type"] = _tensor_metadata(value), torch.Tensor
-            else:
-                record_meta(node, value)
+            record_meta(node, value)
             env[node] = value
             for dead in last_uses.get(node, ()):
                 del env[dead]
@@ -309,8 +302,7 @@ class _JointRun:
             if dropped:  # positional tensors only (flat): eager's equal tensor stands in for the graph's
                 gone = {id(g) for _, g in dropped}
                 graph_args = tuple(e if id(g) in gone else g for e, g in zip(args, graph_args))
-        watched = [(e, e._version) for e, _ in distinct if isinstance(e, torch.Tensor)]
-        watched += [(e, e._version) for e, _ in dropped]
+        watched = [(e, e._version) for e, _ in distinct + dropped if isinstance(e, torch.Tensor)]
         out = forward(*args, **kwargs)
         changed = [e for e, version in watched if e._version != version]
         if changed:
@@ -353,14 +345,11 @@ class _JointRun:
         for e, g in distinct:
             if self._known_equal(e, g):
                 kept.append((e, g))
-            elif flat and type(e) is type(g) is torch.Tensor and _same_kind(e, g) and self._scratch(node, g):
-                if not _all_zero(g.sub_(e)):
-                    raise _OutOfStep(f"{node.target} gets different arguments")
-                dropped.append((e, g))
-            elif _same_value(e, g):
-                kept.append((e, g))
-            else:
+                continue
+            scratch = flat and type(e) is torch.Tensor and self._scratch(node, g)
+            if not _same_value(e, g, overwrite=scratch):
                 raise _OutOfStep(f"{node.target} gets different arguments")
+            (dropped if scratch else kept).append((e, g))
         return kept, dropped
 
     def _check_not_held(self, node: torch.fx.Node, changed: list[torch.Tensor]) -> None:
@@ -375,9 +364,9 @@ class _JointRun:
                 if t.numel() and _memory(t) in memory:
                     raise _OutOfStep(f"{node.target} changed in place a tensor the graph holds as {holder.name}")
 
-    def _scratch(self, node: torch.fx.Node, g: torch.Tensor) -> bool:
-        """Whether the tensor ``g`` is a fresh graph-only float tensor that only ``node`` reads (free to overwrite)."""
-        if g._base is not None or not g.is_floating_point():
+    def _scratch(self, node: torch.fx.Node, g: Any) -> bool:
+        """Whether ``g`` is a fresh graph-only float tensor that only ``node`` reads (free to overwrite)."""
+        if type(g) is not torch.Tensor or g._base is not None or not g.is_floating_point():
             return False
         for src in node.args:
             if isinstance(src, torch.fx.Node) and self.values.get(src) is g:
@@ -463,7 +452,7 @@ def _map_tensors(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
     return tree_map(lambda t: fn(t) if isinstance(t, torch.Tensor) else t, value)
 
 
-def _flatten(args: Any, kwargs: Any) -> tuple[list[Any], Any]:
+def _flatten(args: Any, kwargs: Any) -> tuple[Sequence[Any], Any]:
     """The leaves of a call's arguments and their structure (quick for the usual tensors-only call)."""
     if not kwargs:
         for a in args:
@@ -474,7 +463,8 @@ def _flatten(args: Any, kwargs: Any) -> tuple[list[Any], Any]:
     return tree_flatten((tuple(args), dict(kwargs)))
 
 
-def _same_value(a: Any, b: Any) -> bool:
+def _same_value(a: Any, b: Any, *, overwrite: bool = False) -> bool:
+    """Whether two arguments hold the same value; ``overwrite`` lets a float ``b`` take ``b - a`` (no new tensor)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return False
@@ -483,7 +473,7 @@ def _same_value(a: Any, b: Any) -> bool:
         if a.is_floating_point():
             # x - y == 0 exactly when x == y (NaN and inf give NaN: "different", which is safe);
             # a subtraction and one min/max pass are about three times as fast as torch.equal on CPU
-            return _all_zero(a - b)
+            return _all_zero(b.sub_(a) if overwrite else a - b)
         return bool(torch.equal(a, b))
     try:
         return type(a) is type(b) and bool(a == b)
