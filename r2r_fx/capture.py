@@ -27,6 +27,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from r2r_fx.instep import eval_mode, run_in_step
+from r2r_fx.rules import is_stochastic_depth
 from r2r_fx.tree import fresh_inputs, max_errors
 
 __all__ = ["CaptureError", "capture", "example_inputs_of", "flavour_of", "from_exported_program", "record_shapes"]
@@ -201,7 +202,15 @@ class _Tracer(torch.fx.Tracer):
       table, which the graph never sees; the ``nn_module_stack`` of every node is kept as it is
       (except where ``forward`` catches an exception raised inside a submodule: torch then leaves that
       submodule on the stack of every later node, this tracer takes it off).
+
+    One deliberate difference in the graph: torchvision's ``StochasticDepth`` stays a layer
+    (``call_module``), as ``nn.Dropout`` does. Traced through, it would record its ``training`` flag
+    as the constant of the mode at capture (eval), and a captured or grown model put in train mode
+    would silently skip stochastic depth.
     """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_stochastic_depth(m) or super().is_leaf_module(m, module_qualified_name)
 
     def create_arg(self, a: Any) -> Any:
         kind = type(a)

@@ -77,6 +77,8 @@ def rule_for(
         for cls in type(module).__mro__:
             if cls in RULES:
                 return RULES[cls]
+        if is_stochastic_depth(module):
+            return RULES.get("stochastic_depth")
         return None
     if node.op == "call_method":
         return RULES.get(f"method:{node.target}")
@@ -89,6 +91,12 @@ def rule_for(
             return RULES.get("stochastic_depth")
         return rule
     return None
+
+
+def is_stochastic_depth(module: torch.nn.Module) -> bool:
+    """torchvision's ``StochasticDepth`` layer (known by name: torchvision is optional here)."""
+    kind = type(module)
+    return kind.__name__ == "StochasticDepth" and kind.__module__.startswith("torchvision.")
 
 
 # ---------------------------------------------------------------- helpers

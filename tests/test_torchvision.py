@@ -7,6 +7,8 @@ when present (see tools/torchvision_zoo.py).
 from __future__ import annotations
 
 import pytest
+import torch
+from torch import nn
 
 import r2r_fx
 
@@ -84,3 +86,47 @@ def test_other_methods_preserve_function(name, method):
         assert_function_preserved(gm, deeper, inputs, onnx=False, f64_fallback=True)
     else:  # identity BatchNorm: exact in eval mode only (a stated limit of Net2DeeperNet)
         assert r2r_fx.verify(gm, deeper, inputs, onnx=False, train=False).eval_rel_error <= 1e-5
+
+
+class _StochasticResidual(nn.Module):
+    """conv -> relu -> h + StochasticDepth(conv(h)) -> pool -> linear: torchvision's layer on a residual."""
+
+    def __init__(self, mode: str) -> None:
+        from torchvision.ops import StochasticDepth
+
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.drop = StochasticDepth(0.5, mode)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = h + self.drop(self.body(h))
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["row", "batch"])
+def test_stochastic_depth_stays_a_layer_that_follows_train_and_eval(mode):
+    model, x = _StochasticResidual(mode).eval(), torch.randn(8, 3, 8, 8)
+    gm = r2r_fx.capture(model, (x,))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["stem", "body", "drop", "head"]
+    group = next(g for g in r2r_fx.width_groups(gm) if ("drop", 1) in g.slots)
+    assert group.widenable, group.reason
+    model.train(), gm.train()
+    outputs = []
+    for net in (model, gm):
+        torch.manual_seed(1)
+        outputs.append(net(x))
+    assert torch.equal(outputs[0], outputs[1])  # the same masks: stochastic depth runs in the graph too
+    assert not torch.allclose(outputs[1], gm.eval()(x))  # and it does drop something at this seed
+
+
+@pytest.mark.parametrize("mode", ["row", "batch"])
+def test_a_grown_model_keeps_stochastic_depth_in_train_mode(mode):
+    model, x = _StochasticResidual(mode).eval(), torch.randn(8, 3, 8, 8)
+    gm = r2r_fx.capture(model, (x,))
+    grown = r2r_fx.deepen(r2r_fx.widen(gm, factor=2, seed=0), count=1, seed=0)
+    # train mode compares the eager model (whose StochasticDepth draws its masks) with the grown graph
+    report = assert_function_preserved(model, grown, (x,), onnx=True)
+    assert report.train_rel_error is not None
