@@ -12,10 +12,10 @@ The project target is ``r2r / tp <= 1``. Both sides are measured two ways in one
 
 1. **Each side in its own process** (as pyperf isolates benchmarks: no interference). ``--rounds``
    rounds; each round starts one worker process per side (the order alternates from round to round, so
-   drift hits both alike), which times
-   its first call, warms up, and then times ``--repeats`` calls, dropping each result before the next
-   call. The verdict is the ratio of the medians over all calls of all processes of a side; means and
-   the first call of each process (what a user who captures once pays) are printed too.
+   drift hits both alike), which times its first call, warms up, and then times ``--repeats`` calls,
+   dropping each result before the next call. The ratio compares the medians over all calls of all
+   processes of a side; means and the first call of each process (what a user who captures once pays)
+   are printed too.
 2. **Both sides in one process**, alternating call by call, as earlier versions of this script measured.
 
 In compute the two sides are at parity (one forward each, plus 0.025-0.03 s of Python). They differ
