@@ -239,7 +239,7 @@ _PLAIN_CONSTANTS = {int, float, bool, str, type(None)}
 
 
 def _trace_module(model: nn.Module) -> torch.fx.GraphModule:
-    """``torch.fx.symbolic_trace(model)``, with the quicker tracer above."""
+    """``torch.fx.symbolic_trace(model)``, with the quicker tracer above (StochasticDepth kept as a layer)."""
     tracer = _Tracer()
     graph = tracer.trace(model)
     graph._tracer_cls = torch.fx.Tracer  # what reloading a pickled GraphModule re-traces with: torch's own
