@@ -130,3 +130,18 @@ def test_a_grown_model_keeps_stochastic_depth_in_train_mode(mode):
     # train mode compares the eager model (whose StochasticDepth draws its masks) with the grown graph
     report = assert_function_preserved(model, grown, (x,), onnx=True)
     assert report.train_rel_error is not None
+
+
+def test_stochastic_depth_survives_saving_and_loading_a_grown_model(tmp_path):
+    # torch.load re-traces a GraphModule's generated code: the layer must come back as a layer, not as a
+    # call whose training flag is baked in (what withdrew an earlier flag rewrite)
+    model, x = _StochasticResidual("row").eval(), torch.randn(8, 3, 8, 8)
+    torch.save(r2r_fx.widen(r2r_fx.capture(model, (x,)), factor=2, seed=0), tmp_path / "grown.pt")
+    loaded = torch.load(tmp_path / "grown.pt", weights_only=False)
+    assert "drop" in [n.target for n in loaded.graph.nodes if n.op == "call_module"]
+    outputs = []
+    for net in (model.train(), loaded.train()):
+        torch.manual_seed(1)
+        outputs.append(net(x))
+    assert (outputs[0] - outputs[1]).abs().max() <= 1e-5 * outputs[0].abs().max()
+    assert not torch.allclose(outputs[1], loaded.eval()(x))
