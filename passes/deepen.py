@@ -290,7 +290,9 @@ class DeepenPass(Pass):
         hidden: int | None = None,
         method: str = "r2r",
         seed: int | None = None,
+        check: bool = True,
     ) -> None:
+        self.check = check
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
         if block != "auto":
@@ -300,7 +302,7 @@ class DeepenPass(Pass):
         self.at = [at] if isinstance(at, str) else (list(at) if at is not None else None)
         self.count, self.hidden, self.method, self.seed = count, hidden, method, seed
 
-    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+    def transform(self, gm: torch.fx.GraphModule) -> PassResult:
         analysis = analyze(gm)
         points = insertion_points(gm, analysis)
         chosen = self._choose(gm, points)
@@ -351,7 +353,10 @@ class DeepenPass(Pass):
         record = {
             "op": "deepen",
             "method": self.method,
-            "exact": self.method != "random",
+            # Net2DeeperNet's identity BatchNorm is the identity only on its running statistics.
+            "exact": "eval"
+            if self.method == "net2net" and any(b["kind"] != "linear" for b in blocks)
+            else self.method != "random",
             "blocks": blocks,
             "skipped": skipped,
             "new_params": [
@@ -434,6 +439,12 @@ def deepen(
     hidden: int | None = None,
     method: str = "r2r",
     seed: int | None = None,
+    check: bool = True,
 ) -> torch.fx.GraphModule:
-    """Return a copy of ``gm`` with R2R residual blocks inserted (one per stage by default)."""
-    return DeepenPass(at=at, count=count, block=block, hidden=hidden, method=method, seed=seed).call(gm).model
+    """Return a copy of ``gm`` with R2R residual blocks inserted (one per stage by default).
+
+    ``check`` (default on) runs the result against ``gm`` on the capture's example inputs (two
+    forwards, four with batch statistics) and raises :class:`~r2r_fx.errors.NotPreservedError` if an
+    exact method changed the function."""
+    pass_ = DeepenPass(at=at, count=count, block=block, hidden=hidden, method=method, seed=seed, check=check)
+    return pass_.call(gm).model

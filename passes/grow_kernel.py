@@ -38,10 +38,10 @@ class GrowKernelPass(Pass):
 
     name = "grow_kernel"
 
-    def __init__(self, node: str, size: int | Sequence[int]) -> None:
-        self.node, self.size = node, size
+    def __init__(self, node: str, size: int | Sequence[int], *, check: bool = True) -> None:
+        self.node, self.size, self.check = node, size, check
 
-    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+    def transform(self, gm: torch.fx.GraphModule) -> PassResult:
         grown = copy_graph_module(gm)
         nodes = {n.name: n for n in grown.graph.nodes}
         convs = [n.name for n in grown.graph.nodes if _conv_weight(grown, n) is not None]
@@ -104,6 +104,11 @@ def _conv_weight(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str, in
     return None
 
 
-def grow_kernel(gm: torch.fx.GraphModule, node: str, size: int | Sequence[int]) -> torch.fx.GraphModule:
-    """Return a copy of ``gm`` whose convolution ``node`` has a ``size`` kernel, same function."""
-    return GrowKernelPass(node, size).call(gm).model
+def grow_kernel(
+    gm: torch.fx.GraphModule, node: str, size: int | Sequence[int], *, check: bool = True
+) -> torch.fx.GraphModule:
+    """Return a copy of ``gm`` whose convolution ``node`` has a ``size`` kernel, same function.
+
+    ``check`` (default on) runs the result against ``gm`` on the capture's example inputs and raises
+    :class:`~r2r_fx.errors.NotPreservedError` if the function changed."""
+    return GrowKernelPass(node, size, check=check).call(gm).model

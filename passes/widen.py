@@ -141,14 +141,15 @@ class WidenPass(Pass):
         init_scale: float | str = "match",
         noise: float = 0.0,
         seed: int | None = None,
+        check: bool = True,
     ) -> None:
         if factor is None and extra is None:
             factor = 2.0
         self.factor, self.extra, self.groups = factor, extra, groups
         self.method = get_method(method, init_scale, noise)
-        self.seed = seed
+        self.seed, self.check = seed, check
 
-    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+    def transform(self, gm: torch.fx.GraphModule) -> PassResult:
         analysis = analyze(gm)
         extras, report = plan_extras(
             analysis, factor=self.factor, extra=self.extra, groups=self.groups, method=self.method
@@ -186,13 +187,23 @@ def widen(
     init_scale: float | str = "match",
     noise: float = 0.0,
     seed: int | None = None,
+    check: bool = True,
 ) -> torch.fx.GraphModule:
     """Return a widened copy of ``gm`` (``factor=2.0`` by default); the input is untouched.
 
     ``method``: "r2r" (default), "net2net" (``noise`` breaks its symmetry, then not exact), "netmorph",
-    or "random" (the non-preserving baseline).
+    or "random" (the non-preserving baseline). ``check`` (default on) runs the result against ``gm`` on
+    the capture's example inputs (two forwards, four with batch statistics) and raises
+    :class:`~r2r_fx.errors.NotPreservedError` if an exact method changed the function.
     """
     pass_ = WidenPass(
-        factor=factor, extra=extra, groups=groups, method=method, init_scale=init_scale, noise=noise, seed=seed
+        factor=factor,
+        extra=extra,
+        groups=groups,
+        method=method,
+        init_scale=init_scale,
+        noise=noise,
+        seed=seed,
+        check=check,
     )
     return pass_.call(gm).model

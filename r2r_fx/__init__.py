@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from r2r_fx import tree
 from r2r_fx.analysis import WidthGroup, analyze, width_groups
-from r2r_fx.capture import CaptureError, capture
+from r2r_fx.capture import capture
+from r2r_fx.errors import CaptureError, GrowthError, NotPreservedError, R2RError
 from r2r_fx.export import export_onnx, run_onnx
 from r2r_fx.optim import carry_optimizer, carry_scheduler
 from r2r_fx.passes.deepen import DeepenPass, InsertionPoint, deepen, insertion_points
@@ -14,6 +15,9 @@ from r2r_fx.verify import VerifyReport, verify
 
 __all__ = [
     "CaptureError",
+    "GrowthError",
+    "NotPreservedError",
+    "R2RError",
     "DeepenPass",
     "GrowKernelPass",
     "InsertionPoint",

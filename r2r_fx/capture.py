@@ -26,6 +26,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from r2r_fx.errors import CaptureError
 from r2r_fx.instep import eval_mode, run_in_step
 from r2r_fx.rules import is_stochastic_depth
 from r2r_fx.tree import fresh_inputs, max_errors
@@ -36,10 +37,6 @@ logger = logging.getLogger(__name__)
 
 _CAPTURE_RTOL = 1e-5
 _aten = torch.ops.aten
-
-
-class CaptureError(RuntimeError):
-    """Raised when neither symbolic tracing nor torch.export gives a faithful graph."""
 
 
 def flavour_of(gm: torch.fx.GraphModule) -> str:

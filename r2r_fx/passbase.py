@@ -38,12 +38,27 @@ class PassResult:
 
 
 class Pass:
-    """Base class: subclasses implement :meth:`call`."""
+    """Base class: subclasses implement :meth:`transform`; :meth:`call` adds the safety net.
+
+    With ``check`` (the default) the result of an exact transform is run against its input on the
+    capture's example inputs (eval mode; train mode too where the model has batch statistics: two or
+    four forwards) and :class:`~r2r_fx.errors.NotPreservedError` is raised when they differ.
+    """
 
     name = "pass"
+    check = True
+
+    def transform(self, gm: torch.fx.GraphModule) -> PassResult:
+        raise NotImplementedError
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        raise NotImplementedError
+        result = self.transform(gm)
+        exact = result.record.get("exact", True)  # True, False or "eval" (exact in eval mode only)
+        if self.check and result.modified and exact:
+            from r2r_fx.verify import check_preserved
+
+            check_preserved(self.name, gm, result.model, train=exact is True)
+        return result
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         return self.call(gm)

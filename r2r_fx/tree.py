@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map_only
 
-__all__ = ["fresh_inputs", "leaves", "max_errors"]
+__all__ = ["fresh_inputs", "leaves", "max_errors", "worst_leaf"]
 
 
 def fresh_inputs(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -75,3 +75,17 @@ def max_errors(reference: Any, candidate: Any) -> tuple[float, float]:
         return float("nan"), float("nan")
     rel = max_abs / max_ref if max_ref > 0 else (0.0 if max_abs == 0 else float("inf"))
     return max_abs, rel
+
+
+def worst_leaf(reference: Any, candidate: Any) -> tuple[str, float]:
+    """(path of the leaf with the largest |Δ|, the overall relative error as in :func:`max_errors`)."""
+    _, rel = max_errors(reference, candidate)
+    worst, path = -1.0, "out"
+    for (p, a), (_, b) in zip(leaves(reference), leaves(candidate)):
+        if isinstance(a, torch.Tensor) and a.numel():
+            delta = float((a.detach().double() - b.detach().double()).abs().max())
+            if delta != delta:  # NaN
+                return p, float("nan")
+            if delta > worst:
+                worst, path = delta, p
+    return path, rel

@@ -25,10 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from r2r_fx.errors import NotPreservedError
 from r2r_fx.export import export_onnx, run_onnx
-from r2r_fx.tree import fresh_inputs, leaves, max_errors
+from r2r_fx.tree import fresh_inputs, leaves, max_errors, worst_leaf
 
-__all__ = ["VerifyReport", "verify"]
+__all__ = ["VerifyReport", "check_preserved", "verify"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,3 +155,56 @@ def verify(
         ok = ok and report.onnx_max_rel_error <= onnx_rtol
     report.ok = bool(ok)
     return report
+
+
+def _has_batch_statistics(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules())
+
+
+def check_preserved(
+    pass_name: str, before: nn.Module, after: nn.Module, inputs: Sequence[Any] | None = None, *, train: bool = True
+) -> None:
+    """The passes' safety net: raise :class:`NotPreservedError` unless ``after`` computes ``before``.
+
+    Runs both on the capture's example inputs (seeded random tensors of the recorded shapes) in eval
+    mode, and (with ``train``) in train mode where either has batch statistics. An error above ``RTOL`` in the model's
+    own dtype is re-measured in float64, which separates rounding (float32 deep networks, float16 and
+    bfloat16 models) from a real change; only the float64 error decides.
+    """
+    if inputs is None:
+        from r2r_fx.capture import example_inputs_of
+
+        try:
+            inputs = example_inputs_of(before)
+        except ValueError:
+            logger.warning("%s: no example inputs recorded on the graph; the result was not checked", pass_name)
+            return
+    inputs = tuple(inputs)
+    batch_stats = _has_batch_statistics(before) or _has_batch_statistics(after)
+    modes = [False, True] if train and batch_stats else [False]
+    for train in modes:
+        mode = "train" if train else "eval"
+        path, error = _compare(before, after, inputs, train)
+        if error <= RTOL:
+            continue
+        size = sum(p.numel() for m in (before, after) for p in m.parameters()) * 8
+        if size > _F64_MAX_BYTES:
+            raise NotPreservedError(pass_name, path, mode, error, RTOL)
+        wide = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
+        path64, error64 = _compare(copy.deepcopy(before).double(), copy.deepcopy(after).double(), wide, train)
+        if not error64 <= RTOL:  # NaN too
+            raise NotPreservedError(pass_name, path64, mode, error64, RTOL)
+        logger.info("%s: %s-mode error %.2e is rounding (float64 re-check %.2e)", pass_name, mode, error, error64)
+
+
+def _compare(before: nn.Module, after: nn.Module, inputs: tuple[Any, ...], train: bool) -> tuple[str, float]:
+    """(worst output, relative error); a failing run or a changed output structure is an infinite error."""
+    reference = _run(before, inputs, train, 0)
+    try:
+        candidate = _run(after, inputs, train, 0)
+    except Exception as exc:  # noqa: BLE001 - a broken result is reported, not raised as is
+        return f"(none: the grown model raises {type(exc).__name__}: {str(exc).strip()[:200]})", float("inf")
+    try:
+        return worst_leaf(reference, candidate)
+    except ValueError as exc:
+        return f"(structure differs: {exc})", float("inf")
