@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from r2r_fx.analysis import hidden_weights
+from r2r_fx.errors import GrowthError
 from r2r_fx.passbase import Pass, PassResult, append_record, copy_graph_module
+from r2r_fx.rules import shape_of
 from r2r_fx.surgery import get_tensor, set_tensor
 
 __all__ = ["GrowKernelPass", "grow_kernel"]
@@ -34,7 +38,10 @@ def _pad_kernel(weight: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 class GrowKernelPass(Pass):
-    """Grow the kernel of one convolution (named by its fx node) to ``size``."""
+    """Grow the kernel of one convolution (named by its fx node) to ``size``.
+
+    The weight grows once, so every call that uses it (a layer called twice, a weight tied between
+    layers) gets its padding widened; a use the pass cannot adjust is refused with the reason."""
 
     name = "grow_kernel"
 
@@ -46,35 +53,29 @@ class GrowKernelPass(Pass):
         nodes = {n.name: n for n in grown.graph.nodes}
         convs = [n.name for n in grown.graph.nodes if _conv_weight(grown, n) is not None]
         if self.node not in nodes or self.node not in convs:
-            raise ValueError(f"{self.node!r} is not a convolution node; convolutions: {', '.join(convs) or 'none'}")
+            raise GrowthError(f"{self.node!r} is not a convolution node; convolutions: {', '.join(convs) or 'none'}")
         node = nodes[self.node]
+        if node.op == "call_module" and hidden_weights(grown.get_submodule(str(node.target))):
+            raise GrowthError(f"{self.node} has {hidden_weights(grown.get_submodule(str(node.target)))}")
         weight_name, dims = _conv_weight(grown, node)
         weight = get_tensor(grown, weight_name)
         old = tuple(weight.shape[2:])
         size = (self.size,) * dims if isinstance(self.size, int) else tuple(self.size)
         if len(size) != dims or any(s < k or (s - k) % 2 for s, k in zip(size, old)):
-            raise ValueError(
+            raise GrowthError(
                 f"cannot grow kernel {old} of {self.node} to {size}: each size must be >= the old "
                 "one and differ from it by an even number (the old taps stay centred)"
             )
-        set_tensor(grown, weight_name, _pad_kernel(weight, size).contiguous())
         extra = [(s - k) // 2 for s, k in zip(size, old)]
-        if node.op == "call_module":
-            module = grown.get_submodule(str(node.target))
-            module.kernel_size = size
-            if not isinstance(module.padding, str):
-                module.padding = tuple(p + d * e for p, d, e in zip(module.padding, module.dilation, extra))
-            elif module.padding == "valid":
-                module.padding = tuple(d * e for d, e in zip(module.dilation, extra))
-        else:
-            args = list(node.args) + [None] * (6 - len(node.args))
-            stride = args[3] or [1] * dims
-            padding = args[4] if args[4] is not None else [0] * dims
-            dilation = args[5] or [1] * dims
-            padding = [padding] * dims if isinstance(padding, int) else list(padding)
-            dilation = [dilation] * dims if isinstance(dilation, int) else list(dilation)
-            args[3], args[4], args[5] = stride, [p + d * e for p, d, e in zip(padding, dilation, extra)], dilation
-            node.args = tuple(args)
+        modules, calls = _uses(grown, weight)
+        for module in modules:
+            _check_module(module, grown, extra)
+        names = [n for n, p in grown.named_parameters(remove_duplicate=False) if p is weight]
+        new_weight = set_tensor(grown, weight_name, _pad_kernel(weight, size).contiguous(), names)
+        for module in modules:
+            _grow_module(module, size, extra)
+        for node in calls:
+            _grow_call(node, dims, extra)
         grown.recompile()
         record = {
             "op": "grow_kernel",
@@ -83,10 +84,110 @@ class GrowKernelPass(Pass):
             "node": self.node,
             "kernel_before": list(old),
             "kernel_after": list(size),
-            "params": [],
+            "params": [
+                {
+                    "param": name,
+                    "shape_before": list(weight.shape),
+                    "shape_after": list(new_weight.shape),
+                    "axes": {
+                        2 + i: {"role": "kernel", "old_runs": [[e, 0, k]]} for i, (e, k) in enumerate(zip(extra, old))
+                    },
+                }
+                for name in names or [weight_name]
+            ],
         }
         append_record(grown, record)
         return PassResult(grown, size != old, record)
+
+
+def _uses(gm: torch.fx.GraphModule, weight: torch.Tensor) -> tuple[list[nn.Module], list[torch.fx.Node]]:
+    """The layers holding ``weight`` and the ATen convolution calls reading it; any other use is refused."""
+    modules: list[nn.Module] = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            held = [t for _, t in module.named_parameters()] + [getattr(module, "weight", None)]
+            if any(t is weight for t in held) and module not in modules:
+                if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                    raise GrowthError(f"the weight is also used by {type(module).__name__} {node.name}")
+                modules.append(module)
+    calls: list[torch.fx.Node] = []
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or get_tensor(gm, str(node.target)) is not weight:
+            continue
+        for user in node.users:
+            if user.target not in _ATEN_CONVS or len(user.args) < 2 or user.args[1] is not node:
+                raise GrowthError(f"the weight {node.target} is also read by {user.name}")
+            if len(user.args) > 4 and isinstance(user.args[4], str) or isinstance(user.kwargs.get("padding"), str):
+                raise GrowthError(f"{user.name} has string padding")
+            calls.append(user)
+    return modules, calls
+
+
+def _check_module(module: nn.Module, gm: torch.fx.GraphModule, extra: Sequence[int]) -> None:
+    if hidden_weights(module):
+        raise GrowthError(f"{type(module).__name__} has {hidden_weights(module)}")
+    if module.padding_mode not in ("reflect", "circular"):
+        return
+    padding = _reversed_padding(module, [k + 2 * e for k, e in zip(module.kernel_size, extra)], extra)
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and gm.get_submodule(str(node.target)) is module:
+            shape = shape_of(node.args[0])
+            spatial = shape[-len(extra) :] if shape is not None else None
+            pads = [max(padding[2 * i], padding[2 * i + 1]) for i in range(len(extra))][::-1]
+            if spatial is None or any(p >= s for p, s in zip(pads, spatial)):
+                raise GrowthError(
+                    f"{module.padding_mode} padding of {pads} would not fit the input {list(spatial or [])} of {node.name}"
+                )
+
+
+def _new_padding(module: nn.Module, extra: Sequence[int]) -> Any:
+    if isinstance(module.padding, str):
+        if module.padding == "same":
+            return "same"
+        return tuple(d * e for d, e in zip(module.dilation, extra))  # "valid"
+    return tuple(p + d * e for p, d, e in zip(module.padding, module.dilation, extra))
+
+
+def _reversed_padding(module: nn.Module, kernel: Sequence[int], extra: Sequence[int]) -> list[int]:
+    """What ``nn.Conv*`` pads with for a non-zeros ``padding_mode``: (left, right) per axis, last axis first."""
+    padding = _new_padding(module, extra)
+    out: list[int] = []
+    for axis in reversed(range(len(kernel))):
+        if padding == "same":
+            total = module.dilation[axis] * (kernel[axis] - 1)
+            out += [total // 2, total - total // 2]
+        else:
+            out += [padding[axis], padding[axis]]
+    return out
+
+
+def _grow_module(module: nn.Module, size: Sequence[int], extra: Sequence[int]) -> None:
+    reversed_padding = _reversed_padding(module, size, extra)
+    module.padding = _new_padding(module, extra)
+    module.kernel_size = tuple(size)
+    module._reversed_padding_repeated_twice = reversed_padding
+
+
+def _grow_call(node: torch.fx.Node, dims: int, extra: Sequence[int]) -> None:
+    """``aten.convNd(input, weight, bias, stride, padding, dilation, groups)`` with wider padding."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    defaults = {"stride": 1, "padding": 0, "dilation": 1}
+    values = {n: (node.args[i] if i < len(node.args) else node.kwargs.get(n, defaults.get(n))) for i, n in enumerate(names)}
+    padding, dilation = values["padding"], values["dilation"]
+    padding = [padding] * dims if isinstance(padding, int) else list(padding)
+    dilation = [dilation] * dims if isinstance(dilation, int) else list(dilation)
+    if len(padding) == 1:
+        padding = padding * dims
+    if len(dilation) == 1:
+        dilation = dilation * dims
+    new = [p + d * e for p, d, e in zip(padding, dilation, extra)]
+    if len(node.args) > 4:
+        args = list(node.args)
+        args[4] = new
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, "padding": new}
 
 
 def _conv_weight(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str, int] | None:
@@ -98,8 +199,6 @@ def _conv_weight(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str, in
     if node.op == "call_function" and node.target in _ATEN_CONVS and len(node.args) > 1:
         w = node.args[1]
         if isinstance(w, torch.fx.Node) and w.op == "get_attr":
-            if len(node.args) > 4 and isinstance(node.args[4], str):
-                return None  # string padding in an ATen call: not handled
             return str(w.target), _ATEN_CONVS[node.target]
     return None
 

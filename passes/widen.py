@@ -114,7 +114,7 @@ def grow_parameters(
         old = get_tensor(gm, param)
         with torch.no_grad():
             new = method.grow(old, plan, generator)
-        set_tensor(gm, param, new)
+        set_tensor(gm, param, new, analysis.aliases(param))
         changes.append(
             {
                 "param": param,

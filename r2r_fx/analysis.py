@@ -27,11 +27,12 @@ from functools import cached_property
 import networkx as nx
 import torch
 import torch.fx
+import torch.nn.utils.parametrize
 
 from r2r_fx import rules as _rules
 from r2r_fx.rules import Slot, freeze_all, rule_for, tensor_shapes
 
-__all__ = ["Analysis", "Binding", "Layout", "WidthGroup", "analyze", "width_groups"]
+__all__ = ["Analysis", "Binding", "Layout", "WidthGroup", "analyze", "hidden_weights", "width_groups"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,14 @@ class _Builder:
         # Qualified name -> submodule, gathered once rather than one get_submodule walk per lookup.
         self.modules: dict[str, torch.nn.Module] = dict(gm.named_modules(remove_duplicate=False))
         self._slots_seen: list[Slot] = []
+        # Tied tensors (``b.weight = a.weight``) are one parameter: bound under the first name, grown once.
+        self.canonical: dict[str, str] = {}
+        self.aliases: dict[str, list[str]] = defaultdict(list)
+        first: dict[int, str] = {}
+        named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+        for name, tensor in named:
+            self.canonical[name] = first.setdefault(id(tensor), name)
+            self.aliases[first[id(tensor)]].append(name)
 
     # -- the Couplings protocol
     def same(self, a: Slot, b: Slot) -> None:
@@ -161,6 +170,7 @@ class _Builder:
 
     def bind(self, param: str, axis: int, slot: Slot, role: str, node: torch.fx.Node) -> None:
         assert role in ROLES, role
+        param = self.canonical.get(param, param)
         pslot = (f"param:{param}", axis)
         if pslot not in self.sizes:
             self.sizes[pslot] = int(self._tensor(param).shape[axis])
@@ -256,6 +266,8 @@ class Analysis:
                             b.freeze((name, axis), f"model output {arg.name}")
             elif node.op == "get_attr":
                 continue
+            elif node.op == "call_module" and hidden_weights(b.module(str(node.target))):
+                freeze_all(b, node, f"{_describe(node, gm)} has {hidden_weights(b.module(str(node.target)))}")
             else:
                 rule = rule_for(node, gm, b.modules)
                 if rule is None:
@@ -299,6 +311,9 @@ class Analysis:
                             continue
                         for x, y in zip(first, other):
                             changed |= uf.union(x, y)
+        self._structures: dict[Slot, list[list[Slot]]] = defaultdict(list)  # every definition of a class
+        for whole, parts, *_ in b.concats + b.merges:
+            self._structures[uf.find(whole)].append(parts)
         self._concat_of: dict[Slot, tuple[list[Slot], bool]] = {}
         for whole, parts, equal in b.concats:
             r = uf.find(whole)
@@ -409,11 +424,9 @@ class Analysis:
             freeze_layout(self.layout(slot), reason)
         for root, reason in list(self._conflicts.items()):
             freeze_layout(self.layout(root), reason)
-            if root in self._concat_of:
-                for p in self._concat_of[root][0]:
+            for parts in self._structures.get(self.uf.find(root), []):
+                for p in parts:
                     freeze_layout(self.layout(p), reason)
-            for m in self._merge_of.get(root, []):
-                freeze_layout(self.layout(m), reason)
 
         # Role conflicts on one parameter axis (e.g. a weight tied between an embedding and a head).
         self.producers: dict[int, list[str]] = defaultdict(list)
@@ -484,12 +497,26 @@ class Analysis:
                 self.group_of_atom[a] = group.id
             self.groups.append(group)
 
+    def aliases(self, param: str) -> list[str]:
+        """Every name under which the tensor bound as ``param`` is held (tied parameters)."""
+        return self.builder.aliases.get(param) or [param]
+
     def bound_params(self) -> dict[str, list[tuple[int, Layout, str]]]:
         """For each parameter with bindings: (axis, layout, role) per bound axis."""
         out: dict[str, list[tuple[int, Layout, str]]] = defaultdict(list)
         for (param, axis), binds in self.builder.bindings.items():
             out[param].append((axis, self.layout((f"param:{param}", axis)), binds[0].role))
         return out
+
+
+def hidden_weights(module: torch.nn.Module) -> str:
+    """Why a layer's weights are not what its attributes say (hooks, parametrizations), or ""."""
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        return "parametrized weights (spectral or weight norm, ...)"
+    for m in module.modules():
+        if m._forward_pre_hooks or m._forward_hooks:
+            return "forward hooks (spectral_norm, weight_norm, ...), which may compute or change its weights"
+    return ""
 
 
 def _unique(items) -> list[str]:

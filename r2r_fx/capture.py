@@ -279,7 +279,8 @@ def from_exported_program(program: torch.export.ExportedProgram) -> torch.fx.Gra
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
     gm = torch.fx.GraphModule(exported, graph)
-    gm._tracer_cls = None  # the export tracer cannot be rebuilt when unpickling
+    # the export tracer cannot be rebuilt when unpickling; the graph's copy too, or deepcopies bring it back
+    gm._tracer_cls = graph._tracer_cls = None
     _modulize_train_flags(gm)
     return gm
 

@@ -1,4 +1,4 @@
-"""Export a (grown) model to ONNX with a dynamic batch axis, and run ONNX files in onnxruntime."""
+"""Export a (grown) model to ONNX with a dynamic batch (and token sequence) axis, and run ONNX files in onnxruntime."""
 
 from __future__ import annotations
 
@@ -14,17 +14,47 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["export_onnx", "run_onnx"]
+__all__ = ["dynamic_axes_candidates", "expand_for_export", "export_onnx", "run_onnx"]
 
 logger = logging.getLogger(__name__)
 
 
-def _batch_dynamic(inputs: Sequence[Any]) -> tuple[Any, ...]:
-    return tuple({0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in inputs)
+def dynamic_axes_candidates(inputs: Sequence[Any]) -> list[tuple[tuple[tuple[int, ...] | None, ...], list[str]]]:
+    """Dynamic axes to try, most first: (per input the axes or None, their names).
+
+    Every tensor input of rank >= 1 has a batch axis 0; an integer input of rank >= 2 (token ids, an
+    attention mask) also a sequence axis 1. Last comes the static export.
+    """
+    tensors = [isinstance(t, torch.Tensor) and t.dim() > 0 for t in inputs]
+    tokens = [ok and not (t.is_floating_point() or t.is_complex()) and t.dim() >= 2 for ok, t in zip(tensors, inputs)]
+    batch = tuple((0,) if ok else None for ok in tensors)
+    candidates: list[tuple[tuple[tuple[int, ...] | None, ...], list[str]]] = []
+    if any(tokens):
+        both = tuple((0, 1) if tok else ax for tok, ax in zip(tokens, batch))
+        candidates.append((both, ["batch", "sequence"]))
+    if any(tensors):
+        candidates.append((batch, ["batch"]))
+    candidates.append((tuple(None for _ in inputs), []))
+    return candidates
+
+
+def expand_for_export(inputs: Sequence[Any], axes: Sequence[tuple[int, ...] | None]) -> tuple[Any, ...]:
+    """``inputs`` with every size-1 dynamic axis repeated to 2 (torch.export specialises sizes 0 and 1)."""
+    out = []
+    for t, ax in zip(inputs, axes):
+        for a in ax or ():
+            if t.shape[a] == 1:
+                t = torch.cat([t, t], dim=a)
+        out.append(t)
+    return tuple(out)
+
+
+def _dynamic_shapes(axes: Sequence[tuple[int, ...] | None]) -> tuple[Any, ...]:
+    return tuple({a: torch.export.Dim.DYNAMIC for a in ax} if ax else None for ax in axes)
 
 
 def export_onnx(model: nn.Module, example_inputs: Sequence[Any], path: str | os.PathLike[str]) -> str:
-    """Write ``model`` to ``path`` as ONNX (dynamic batch size), checked by ``onnx.checker``.
+    """Write ``model`` to ``path`` as ONNX (dynamic batch, and token sequence where it can), checked by onnx.checker.
 
     The file is written to a temporary name next to ``path`` and renamed at the end, so a failure
     leaves no partial file. Exporting happens in eval mode on a copy's mode flag.
@@ -43,22 +73,25 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any], path: str | os.
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            try:
-                program = torch.onnx.export(
-                    model,
-                    inputs,
-                    tmp,
-                    dynamo=True,
-                    dynamic_shapes=_batch_dynamic(inputs),
-                    external_data=external,
-                    verbose=False,
-                    report=False,
-                )
-            except Exception:  # noqa: BLE001 - retry with a static batch
-                logger.info("ONNX export with a dynamic batch failed; exporting with static shapes")
-                program = torch.onnx.export(
-                    model, inputs, tmp, dynamo=True, external_data=external, verbose=False, report=False
-                )
+            program, last = None, None
+            for axes, names in dynamic_axes_candidates(inputs):
+                try:
+                    program = torch.onnx.export(
+                        model,
+                        expand_for_export(inputs, axes),
+                        tmp,
+                        dynamo=True,
+                        dynamic_shapes=_dynamic_shapes(axes) if names else None,
+                        external_data=external,
+                        verbose=False,
+                        report=False,
+                    )
+                    break
+                except Exception as exc:  # noqa: BLE001 - retry with fewer dynamic axes
+                    logger.info("ONNX export with dynamic %s failed: %s", names or "nothing", exc)
+                    last = exc
+            if program is None:
+                raise RuntimeError(f"ONNX export failed: {last}") from last
         del program
         onnx.checker.check_model(tmp)
         if external:  # the side file is named after the temporary file: save again under the final name
@@ -66,12 +99,19 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any], path: str | os.
             onnx.save(proto, path, save_as_external_data=True, location=os.path.basename(path) + ".data")
         else:
             os.replace(tmp, path)
+        os.chmod(path, 0o666 & ~_umask())  # mkstemp made it 0600: respect the umask like any other file
     finally:
         model.train(was_training)
         for leftover in (tmp, tmp + ".data"):
             if os.path.exists(leftover):
                 os.remove(leftover)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def run_onnx(path: str | os.PathLike[str], inputs: Sequence[Any]) -> list[torch.Tensor]:

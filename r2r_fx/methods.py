@@ -80,15 +80,10 @@ class Method:
                 scattered.append((axis, idx))
         _place(target, t, scattered)
         for axis, idx, role in axes:
-            if role not in ("out", "in") and idx.first.numel():
-                values = grown.index_select(axis, self._old_source(idx).to(t.device))
-                grown.index_copy_(axis, idx.first.to(t.device), values)
+            if role not in ("out", "in") and idx.new_pos.numel():
+                values = grown.index_select(axis, idx.old_pos[idx.new_source].to(t.device))
+                grown.index_copy_(axis, idx.new_pos.to(t.device), values)
         return grown
-
-    @staticmethod
-    def _old_source(idx: AxisIndex) -> torch.Tensor:
-        """Positions (on the grown axis) of the old entries that new per-channel entries copy."""
-        return idx.old_pos[idx.source]
 
 
 def _place(target: torch.Tensor, old: torch.Tensor, scattered: list[tuple[int, AxisIndex]]) -> None:

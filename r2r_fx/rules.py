@@ -349,9 +349,58 @@ def _prelu(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     "method:is_floating_point",
 )
 def _metadata(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
-    """Shape/dtype queries read a tensor without coupling channels (sizes stay symbolic in the graph)."""
+    """Shape/dtype queries read a tensor without coupling channels (sizes stay symbolic in the graph).
+
+    A size is evaluated again when the grown model runs, so it may only be passed on as it is to a
+    reshape or expand, whose rule keeps the layout consistent; any other use (arithmetic, a new
+    tensor of that size, a comparison) would see the grown width, so the axes it was read from freeze.
+    """
     if tensor_shapes(node):
         freeze_all(c, node, f"{_op_name(node, gm)} returns a tensor")
+        return
+    x = node.args[0] if node.args else None
+    shape = shape_of(x)
+    if shape is None:
+        return
+    axes = _queried_axes(node, len(shape))
+    if not axes:
+        return
+    misuse = _number_use(node)
+    if misuse is not None:
+        for a in axes:
+            c.freeze((x.name, a), f"its size is used as a number by {misuse.name}")
+
+
+def _queried_axes(node: torch.fx.Node, rank: int) -> list[int]:
+    """The axes whose sizes a ``size``/``shape``/``numel`` query reads (``dim()`` reads none)."""
+    target = node.target
+    if target == "dim" or target == "get_device" or target == "is_floating_point":
+        return []
+    if target is getattr:
+        return list(range(rank)) if node.args[1] == "shape" else []
+    if target in ("size", aten.sym_size, aten.sym_size.int):
+        dim = _arg(node, 1, "dim")
+        return [_norm_axis(dim, rank)] if isinstance(dim, int) else list(range(rank))
+    if target == aten.sym_stride:
+        return list(range(rank))
+    return list(range(rank))  # numel and anything else: every axis
+
+
+_SHAPE_ARGUMENT_TARGETS = ("view", "reshape", "expand", torch.reshape, aten.view.default, aten.reshape.default)
+
+
+def _number_use(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The first user that treats a size (or an element of a shape) as a number, or None."""
+    for user in node.users:
+        if user.target is operator.getitem and user.args[0] is node:
+            found = _number_use(user)
+            if found is not None:
+                return found
+            continue
+        if user.target in _SHAPE_ARGUMENT_TARGETS and user.args and user.args[0] is not node:
+            continue
+        return user
+    return None
 
 
 # ---------------------------------------------------------------- broadcasting binary ops
@@ -442,6 +491,10 @@ def _conv(
     ch = 1 if batched else 0
     if batched:
         c.same((x.name, 0), (node.name, 0))
+    for a in range(ch + 1, len(in_shape)):  # spatial axes are not widths
+        c.freeze((x.name, a), "spatial axis")
+    for a in range(ch + 1, len(out_shape)):
+        c.freeze((node.name, a), "spatial axis")
     x_slot, out_slot = (x.name, ch), (node.name, ch)
     if transposed:
         if groups != 1:
@@ -464,10 +517,6 @@ def _conv(
         c.bind(weight, 0, out_slot, "out", node)
     if bias is not None:
         c.bind(bias, 0, out_slot, "channel", node)
-    for a in range(ch + 1, len(in_shape)):  # spatial axes are not widths
-        c.freeze((x.name, a), "spatial axis")
-    for a in range(ch + 1, len(out_shape)):
-        c.freeze((node.name, a), "spatial axis")
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -546,18 +595,22 @@ def _linear_function(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule
     _linear(c, node, node.args[0], weight, bias)
 
 
-def _embedding(c: Couplings, node: torch.fx.Node, ids: torch.fx.Node, weight: str | None) -> None:
+def _embedding(
+    c: Couplings, node: torch.fx.Node, ids: torch.fx.Node, weight: str | None, max_norm: Any = None
+) -> None:
     ids_shape, out = shape_of(ids), shape_of(node)
     if ids_shape is None or out is None or weight is None:
         freeze_all(c, node, "embedding without a static shape or parameter weight")
         return
     _identity(c, ids, node.name, len(ids_shape))
     c.bind(weight, 1, (node.name, len(out) - 1), "out", node)
+    if max_norm is not None:
+        c.freeze((node.name, len(out) - 1), f"embedding {node.name} renormalises its rows (max_norm)")
 
 
 @register_rule(nn.Embedding)
 def _embedding_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
-    _embedding(c, node, node.args[0], f"{node.target}.weight")
+    _embedding(c, node, node.args[0], f"{node.target}.weight", c.module(str(node.target)).max_norm)
 
 
 @register_rule(aten.embedding)
@@ -567,7 +620,7 @@ def _embedding_aten(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule)
 
 @register_rule(F.embedding)
 def _embedding_function(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
-    _embedding(c, node, node.args[0], _weight_arg(c, node, _arg(node, 1, "weight")))
+    _embedding(c, node, node.args[0], _weight_arg(c, node, _arg(node, 1, "weight")), _arg(node, 3, "max_norm"))
 
 
 def _channel_norm(
@@ -984,16 +1037,22 @@ def _identity_named(c: Couplings, src: str, dst: str, rank: int) -> None:
         c.same((src, a), (dst, a))
 
 
+def expand_ellipsis(items: list[Any], rank: int) -> list[Any]:
+    """Index items with ``...`` replaced by the full slices it stands for."""
+    if Ellipsis not in items:
+        return items
+    at = items.index(Ellipsis)
+    fill = rank - (len(items) - 1 - sum(1 for i in items if i is None))
+    return items[:at] + [slice(None)] * fill + items[at + 1 :]
+
+
 def _index_tensor(c: Couplings, node: torch.fx.Node, src: torch.fx.Node, index: Any) -> None:
     shape, out = shape_of(src), shape_of(node)
     items = list(index) if isinstance(index, tuple) else [index]
     if out is None or any(isinstance(i, torch.fx.Node) for i in items):
         freeze_all(c, node, f"tensor indexing in {node.name}")
         return
-    if Ellipsis in items:
-        at = items.index(Ellipsis)
-        fill = len(shape) - (len(items) - 1 - sum(1 for i in items if i is None))
-        items = items[:at] + [slice(None)] * fill + items[at + 1 :]
+    items = expand_ellipsis(items, len(shape))
     in_axis, out_axis = 0, 0
     for item in items:
         if item is None:
@@ -1002,6 +1061,12 @@ def _index_tensor(c: Couplings, node: torch.fx.Node, src: torch.fx.Node, index: 
         if isinstance(item, int):
             c.freeze((src.name, in_axis), f"indexed by {node.name}")
             in_axis += 1
+            continue
+        if isinstance(item, slice) and any(isinstance(v, torch.fx.Node) for v in (item.start, item.stop, item.step)):
+            c.freeze((src.name, in_axis), f"sliced by {node.name} at a computed position")
+            c.freeze((node.name, out_axis), f"sliced by {node.name} at a computed position")
+            in_axis += 1
+            out_axis += 1
             continue
         if isinstance(item, slice):
             full = slice(*item.indices(shape[in_axis])) == slice(0, shape[in_axis], 1)

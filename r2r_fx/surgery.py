@@ -12,6 +12,7 @@ After the parameters, width-dependent constants are fixed: module attributes (``
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ import torch.fx
 from torch import nn
 
 from r2r_fx.analysis import Analysis, Layout
-from r2r_fx.rules import shape_of, tensor_shapes
+from r2r_fx.rules import expand_ellipsis, shape_of, tensor_shapes
 
 __all__ = [
     "channel_sources",
@@ -46,7 +47,6 @@ class AxisIndex:
     old_pos: torch.Tensor  # [old_size]: new position of each old entry
     first: torch.Tensor  # new positions of the first half of new entries
     second: torch.Tensor  # matching positions of the second half (pairs with ``first``)
-    source: torch.Tensor  # for each ``first`` entry: an old position of the same atom and inner offset
     runs: list[tuple[int, int, int]]  # (new_start, old_start, length) runs of old entries
     new_pos: torch.Tensor  # every new position (first and second halves, in axis order)
     new_source: torch.Tensor  # for each ``new_pos``: the old position of the channel it derives from
@@ -75,7 +75,7 @@ def axis_index(layout: Layout, extras: Mapping[int, int], sources: Mapping[int, 
     outer = layout.outer
     rows = torch.arange(outer).unsqueeze(1)
     old_map = torch.empty(outer, old_w, dtype=torch.long)
-    firsts, seconds, firsts_src, runs, news, news_src = [], [], [], [], [], []
+    firsts, seconds, runs, news, news_src = [], [], [], [], []
     off_old = off_new = 0
     for atom, n, inner in layout.pieces:
         e = extras.get(atom, 0)
@@ -92,7 +92,6 @@ def axis_index(layout: Layout, extras: Mapping[int, int], sources: Mapping[int, 
             chans = sources[atom] if n else torch.zeros(e, dtype=torch.long)
             within = (chans.unsqueeze(1) * inner + torch.arange(inner)).reshape(-1)
             news_src.append((rows * old_w + off_old + within).reshape(-1))
-            firsts_src.append((rows * old_w + off_old + within[:half]).reshape(-1))
         off_old += span
         off_new += (n + e) * inner
     empty = torch.zeros(0, dtype=torch.long)
@@ -102,7 +101,6 @@ def axis_index(layout: Layout, extras: Mapping[int, int], sources: Mapping[int, 
         old_pos=old_map.reshape(-1),
         first=torch.cat(firsts) if firsts else empty,
         second=torch.cat(seconds) if seconds else empty,
-        source=torch.cat(firsts_src) if firsts_src else empty,
         runs=_merge_runs(runs),
         new_pos=torch.cat(news) if news else empty,
         new_source=torch.cat(news_src) if news_src else empty,
@@ -125,17 +123,23 @@ def get_tensor(root: nn.Module, target: str) -> torch.Tensor:
     return getattr(module, name)
 
 
-def set_tensor(root: nn.Module, target: str, value: torch.Tensor) -> None:
-    """Replace a parameter or buffer (or plain tensor attribute) keeping its kind and requires_grad."""
+def set_tensor(root: nn.Module, target: str, value: torch.Tensor, aliases: Sequence[str] = ()) -> torch.Tensor:
+    """Replace a parameter or buffer (or plain tensor attribute) keeping its kind and requires_grad;
+    ``aliases`` (other names of a tied tensor) get the very same new tensor. Returns it."""
     owner, _, name = target.rpartition(".")
     module = root.get_submodule(owner) if owner else root
     old = getattr(module, name)
     if isinstance(old, nn.Parameter) or name in module._parameters:
-        module._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)
+        value = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=old.requires_grad)
+        module._parameters[name] = value
     elif name in module._buffers:
         module._buffers[name] = value
     else:
         setattr(module, name, value)
+    for alias in aliases:
+        if alias != target:
+            set_tensor(root, alias, value)
+    return value
 
 
 # ---------------------------------------------------------------- width-dependent constants
@@ -240,6 +244,10 @@ def _fix_args(node: torch.fx.Node, width) -> None:
         widths = [width((n, dim)) for n, _ in outs]
         if None in widths:
             return
+        if not isinstance(size_arg, int) and not (
+            isinstance(size_arg, (list, tuple)) and all(isinstance(v, int) for v in size_arg)
+        ):
+            return  # computed at run time from the grown tensor (its rule froze what that would change)
         new = widths[0] if isinstance(size_arg, int) else type(size_arg)(widths)
         args = list(node.args)
         if len(args) > 1:
@@ -247,6 +255,8 @@ def _fix_args(node: torch.fx.Node, width) -> None:
             node.args = tuple(args)
         else:
             node.kwargs = {**node.kwargs, "split_size": new}
+    elif target is operator.getitem and shape_of(node.args[0]) is not None:
+        _fix_full_slices(node)
     elif name in ("conv1d", "conv2d", "conv3d", "convolution", "group_norm"):
         _fix_grouped(node, name, width)
     elif name == "slice" and out is not None:
@@ -261,25 +271,46 @@ def _fix_args(node: torch.fx.Node, width) -> None:
                 node.args = tuple(args)
 
 
+def _fix_full_slices(node: torch.fx.Node) -> None:
+    """``h[:, :C]`` with ``C`` the whole old width becomes ``h[:, :]``: it keeps every channel when ``h`` grows."""
+    src, index = node.args
+    shape = shape_of(src)
+    items = expand_ellipsis(list(index) if isinstance(index, tuple) else [index], len(shape))
+    axis, changed = 0, False
+    for i, item in enumerate(items):
+        if item is None:
+            continue
+        if isinstance(item, slice) and all(isinstance(v, (int, type(None))) for v in (item.start, item.stop, item.step)):
+            if item != slice(None) and slice(*item.indices(shape[axis])) == slice(0, shape[axis], 1):
+                items[i], changed = slice(None), True
+        axis += 1
+    if changed:
+        node.args = (src, tuple(items) if isinstance(index, tuple) or len(items) > 1 else items[0])
+
+
 def _fix_grouped(node: torch.fx.Node, name: str, width) -> None:
+    """Group counts of functional grouped convolutions and group norms follow the grown channel axis
+    (channels per group stay), whether the count is passed by position or by keyword."""
     x = node.args[0]
     in_w = width((x.name, 1)) if isinstance(x, torch.fx.Node) else None
     if in_w is None:
         return
-    args = list(node.args)
+    index, key = {"group_norm": (1, "num_groups"), "convolution": (8, "groups")}.get(name, (6, "groups"))
+    in_args = len(node.args) > index
+    groups = node.args[index] if in_args else node.kwargs.get(key)
+    if not isinstance(groups, int):
+        return
     if name == "group_norm":
-        old = shape_of(x)[1]
-        groups = args[1]
-        args[1] = in_w // (old // groups)
+        new = in_w // (shape_of(x)[1] // groups)
     else:
-        index = 8 if name == "convolution" else 6
-        if len(args) <= index:
+        w_shape = shape_of(node.args[1]) if len(node.args) > 1 else shape_of(node.kwargs.get("weight"))
+        if w_shape is None or (name == "convolution" and node.args[6]):
             return
-        w_shape = shape_of(args[1])
-        if w_shape is None or (name == "convolution" and args[6]):
-            return
-        args[index] = max(1, in_w // w_shape[1])
-    node.args = tuple(args)
+        new = max(1, in_w // w_shape[1])
+    if in_args:
+        node.args = (*node.args[:index], new, *node.args[index + 1 :])
+    else:
+        node.kwargs = {**node.kwargs, key: new}
 
 
 def update_shapes(gm: torch.fx.GraphModule, analysis: Analysis, extras: Mapping[int, int]) -> None:

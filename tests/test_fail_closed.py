@@ -1,0 +1,458 @@
+"""Regression tests for issue 14: every transform either preserves the function or refuses with a
+library error (``r2r_fx.R2RError``). Each case is the minimal repro of one failure class found by the
+fuzzer or on real models; the comparison is independent of ``r2r_fx.verify`` (eager model against the
+grown graph, eval and train mode, and a backward pass), and the passes' own safety net is off
+(``check=False``), so what is tested is the analysis and surgery themselves.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import r2r_fx
+
+RTOL = 1e-5
+
+
+def _outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...], train: bool) -> list[torch.Tensor]:
+    model.train(train)
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+    with torch.no_grad():
+        out = model(*[t.clone() for t in inputs])
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _rel(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    assert len(ref) == len(got)
+    delta = max(float((a.double() - b.double()).abs().max()) for a, b in zip(ref, got))
+    scale = max(float(a.double().abs().max()) for a in ref)
+    assert [a.shape for a in ref] == [b.shape for b in got], "output shapes changed"
+    return delta / scale if scale else delta
+
+
+def grown_or_refused(model: nn.Module, inputs, transform, *, via: str = "auto", train: bool = True):
+    """Apply ``transform(gm)`` to the capture of ``model``; assert preserved (eval, train, backward) or a
+    library refusal. Returns the grown model, or None when refused."""
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    reference = copy.deepcopy(model)
+    gm = r2r_fx.capture(model, inputs, via=via)
+    try:
+        grown = transform(gm)
+    except r2r_fx.R2RError:
+        return None
+    fresh = tuple(torch.randn_like(t) if t.is_floating_point() else t for t in inputs)
+    for mode in (False, True) if train else (False,):
+        ref = _outputs(copy.deepcopy(reference), fresh, mode)
+        got = _outputs(copy.deepcopy(grown), fresh, mode)
+        rel = _rel(ref, got)
+        assert rel <= RTOL, f"{'train' if mode else 'eval'} mode: relative error {rel:.3g}"
+    trained = copy.deepcopy(grown).train()
+    out = trained(*[t.clone().requires_grad_(t.is_floating_point()) for t in fresh])
+    loss = sum(o.float().sum() for o in (out if isinstance(out, (tuple, list)) else [out]))
+    loss.backward()
+    for name, p in trained.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
+    return grown
+
+
+def widen(**kw):
+    return lambda gm: r2r_fx.widen(gm, seed=0, check=False, **{"factor": 2.0, **kw})
+
+
+def deepen(**kw):
+    return lambda gm: r2r_fx.deepen(gm, seed=0, check=False, **kw)
+
+
+def widened_groups(grown) -> int:
+    return sum(g["status"] == "widened" for e in grown.meta["r2r_record"] if e["op"] == "widen" for g in e["groups"])
+
+
+# ---------------------------------------------------------------- 1, 2: grow_kernel
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("padding", [1, "same"])
+def test_grow_kernel_every_padding_mode(mode, padding):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=padding, padding_mode=mode), nn.ReLU())
+    grown = grown_or_refused(model, torch.randn(2, 3, 9, 9), lambda gm: r2r_fx.grow_kernel(gm, "_0", 5, check=False))
+    assert grown is not None and grown.get_submodule("0").weight.shape[-2:] == (5, 5)
+
+
+class _TwiceConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(torch.relu(self.conv(x)))
+
+
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+def test_grow_kernel_of_a_layer_called_twice(via):
+    torch.manual_seed(0)
+    gm = r2r_fx.capture(_TwiceConv(), (torch.randn(2, 4, 8, 8),), via=via)
+    convs = [n.name for n in gm.graph.nodes if "conv" in n.name and n.op != "get_attr"]
+    grown_or_refused(_TwiceConv(), torch.randn(2, 4, 8, 8), lambda g: r2r_fx.grow_kernel(g, convs[0], 5, check=False), via=via)
+
+
+def test_carry_optimizer_after_grow_kernel():
+    """20: the record lists the reshaped weight, so Adam's state grows with it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
+    gm = r2r_fx.capture(model, (torch.randn(2, 3, 8, 8),))
+    opt = torch.optim.Adam(gm.parameters(), lr=1e-3)
+    gm(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    grown = r2r_fx.grow_kernel(gm, "_0", 5)
+    new_opt = r2r_fx.carry_optimizer(opt, gm, grown)
+    grown(torch.randn(2, 3, 8, 8)).sum().backward()
+    new_opt.step()
+    weight = grown.get_submodule("0").weight
+    state = new_opt.state[weight]["exp_avg"]
+    assert state.shape == weight.shape
+    assert (state[:, :, 0] != 0).any()  # the new taps got their first moment from this step
+
+
+# ---------------------------------------------------------------- 3, 4, 13, 14, 16, 17: channel structure
+
+
+class _CatChunkAcross(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 8, 1)
+        self.c, self.d = nn.Conv2d(6, 5, 1), nn.Conv2d(6, 5, 1)
+
+    def forward(self, x):
+        h = torch.cat([self.a(x), self.b(x)], 1)
+        p, q = h.chunk(2, 1)
+        return self.c(p) + self.d(q)
+
+
+def test_cat_then_chunk_across_the_pieces():
+    grown_or_refused(_CatChunkAcross(), torch.randn(2, 3, 5, 5), widen())
+
+
+class _LinearOverSpatialIntoMultiplierConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.conv = nn.Conv2d(4, 8, 3, padding=1, groups=4)  # depthwise, channel multiplier 2
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        return self.head(self.conv(self.fc(x)))
+
+
+def test_linear_over_spatial_axis_into_depthwise_multiplier_conv():
+    grown_or_refused(_LinearOverSpatialIntoMultiplierConv(), torch.randn(2, 4, 6, 6), widen())
+
+
+class _CatThenCut(nn.Module):
+    """GhostNet: primary and cheap features concatenated, then cut back to ``out``."""
+
+    def __init__(self, out: int = 6) -> None:
+        super().__init__()
+        self.out = out
+        self.primary = nn.Conv2d(3, 4, 1)
+        self.cheap = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.head = nn.Conv2d(out, 2, 1)
+
+    def forward(self, x):
+        p = self.primary(x)
+        return self.head(torch.cat([p, self.cheap(p)], 1)[:, : self.out])
+
+
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+def test_concatenation_cut_back(via):
+    grown_or_refused(_CatThenCut(), torch.randn(2, 3, 5, 5), widen(), via=via)
+
+
+class _FullSlices(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 6, 1), nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        h = self.a(x)[:, :6]
+        h = self.b(h)[:, 0:6:1]
+        return self.c(h[:, :, :])
+
+
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+def test_constant_full_width_slices_grow(via):
+    grown = grown_or_refused(_FullSlices(), torch.randn(2, 3, 4, 4), widen(), via=via)
+    assert grown is not None and widened_groups(grown) == 2  # full slices are no reason to freeze
+
+
+class _DynamicHalves(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 2, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.how == "split":
+            p, q = torch.split(h, h.size(1) // 2, 1)
+        else:
+            p, q = h[:, : h.shape[1] // 2], h[:, h.shape[1] // 2 :]
+        return self.b(p) + self.c(q)
+
+
+@pytest.mark.parametrize("how", ["split", "slice"])
+def test_sizes_computed_from_the_tensor(how):
+    grown_or_refused(_DynamicHalves(how), torch.randn(2, 3, 4, 4), widen(), via="symbolic_trace")
+
+
+class _Unsqueezed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 7)
+        self.conv = nn.Conv1d(1, 4, 3, padding=1)
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x):
+        h = self.fc(x).unsqueeze(1)  # (N, 1, 7): a size-1 axis, not a width
+        return self.head(self.conv(h).mean(1))
+
+
+def test_size_one_axis_from_unsqueeze_is_not_a_width():
+    grown = grown_or_refused(_Unsqueezed(), torch.randn(2, 5), widen())
+    assert grown is None or grown.get_submodule("conv").in_channels == 1
+
+
+# ---------------------------------------------------------------- 5: netmorph per-channel entries
+
+
+class _DivideByBuffer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.register_buffer("std", torch.rand(6) + 0.5)
+
+    def forward(self, x):
+        return self.b(self.a(x) / self.std)
+
+
+@pytest.mark.parametrize("method", ["r2r", "net2net", "netmorph"])
+def test_new_per_channel_entries_are_all_filled(method):
+    grown = grown_or_refused(_DivideByBuffer(), torch.randn(3, 4), widen(method=method))
+    assert grown is not None and bool((grown.std != 0).all())
+
+
+# ---------------------------------------------------------------- 6, 19: aliasing and in-place writes
+
+
+class _ViewThenWrite(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(16, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        v = h.flatten(2)
+        h.mul_(2)
+        return self.fc(v).sum(1)
+
+
+def test_deepen_at_a_tensor_written_in_place_later():
+    model = _ViewThenWrite()
+    inputs = torch.randn(2, 3, 4, 4)
+    gm = r2r_fx.capture(model, (inputs,))
+    for point in r2r_fx.insertion_points(gm):
+        grown_or_refused(model, inputs, deepen(at=point.node))
+
+
+class _DropoutThenAddInPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.drop, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Dropout(0.1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        d = self.drop(h)
+        h.add_(d)
+        return self.head(h)
+
+
+def test_deepen_before_an_in_place_add_keeps_backward_working():
+    model = _DropoutThenAddInPlace().eval()
+    inputs = torch.randn(2, 3, 4, 4)
+    gm = r2r_fx.capture(model, (inputs,))
+    for point in r2r_fx.insertion_points(gm):
+        grown_or_refused(model, inputs, deepen(at=point.node))
+
+
+# ---------------------------------------------------------------- 7: sizes used as numbers
+
+
+class _SizeAsNumber(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.how == "sqrt":
+            h = h / math.sqrt(h.shape[1])
+        else:
+            h = h * (1 / h.size(-1))
+        return self.b(h)
+
+
+@pytest.mark.parametrize("how", ["sqrt", "reciprocal"])
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+def test_sizes_used_as_numbers(how, via):
+    try:
+        r2r_fx.capture(_SizeAsNumber(how), (torch.randn(2, 4),), via=via)
+    except r2r_fx.CaptureError:
+        pytest.skip(f"{via} cannot trace this model (the other graph flavour covers it)")
+    grown_or_refused(_SizeAsNumber(how), torch.randn(2, 4), widen(), via=via)
+
+
+# ---------------------------------------------------------------- 8, 9, 18: layers with hidden state
+
+
+def test_embedding_with_max_norm():
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(10, 4, max_norm=1.0), nn.Linear(4, 2)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids))
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 10, (2, 5))
+    gm = r2r_fx.capture(M(), (ids,))
+    grown = r2r_fx.widen(gm, seed=0, check=False)
+    model = M()
+    model.load_state_dict(gm.state_dict(), strict=False)
+    assert widened_groups(grown) == 0  # the renormalisation depends on the width
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+def test_tied_parameters_stay_tied(via):
+    grown = grown_or_refused(_Tied(), torch.randn(3, 4), widen(), via=via)
+    if grown is not None and via == "symbolic_trace":
+        assert grown.get_submodule("a").weight is grown.get_submodule("b").weight
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_spectral_norm(api):
+    torch.manual_seed(0)
+    norm = nn.utils.spectral_norm if api == "hook" else nn.utils.parametrizations.spectral_norm
+    model = nn.Sequential(norm(nn.Conv2d(3, 4, 3, padding=1)), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    grown_or_refused(model, torch.randn(2, 3, 5, 5), widen())
+    grown_or_refused(model, torch.randn(2, 3, 5, 5), lambda gm: r2r_fx.grow_kernel(gm, "_0", 5, check=False))
+
+
+# ---------------------------------------------------------------- 10, 11, 12: capture
+
+
+class _ViewBeforeIadd(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x):
+        a = x[:, :2]
+        x += x
+        return self.fc(a)
+
+
+def test_view_taken_before_an_in_place_add():
+    model = _ViewBeforeIadd()
+    x = torch.randn(4, 5)
+    gm = r2r_fx.capture(model, (x,))
+    ref = model(x.clone())
+    assert torch.allclose(gm(x.clone()), ref, rtol=1e-6, atol=1e-7)
+
+
+class _FunctionalFlags(nn.Module):
+    def __init__(self, fixed: bool) -> None:
+        super().__init__()
+        self.fixed = fixed
+        self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+        self.w, self.b = nn.Parameter(torch.rand(4) + 0.5), nn.Parameter(torch.randn(4))
+        self.register_buffer("mean", torch.randn(4))
+        self.register_buffer("var", torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        training = False if self.fixed else self.training
+        h = F.batch_norm(self.conv(x), self.mean, self.var, self.w, self.b, training, 0.1, 1e-5)
+        return self.head(F.dropout(torch.relu(h), 0.0, training))
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+def test_functional_train_flags_follow_the_mode_of_the_model(fixed, via):
+    """11/12: a flag that follows ``self.training`` follows ``.train()`` in the graph; a fixed one stays fixed."""
+    torch.manual_seed(0)
+    model = _FunctionalFlags(fixed)
+    x = torch.randn(4, 3, 5, 5)
+    gm = r2r_fx.capture(model, (x,), via=via)
+    for mode in (False, True):
+        reference = copy.deepcopy(model).train(mode)
+        candidate = copy.deepcopy(gm).train(mode)
+        with torch.no_grad():
+            assert torch.allclose(candidate(x), reference(x), rtol=1e-5, atol=1e-6), f"train={mode}"
+
+
+def test_instance_norm_with_running_stats_in_train_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True), nn.Conv2d(4, 2, 1))
+    model.train()(torch.randn(4, 3, 6, 6))  # non-trivial running statistics
+    x = torch.randn(4, 3, 6, 6)
+    for via in ("symbolic_trace", "export"):
+        gm = r2r_fx.capture(model, (x,), via=via)
+        for mode in (False, True):
+            reference, candidate = copy.deepcopy(model).train(mode), copy.deepcopy(gm).train(mode)
+            with torch.no_grad():
+                assert torch.allclose(candidate(x), reference(x), rtol=1e-5, atol=1e-6), (via, mode)
+
+
+# ---------------------------------------------------------------- 15: functional grouped conv
+
+
+class _FunctionalGrouped(nn.Module):
+    def __init__(self, keyword: bool) -> None:
+        super().__init__()
+        self.keyword = keyword
+        self.a, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+        self.w = nn.Parameter(torch.randn(4, 1, 3, 3))
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.keyword:
+            h = F.conv2d(h, self.w, padding=1, groups=4)
+        else:
+            h = F.conv2d(h, self.w, None, 1, 1, 1, 4)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("keyword", [True, False])
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+def test_functional_conv_with_explicit_groups(keyword, via):
+    grown = grown_or_refused(_FunctionalGrouped(keyword), torch.randn(2, 3, 5, 5), widen(), via=via)
+    assert grown is not None and widened_groups(grown) == 1
