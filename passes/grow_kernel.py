@@ -137,7 +137,8 @@ def _check_module(module: nn.Module, gm: torch.fx.GraphModule, extra: Sequence[i
             pads = [max(padding[2 * i], padding[2 * i + 1]) for i in range(len(extra))][::-1]
             if spatial is None or any(p >= s for p, s in zip(pads, spatial)):
                 raise GrowthError(
-                    f"{module.padding_mode} padding of {pads} would not fit the input {list(spatial or [])} of {node.name}"
+                    f"{module.padding_mode} padding of {pads} does not fit the input {list(spatial or [])} "
+                    f"of {node.name}"
                 )
 
 
@@ -173,7 +174,9 @@ def _grow_call(node: torch.fx.Node, dims: int, extra: Sequence[int]) -> None:
     """``aten.convNd(input, weight, bias, stride, padding, dilation, groups)`` with wider padding."""
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     defaults = {"stride": 1, "padding": 0, "dilation": 1}
-    values = {n: (node.args[i] if i < len(node.args) else node.kwargs.get(n, defaults.get(n))) for i, n in enumerate(names)}
+    values = {
+        n: (node.args[i] if i < len(node.args) else node.kwargs.get(n, defaults.get(n))) for i, n in enumerate(names)
+    }
     padding, dilation = values["padding"], values["dilation"]
     padding = [padding] * dims if isinstance(padding, int) else list(padding)
     dilation = [dilation] * dims if isinstance(dilation, int) else list(dilation)

@@ -8,30 +8,46 @@ Two graph flavours come out of here:
   ``nn.Dropout`` modules so that ``.train()`` / ``.eval()`` keep working on the captured model.
 
 Every capture is run once on the example inputs (which also records shapes in ``node.meta``) and
-compared with the eager model in eval mode; a graph that errors or differs is rejected. For module
-graphs the two runs go side by side and each layer computes once (``r2r_fx/instep.py``).
+compared with the eager model in eval mode, each on its own copy of the inputs; a graph that errors or
+differs is rejected.
+
+Flags that follow ``self.training`` (``F.dropout(x, p, self.training)``, ``F.batch_norm(...,
+self.training)``) are traced as constants of the mode at capture. Both flavours find them by a second
+trace in train mode (export: only when the graph has such calls outside torch's own layers) and turn
+each into the ``nn`` layer that follows ``.train()``/``.eval()``; a flag fixed in the code stays fixed.
+A model whose graph differs between the modes in any other way is marked eval-only
+(``gm.meta["r2r_eval_only"]`` holds the reason): its graph computes the eval-mode function.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import operator
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from r2r_fx.errors import CaptureError
-from r2r_fx.instep import eval_mode, run_in_step
 from r2r_fx.rules import is_stochastic_depth
 from r2r_fx.tree import fresh_inputs, max_errors
 
-__all__ = ["CaptureError", "capture", "example_inputs_of", "flavour_of", "from_exported_program", "record_shapes"]
+__all__ = [
+    "CaptureError",
+    "capture",
+    "compare_with_eager",
+    "eval_mode",
+    "example_inputs_of",
+    "from_exported_program",
+    "record_shapes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +55,30 @@ _CAPTURE_RTOL = 1e-5
 _aten = torch.ops.aten
 
 
-def flavour_of(gm: torch.fx.GraphModule) -> str:
-    """``"aten"`` if the graph calls ATen overloads, else ``"module"``."""
-    flavour = gm.meta.get("r2r_flavour")
-    if flavour:
-        return flavour
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-            return "aten"
-    return "module"
+@contextlib.contextmanager
+def eval_mode(model: nn.Module, *, no_grad: bool = True) -> Iterator[None]:
+    """``model`` in eval mode (and without autograd) for the duration; every module's mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        if any(mode for _, mode in modes):  # a model already in eval mode is left untouched
+            model.eval()
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            yield
+    finally:
+        for m, mode in modes:
+            if m.training != mode:
+                m.training = mode
+
+
+@contextlib.contextmanager
+def _train_mode(model: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.train()
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def example_inputs_of(gm: torch.fx.GraphModule) -> tuple[Any, ...]:
@@ -72,22 +103,17 @@ def record_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, me
     With ``meta=True`` the run happens on the meta device (parameters and inputs swapped for
     storage-less tensors for the duration): shapes only, no arithmetic, no copy of the weights.
     """
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            if not meta:
-                return ShapeProp(gm).propagate(*example_inputs)
-            state = {
-                k: torch.empty_like(v, device="meta")
-                for k, v in list(gm.named_parameters(remove_duplicate=False))
-                + list(gm.named_buffers(remove_duplicate=False))
-            }
-            args = [torch.empty_like(t, device="meta") if isinstance(t, torch.Tensor) else t for t in example_inputs]
-            with torch.nn.utils.stateless._reparametrize_module(gm, state):
-                return ShapeProp(gm).propagate(*args)
-    finally:
-        gm.train(was_training)
+    with eval_mode(gm):
+        if not meta:
+            return ShapeProp(gm).propagate(*example_inputs)
+        state = {
+            k: torch.empty_like(v, device="meta")
+            for k, v in list(gm.named_parameters(remove_duplicate=False))
+            + list(gm.named_buffers(remove_duplicate=False))
+        }
+        args = [torch.empty_like(t, device="meta") if isinstance(t, torch.Tensor) else t for t in example_inputs]
+        with torch.nn.utils.stateless._reparametrize_module(gm, state):
+            return ShapeProp(gm).propagate(*args)
 
 
 def capture(
@@ -120,13 +146,6 @@ def capture(
             if not check:
                 record_shapes(gm, inputs, meta=True)
                 return _finish(gm, model, flavour, inputs)
-            if reference is None and flavour == "module":
-                # One joint run. Anything short of a match (out of step, an error, a difference) is
-                # decided by the plain separate runs below, which report the real cause.
-                with contextlib.suppress(Exception):
-                    joint = run_in_step(model, gm, fresh_inputs(inputs))
-                    if joint is not None and max_errors(*joint)[1] <= rtol:
-                        return _finish(gm, model, flavour, inputs)
             if reference is None:
                 reference = _eval_output(model, fresh_inputs(inputs))
             output = record_shapes(gm, fresh_inputs(inputs))
@@ -167,6 +186,14 @@ def _finish(gm: torch.fx.GraphModule, model: nn.Module, flavour: str, inputs: tu
         if module.training != mode:
             module.training = mode
     return gm
+
+
+def compare_with_eager(model: nn.Module, gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> float:
+    """The eval-mode relative error of ``gm`` against ``model``, each run on its own copy of ``inputs``
+    (what ``capture`` checks; recording shapes on ``gm`` as it goes). ValueError if the outputs differ in
+    structure; the graph's own errors propagate."""
+    reference = _eval_output(model, fresh_inputs(tuple(inputs)))
+    return max_errors(reference, record_shapes(gm, fresh_inputs(tuple(inputs))))[1]
 
 
 def _eval_output(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
@@ -247,6 +274,13 @@ def _symbolic_trace(model: nn.Module, inputs: tuple[Any, ...]) -> torch.fx.Graph
     parked = set(model.__dict__)
     try:
         gm = _trace_module(model)
+        try:
+            with _train_mode(model):
+                train_gm = _trace_module(model)
+        except Exception as exc:  # noqa: BLE001 - the eval graph stands; train mode is not known
+            gm.meta["r2r_eval_only"] = f"the model cannot be traced in train mode ({_describe_failure(exc)})"
+        else:
+            _follow_train_flags(gm, train_gm, inputs)
         # String annotations (``from __future__ import annotations``) become str globals in the generated
         # code, which breaks pickling the GraphModule: drop them.
         annotated = [node for node in gm.graph.nodes if isinstance(node.type, str)]
@@ -262,16 +296,111 @@ def _symbolic_trace(model: nn.Module, inputs: tuple[Any, ...]) -> torch.fx.Graph
     return gm
 
 
+_FUNCTIONAL_DROPOUTS = {
+    F.dropout: nn.Dropout,
+    F.dropout1d: nn.Dropout1d,
+    F.dropout2d: nn.Dropout2d,
+    F.dropout3d: nn.Dropout3d,
+    F.alpha_dropout: nn.AlphaDropout,
+    F.feature_alpha_dropout: nn.FeatureAlphaDropout,
+}
+_FUNCTIONAL_NORMS = {
+    F.batch_norm: ("training", {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}),
+    F.instance_norm: ("use_input_stats", {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}),
+}
+
+
+def _follow_train_flags(gm: torch.fx.GraphModule, train_gm: torch.fx.GraphModule, inputs: tuple[Any, ...]) -> None:
+    """Turn functional dropout / batch norm / instance norm calls whose train flag differs between the
+    eval-mode and the train-mode trace into the nn layers that follow ``.train()``/``.eval()`` (sharing
+    the model's tensors); any other difference marks the graph eval-only."""
+    nodes, train_nodes = list(gm.graph.nodes), list(train_gm.graph.nodes)
+    if [(n.op, n.target) for n in nodes] != [(n.op, n.target) for n in train_nodes]:
+        gm.meta["r2r_eval_only"] = "the model's graph in train mode has other operations than in eval mode"
+        return
+    flagged: list[tuple[torch.fx.Node, dict[str, Any]]] = []
+    for node, train_node in zip(nodes, train_nodes):
+        names = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.name)
+        train_names = torch.fx.node.map_arg((train_node.args, train_node.kwargs), lambda n: n.name)
+        if names == train_names:
+            continue
+        layer = _FUNCTIONAL_DROPOUTS.get(node.target) or _FUNCTIONAL_NORMS.get(node.target)
+        if layer is None:
+            gm.meta["r2r_eval_only"] = f"{node.name} has other arguments in train mode than in eval mode"
+            return
+        signature = inspect.signature(node.target)
+        eval_args = signature.bind(*node.args, **node.kwargs).arguments
+        train_args = signature.bind(*train_node.args, **train_node.kwargs).arguments
+        flag = "training" if node.target in _FUNCTIONAL_DROPOUTS else _FUNCTIONAL_NORMS[node.target][0]
+        differs = {k for k in set(eval_args) | set(train_args) if str(eval_args.get(k)) != str(train_args.get(k))}
+        if flag not in differs or differs - {flag, "p"} or (node.target in _FUNCTIONAL_NORMS and "p" in differs):
+            gm.meta["r2r_eval_only"] = f"{node.name} has other arguments in train mode than in eval mode"
+            return
+        flagged.append((node, {**train_args, "input": eval_args["input"]}))
+    if not flagged:
+        return
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*fresh_inputs(inputs))  # the ranks pick the layer classes
+    for i, (node, args) in enumerate(flagged):
+        module = _layer_for(gm, node, args)
+        if module is None:
+            gm.meta["r2r_eval_only"] = f"{node.name} follows the train mode with statistics that are not buffers"
+            return
+        name = f"r2r_mode_{i}"
+        gm.add_submodule(name, module)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, (args["input"],))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+
+def _layer_for(gm: torch.fx.GraphModule, node: torch.fx.Node, args: dict[str, Any]) -> nn.Module | None:
+    """The nn layer computing a functional dropout / norm call, holding the very tensors it read."""
+    if node.target in _FUNCTIONAL_DROPOUTS:
+        return _FUNCTIONAL_DROPOUTS[node.target](float(args.get("p", 0.5)))
+    _, classes = _FUNCTIONAL_NORMS[node.target]
+    rank = len(node.meta["tensor_meta"].shape)
+    tensors = {k: _attr_tensor(gm, args.get(k)) for k in ("running_mean", "running_var", "weight", "bias")}
+    for k, t in tensors.items():
+        if args.get(k) is not None and t is None:
+            return None
+    if tensors["running_mean"] is None or tensors["running_var"] is None or rank not in classes:
+        return None
+    extra = {"track_running_stats": True} if node.target is F.instance_norm else {}
+    module = classes[rank](
+        tensors["running_mean"].shape[0],
+        eps=float(args.get("eps", 1e-5)),
+        momentum=args.get("momentum", 0.1),
+        affine=False,
+        **extra,
+    )
+    module._buffers["running_mean"], module._buffers["running_var"] = tensors["running_mean"], tensors["running_var"]
+    for k in ("weight", "bias"):
+        if tensors[k] is not None:
+            module._parameters[k] = tensors[k]
+    return module
+
+
 def _export(model: nn.Module, inputs: tuple[Any, ...]) -> torch.fx.GraphModule:
     dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in inputs)
     try:
         program = torch.export.export(model, inputs, strict=False, dynamic_shapes=dynamic)
     except Exception:  # noqa: BLE001 - a dynamic batch is a nicety; retry with static shapes
         program = torch.export.export(model, inputs, strict=False)
-    return from_exported_program(program)
+
+    def train_graph() -> torch.fx.Graph | None:
+        try:
+            with _train_mode(model):
+                return torch.export.export(model, inputs, strict=False).graph
+        except Exception:  # noqa: BLE001 - no train-mode graph: the caller marks the model eval-only
+            return None
+
+    return from_exported_program(program, train_graph)
 
 
-def from_exported_program(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+def from_exported_program(program: torch.export.ExportedProgram, train_graph: Any = None) -> torch.fx.GraphModule:
     """A plain GraphModule (``.train()``/``.eval()`` work) from an ExportedProgram, e.g. a loaded .pt2."""
     exported = program.module()
     graph = exported.graph
@@ -281,19 +410,84 @@ def from_exported_program(program: torch.export.ExportedProgram) -> torch.fx.Gra
     gm = torch.fx.GraphModule(exported, graph)
     # the export tracer cannot be rebuilt when unpickling; the graph's copy too, or deepcopies bring it back
     gm._tracer_cls = graph._tracer_cls = None
-    _modulize_train_flags(gm)
+    _modulize_train_flags(gm, train_graph)
     return gm
 
 
-def _modulize_train_flags(gm: torch.fx.GraphModule) -> None:
-    """Replace ATen batch_norm/dropout calls by nn modules so ``.train()`` / ``.eval()`` act on them."""
+# ATen calls whose behaviour follows a train flag: (position of the flag, position of p for dropouts)
+_FLAG_CALLS = {
+    _aten.batch_norm.default: (5, None),
+    _aten.instance_norm.default: (5, None),
+    _aten._native_batch_norm_legit_no_training.default: (None, None),
+    _aten.dropout.default: (2, 1),
+    _aten.dropout_.default: (2, 1),
+    _aten.feature_dropout.default: (2, 1),
+    _aten.alpha_dropout.default: (2, 1),
+    _aten.feature_alpha_dropout.default: (2, 1),
+}
+_DROPOUT_LAYERS = {
+    _aten.dropout.default: nn.Dropout,
+    _aten.dropout_.default: nn.Dropout,
+    _aten.feature_dropout.default: nn.Dropout2d,
+    _aten.alpha_dropout.default: nn.AlphaDropout,
+    _aten.feature_alpha_dropout.default: nn.FeatureAlphaDropout,
+}
+# torch.nn layers whose train flag is ``self.training`` (their class paths, as export records them)
+_MODE_LAYER_PREFIXES = ("torch.nn.modules.batchnorm.", "torch.nn.modules.instancenorm.", "torch.nn.modules.dropout.")
+
+
+def _in_mode_layer(node: torch.fx.Node) -> bool:
+    """Whether an ATen call was made by a torch.nn batch norm, instance norm or dropout layer."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return False
+    cls = list(stack.values())[-1][1]
+    name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+    return name.startswith(_MODE_LAYER_PREFIXES)
+
+
+def _user_flag_calls(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in _FLAG_CALLS and not _in_mode_layer(n)]
+
+
+def _modulize_train_flags(gm: torch.fx.GraphModule, train_graph: Any = None) -> None:
+    """Replace ATen batch norm, instance norm and dropout calls whose flag follows the mode by nn layers,
+    so ``.train()`` / ``.eval()`` act on them.
+
+    Calls made by torch.nn's own layers follow the mode by construction. Calls in the model's own code
+    (``F.dropout(x, p, self.training)`` or ``F.batch_norm(..., training=False)``) are compared with
+    ``train_graph()`` (the graph exported in train mode): a flag that differs follows the mode, one that
+    does not stays as it is. Without a train-mode graph they mark the model eval-only.
+    """
     graph = gm.graph
+    user_calls = _user_flag_calls(graph)
+    in_train: dict[torch.fx.Node, torch.fx.Node] = {}
+    if user_calls:
+        trained_graph = train_graph() if train_graph is not None else None
+        trained = _user_flag_calls(trained_graph) if trained_graph is not None else None
+        if trained is None or [n.target for n in trained] != [n.target for n in user_calls]:
+            gm.meta["r2r_eval_only"] = (
+                f"{user_calls[0].name} sets its train flag in the model's own code, and the graph could not be "
+                "compared with a train-mode export"
+            )
+            user_calls = []
+        else:
+            for node, train_node in zip(user_calls, trained):
+                at = _FLAG_CALLS[node.target][0]
+                if at is not None and node.args[at] != train_node.args[at]:
+                    in_train[node] = train_node
     count = 0
     for node in list(graph.nodes):
-        if node.op != "call_function":
+        if node.op != "call_function" or node.target not in _FLAG_CALLS:
             continue
-        if node.target in (_aten.batch_norm.default, _aten._native_batch_norm_legit_no_training.default):
-            module = _batch_norm_module(gm, node)
+        if not _in_mode_layer(node) and node not in in_train:
+            continue
+        if node.target in _DROPOUT_LAYERS:
+            p = in_train[node].args[1] if node in in_train else node.args[1]
+            module = _DROPOUT_LAYERS[node.target](p)
+            name = f"r2r_dropout_{count}"
+        else:
+            module = _norm_module(gm, node)
             if module is None:
                 continue
             name = f"r2r_bn_{count}"
@@ -302,12 +496,6 @@ def _modulize_train_flags(gm: torch.fx.GraphModule) -> None:
             for attr, arg in zip(("weight", "bias"), node.args[1:3]):
                 if getattr(arg, "op", None) == "get_attr":
                     renames[f"{name}.{attr}"] = str(arg.target)
-        elif node.target in (_aten.dropout.default, _aten.dropout_.default, _aten.feature_dropout.default):
-            p = node.args[1]
-            module = nn.Dropout2d(p) if node.target == _aten.feature_dropout.default else nn.Dropout(p)
-            name = f"r2r_dropout_{count}"
-        else:
-            continue
         count += 1
         gm.add_submodule(name, module)
         with graph.inserting_before(node):
@@ -332,23 +520,29 @@ def _modulize_train_flags(gm: torch.fx.GraphModule) -> None:
     gm.recompile()
 
 
-def _batch_norm_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module | None:
+def _norm_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module | None:
+    """An nn BatchNorm/InstanceNorm layer with the call's parameters and running statistics, or None."""
     x, weight, bias, mean, var = node.args[:5]
-    if node.target == _aten.batch_norm.default:
-        momentum, eps = node.args[6], node.args[7]
-    else:
+    if node.target == _aten._native_batch_norm_legit_no_training.default:
         momentum, eps = node.args[5], node.args[6]
+    else:
+        momentum, eps = node.args[6], node.args[7]
     tensors = [_attr_tensor(gm, a) for a in (weight, bias, mean, var)]
     if any(t is None and a is not None for t, a in zip(tensors, (weight, bias, mean, var))):
         return None
     if tensors[2] is None or tensors[3] is None:
         return None  # no running statistics: the functional form is already mode-independent
     rank = len(node.meta["val"].shape) if "val" in node.meta else None
-    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(rank)
+    if node.target == _aten.instance_norm.default:
+        classes = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}
+    else:
+        classes = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+    cls = classes.get(rank)
     if cls is None:
         return None
     w, b, rm, rv = tensors
-    module = cls(rm.shape[0], eps=eps, momentum=momentum, affine=w is not None)
+    extra = {"track_running_stats": True} if node.target == _aten.instance_norm.default else {}
+    module = cls(rm.shape[0], eps=eps, momentum=momentum, affine=w is not None, **extra)
     module.to(device=rm.device, dtype=rm.dtype)
     with torch.no_grad():
         if w is not None:

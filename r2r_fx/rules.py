@@ -595,9 +595,7 @@ def _linear_function(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule
     _linear(c, node, node.args[0], weight, bias)
 
 
-def _embedding(
-    c: Couplings, node: torch.fx.Node, ids: torch.fx.Node, weight: str | None, max_norm: Any = None
-) -> None:
+def _embedding(c: Couplings, node: torch.fx.Node, ids: torch.fx.Node, weight: str | None, max_norm: Any = None) -> None:
     ids_shape, out = shape_of(ids), shape_of(node)
     if ids_shape is None or out is None or weight is None:
         freeze_all(c, node, "embedding without a static shape or parameter weight")

@@ -280,7 +280,9 @@ def _fix_full_slices(node: torch.fx.Node) -> None:
     for i, item in enumerate(items):
         if item is None:
             continue
-        if isinstance(item, slice) and all(isinstance(v, (int, type(None))) for v in (item.start, item.stop, item.step)):
+        if isinstance(item, slice) and all(
+            isinstance(v, (int, type(None))) for v in (item.start, item.stop, item.step)
+        ):
             if item != slice(None) and slice(*item.indices(shape[axis])) == slice(0, shape[axis], 1):
                 items[i], changed = slice(None), True
         axis += 1

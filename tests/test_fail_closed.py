@@ -101,7 +101,9 @@ def test_grow_kernel_of_a_layer_called_twice(via):
     torch.manual_seed(0)
     gm = r2r_fx.capture(_TwiceConv(), (torch.randn(2, 4, 8, 8),), via=via)
     convs = [n.name for n in gm.graph.nodes if "conv" in n.name and n.op != "get_attr"]
-    grown_or_refused(_TwiceConv(), torch.randn(2, 4, 8, 8), lambda g: r2r_fx.grow_kernel(g, convs[0], 5, check=False), via=via)
+    grown_or_refused(
+        _TwiceConv(), torch.randn(2, 4, 8, 8), lambda g: r2r_fx.grow_kernel(g, convs[0], 5, check=False), via=via
+    )
 
 
 def test_carry_optimizer_after_grow_kernel():
