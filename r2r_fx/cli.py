@@ -240,9 +240,11 @@ def _remove_temps() -> None:
 # ---------------------------------------------------------------- arguments
 
 
-def _widen_args(text: str | None) -> dict[str, Any] | None:
+def _widen_args(text: str | list[str] | None) -> dict[str, Any] | None:
     if text is None:
         return None
+    if isinstance(text, list):  # argparse turns ``--widen=--`` into an empty list
+        text = " ".join(text) or "--"
     bad = f"bad --widen {text!r}: a factor > 1 such as 2.0, or +N channels (N >= 1)"
     if text.startswith("+"):
         if not text[1:].isdigit():
@@ -870,19 +872,19 @@ def _plain(tree: Any) -> Any:
     return tree
 
 
-@contextlib.contextmanager
-def _plain_outputs(gm: torch.fx.GraphModule) -> Iterator[torch.fx.GraphModule]:
-    """``gm`` with its forward returning plain containers (its class swapped for the duration)."""
-    cls = type(gm)
+class _PlainOutputs(nn.Module):
+    """A graph module's forward returning plain containers, on the same attributes (so the same state_dict names).
 
-    def forward(self: Any, *args: Any) -> Any:
-        return _plain(cls.forward(self, *args))
+    Not a GraphModule itself: torch.export takes a GraphModule's own output structure, not its forward's.
+    """
 
-    gm.__class__ = type(cls.__name__, (cls,), {"forward": forward})
-    try:
-        yield gm
-    finally:
-        gm.__class__ = cls
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__()
+        self.__dict__.update({k: v for k, v in gm.__dict__.items() if k not in ("forward", "_wrapped_call")})
+        self._graph_forward = type(gm).forward
+
+    def forward(self, *args: Any) -> Any:
+        return _plain(self._graph_forward(self, *args))
 
 
 def _export_program(grown: torch.fx.GraphModule, inputs: tuple[Any, ...]) -> tuple[Any, list[str]]:
@@ -898,19 +900,19 @@ def _export_program(grown: torch.fx.GraphModule, inputs: tuple[Any, ...]) -> tup
     with torch.no_grad():
         expected = _plain(grown(*inputs))
     last: Exception | None = None
-    with _plain_outputs(grown) as plain:
-        for axes, names in dynamic_axes_candidates(inputs):
-            try:
-                example = expand_for_export(inputs, axes)
-                dynamic = (tuple({a: torch.export.Dim.DYNAMIC for a in ax} if ax else None for ax in axes),)
-                program = torch.export.export(plain, example, strict=False, dynamic_shapes=dynamic if names else None)
-                with torch.no_grad():
-                    _, rel = max_errors(expected, program.module()(*inputs))
-                if not rel <= 1e-5:
-                    raise ValueError(f"exported program differs (relative error {rel:.2g})")
-                return program, names
-            except Exception as exc:  # noqa: BLE001 - try fewer dynamic axes
-                last = exc
+    plain = _PlainOutputs(grown)
+    for axes, names in dynamic_axes_candidates(inputs):
+        try:
+            example = expand_for_export(inputs, axes)
+            dynamic = (tuple({a: torch.export.Dim.DYNAMIC for a in ax} if ax else None for ax in axes),)
+            program = torch.export.export(plain, example, strict=False, dynamic_shapes=dynamic if names else None)
+            with torch.no_grad():
+                _, rel = max_errors(expected, program.module()(*inputs))
+            if not rel <= 1e-5:
+                raise ValueError(f"exported program differs (relative error {rel:.2g})")
+            return program, names
+        except Exception as exc:  # noqa: BLE001 - try fewer dynamic axes
+            last = exc
     raise RuntimeError(f"torch.export of the grown model failed: {_first_line(last or Exception())}")
 
 
@@ -922,8 +924,27 @@ def _write_program(program: Any, record: list[Any]) -> Callable[[io.BufferedWrit
 
 def _write_pickle(grown: torch.fx.GraphModule) -> Callable[[io.BufferedWriter], None]:
     buffer = io.BytesIO()
-    torch.save(grown, buffer)
+    # Unpickling re-traces with the saved tracer class: torch.export's cannot be built without arguments
+    # (``_ModuleStackTracer.__init__() missing 'scope_root'``), so such a file would never load again.
+    saved = [(owner, owner._tracer_cls) for owner in (grown, grown.graph) if not _buildable(owner._tracer_cls)]
+    for owner, _ in saved:
+        owner._tracer_cls = None
+    try:
+        torch.save(grown, buffer)
+    finally:
+        for owner, tracer in saved:
+            owner._tracer_cls = tracer
     return lambda f: f.write(buffer.getbuffer())
+
+
+def _buildable(tracer: Any) -> bool:
+    if tracer is None:
+        return True
+    try:
+        tracer()
+    except Exception:  # noqa: BLE001
+        return False
+    return True
 
 
 def _write_copy(src: str) -> Callable[[io.BufferedWriter], None]:
@@ -951,7 +972,7 @@ def _run(args: argparse.Namespace) -> int:
     from r2r_fx.passbase import records_of
 
     widen_kw, groups = _check_arguments(args)
-    output = args.output or _default_output(args.model)
+    output = args.output if args.output is not None else _default_output(args.model)
     if not args.plan:
         _check_outputs(args, output)
     timings: dict[str, float] = {}
@@ -959,7 +980,7 @@ def _run(args: argparse.Namespace) -> int:
     model, stored, name, graph = _load_model(args.model, args)
     inputs = _example_inputs(args, stored)
     _say(args, f"capturing {name} ...")
-    gm = _capture(model, inputs, graph)
+    gm, inputs = _capture_keeping_batch(model, inputs, graph)
     timings["capture"] = time.perf_counter() - t
     t = time.perf_counter()
     analysis = r2r_fx.analyze(gm)
@@ -1038,10 +1059,29 @@ def _run(args: argparse.Namespace) -> int:
     if not ok:
         _error(
             "verification failed: the grown model is not function-preserving within tolerance"
-            + ("; outputs written anyway (--force)" if args.force else "; nothing written (use --force)")
+            + ("; outputs written anyway (--force)" if args.force else "; the model was not written (use --force)")
+            + (f"; the report is in {args.report}" if args.report else "")
         )
         return EXIT_NOT_PRESERVED
     return EXIT_OK
+
+
+def _capture_keeping_batch(
+    model: nn.Module, inputs: tuple[Any, ...], graph: torch.fx.GraphModule | None
+) -> tuple[torch.fx.GraphModule, tuple[Any, ...]]:
+    """Capture from a batch of 2 when the example has a batch of 1 (torch.export would fix the batch at 1).
+
+    Rows are repeated, so nothing about the model is assumed but that it takes a batch; a model that
+    does not is captured from the example as given. A .pt2's program keeps the shapes it was saved with.
+    """
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    if graph is None and tensors and all(t.dim() > 0 and t.shape[0] == 1 for t in tensors):
+        doubled = tuple(torch.cat([t, t]) if isinstance(t, torch.Tensor) else t for t in inputs)
+        try:
+            return _capture(model, doubled, None), doubled
+        except Exception:  # noqa: BLE001 - the model wants a batch of 1: capture it as given
+            logger.info("capture from a batch of 2 failed; capturing the example as given")
+    return _capture(model, inputs, graph), inputs
 
 
 def _capture(model: nn.Module, inputs: tuple[Any, ...], graph: torch.fx.GraphModule | None) -> torch.fx.GraphModule:

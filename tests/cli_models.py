@@ -1,11 +1,14 @@
-"""Factories for the CLI tests (``cli_models:small_cnn``): plain torch.nn, so pickles load anywhere."""
+"""Factories for the CLI tests (``cli_models:small_cnn``): plain torch.nn, so pickles load anywhere.
+
+``tiny_llama`` (export-path capture) needs transformers, imported only when it is called.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["small_cnn"]
+__all__ = ["other_cnn", "small_cnn", "tiny_llama", "tiny_llama_with_cache"]
 
 
 def small_cnn() -> nn.Module:
@@ -21,3 +24,37 @@ def small_cnn() -> nn.Module:
         nn.Flatten(),
         nn.Linear(8, 5),
     ).eval()
+
+
+def other_cnn() -> nn.Module:
+    """Close to ``small_cnn`` but not the same layers: its state_dict does not fit ``small_cnn``."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16 * 16, 5)).eval()
+
+
+def tiny_llama(use_cache: bool = False) -> nn.Module:
+    """A one-layer HuggingFace Llama small enough for a test (captured through torch.export)."""
+    try:  # transformers imports torchvision, whose CUDA wheels need the CPU shim of tools/torchvision_zoo.py
+        from torchvision_zoo import import_torchvision
+
+        import_torchvision()
+    except Exception:  # noqa: BLE001, S110 - not installed, or not on sys.path: transformers may do without
+        pass
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        use_cache=use_cache,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_llama_with_cache() -> nn.Module:
+    return tiny_llama(use_cache=True)

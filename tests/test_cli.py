@@ -49,7 +49,9 @@ def test_pt2_widen_deepen_onnx_and_report(files):
         "params_after",
         "groups",
         "blocks_inserted",
+        "deepen_skipped",
         "verify",
+        "dynamic_axes",
         "timings_s",
     }
     assert report["params_after"] > report["params_before"] and report["blocks_inserted"]
@@ -141,7 +143,7 @@ def test_deepen_at_node_and_python_dash_m(files):
         (["cli_models:small_cnn", "--widen", "2"], "no example inputs"),
         (["cli_models:small_cnn", "--widen", "2", *SHAPE, "--groups", "99"], "unknown width group id 99"),
         (["cli_models:small_cnn", "--deepen-at", "nope", *SHAPE], "'nope' is not a node"),
-        (["model.pt2", "--widen", "2", "-o", "model.pt2"], "is the input file"),
+        (["model.pt2", "--widen", "2", "-o", "model.pt2"], "is the model (an input)"),
         (["model.pt2", "--widen", "2", "-o", "no/such/dir/out.pt2"], "output directory does not exist"),
         (["model.pt2", "--widen", "2", "-o", "afile/out.pt2"], "output directory does not exist"),
         (["model.pt2", "--widen", "two"], "bad --widen"),
