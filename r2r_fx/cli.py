@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import io
 import json
@@ -173,6 +174,9 @@ def _library_error(args: argparse.Namespace, exc: Exception) -> int:
     if isinstance(exc, MemoryError):
         _error("out of memory (see the estimate of --plan; try a smaller --widen)")
         return EXIT_USAGE
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        _error(f"cannot write {exc.filename or 'a file'}: {exc.strerror}")
+        return EXIT_USAGE
     hint = "" if args.debug else "; run again with --debug for the traceback"
     _error(f"internal error: {type(exc).__name__}: {_first_line(exc)} (a bug in r2r_fx{hint})")
     return EXIT_INTERNAL
@@ -286,6 +290,8 @@ def _check_arguments(args: argparse.Namespace) -> tuple[dict[str, Any] | None, l
         raise UsageError("--groups selects what --widen widens: give --widen too")
     if args.deepen is not None and args.deepen < 1:
         raise UsageError(f"--deepen {args.deepen}: the number of blocks per stage must be >= 1")
+    if not -(2**63) <= args.seed < 2**63:
+        raise UsageError(f"--seed {args.seed} is out of range (a 64-bit integer)")
     if args.weights_key is not None and not args.weights:
         raise UsageError("--weights-key needs --weights")
     if not args.plan and widen_kw is None and args.deepen is None and not args.deepen_at:
@@ -913,7 +919,10 @@ def _export_program(grown: torch.fx.GraphModule, inputs: tuple[Any, ...]) -> tup
             return program, names
         except Exception as exc:  # noqa: BLE001 - try fewer dynamic axes
             last = exc
-    raise RuntimeError(f"torch.export of the grown model failed: {_first_line(last or Exception())}")
+    raise UsageError(
+        f"the grown model cannot be saved as a .pt2: torch.export fails ({_first_line(last or Exception())}); "
+        "-o NAME.pt saves it as a pickle"
+    )
 
 
 def _write_program(program: Any, record: list[Any]) -> Callable[[io.BufferedWriter], None]:
@@ -1027,7 +1036,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.no_verify:
         _say(args, "verifying (PyTorch eval/train" + (", ONNX Runtime)" if args.onnx else ") ..."))
         t = time.perf_counter()
-        result = r2r_fx.verify(model, grown, inputs, onnx=bool(args.onnx), onnx_path=onnx_tmp)
+        result = _verify(model, grown, inputs, onnx_tmp)
         timings["verify"] = time.perf_counter() - t
         report["verify"] = {
             k: getattr(result, k)
@@ -1046,7 +1055,12 @@ def _run(args: argparse.Namespace) -> int:
             report["dynamic_axes"] = dynamic
         if onnx_tmp:
             if not os.path.exists(onnx_tmp):
-                r2r_fx.export_onnx(grown, inputs, onnx_tmp)
+                try:
+                    r2r_fx.export_onnx(grown, inputs, onnx_tmp)
+                except Exception as exc:  # noqa: BLE001 - an operator ONNX lacks, say
+                    raise UsageError(
+                        f"the grown model cannot be exported to ONNX ({_first_line(exc)}): drop --onnx"
+                    ) from exc
             staged.add(args.onnx, _write_copy(onnx_tmp))
     timings["export"] = time.perf_counter() - t
     if args.report:
@@ -1064,6 +1078,19 @@ def _run(args: argparse.Namespace) -> int:
         )
         return EXIT_NOT_PRESERVED
     return EXIT_OK
+
+
+def _verify(model: nn.Module, grown: torch.fx.GraphModule, inputs: tuple[Any, ...], onnx_path: str | None) -> Any:
+    """r2r_fx.verify; an ONNX export that fails is bad input (drop --onnx), not a crash of the check."""
+    import r2r_fx
+
+    try:
+        return r2r_fx.verify(model, grown, inputs, onnx=onnx_path is not None, onnx_path=onnx_path)
+    except Exception as exc:
+        if onnx_path is None:
+            raise
+        r2r_fx.verify(model, grown, inputs, onnx=False)  # raises again when the problem is not ONNX
+        raise UsageError(f"the grown model cannot be exported to ONNX ({_first_line(exc)}): drop --onnx") from exc
 
 
 def _capture_keeping_batch(

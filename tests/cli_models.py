@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["other_cnn", "small_cnn", "tiny_llama", "tiny_llama_with_cache"]
+__all__ = ["other_cnn", "small_cnn", "tiny_llama", "tiny_llama_with_cache", "token_mlp"]
 
 
 def small_cnn() -> nn.Module:
@@ -30,6 +30,12 @@ def other_cnn() -> nn.Module:
     """Close to ``small_cnn`` but not the same layers: its state_dict does not fit ``small_cnn``."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16 * 16, 5)).eval()
+
+
+def token_mlp() -> nn.Module:
+    """Token ids in, logits out: a model with a sequence axis that symbolic tracing keeps general."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(64, 16), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 64)).eval()
 
 
 def tiny_llama(use_cache: bool = False) -> nn.Module:
