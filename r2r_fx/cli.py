@@ -54,8 +54,9 @@ _DTYPES = {
 }
 _PROG = "r2r-rewrite"
 
-# Every temporary path the command creates, removed on any exit (signals included).
+# Every temporary path the command creates, removed on any exit (signals included), and the outputs written.
 _TEMPS: set[str] = set()
+_WRITTEN: list[str] = []
 
 
 class UsageError(Exception):
@@ -141,14 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed
         return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
     previous = _install_signal_handlers()
+    _WRITTEN.clear()
     with _library_noise(args.debug):
         try:
             return _run(args)
         except _Interrupted as exc:
-            _error(f"interrupted by {exc.name}; no output written, temporary files removed")
+            _error(f"interrupted by {exc.name}; {_interrupted_outputs()}")
             return exc.code
         except KeyboardInterrupt:
-            _error("interrupted by SIGINT; no output written, temporary files removed")
+            _error(f"interrupted by SIGINT; {_interrupted_outputs()}")
             return 128 + signal.SIGINT
         except UsageError as exc:
             _debug_traceback(args)
@@ -159,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             _remove_temps()
             _restore_signal_handlers(previous)
+
+
+def _interrupted_outputs() -> str:
+    if _WRITTEN:
+        return f"after writing {', '.join(_WRITTEN)}"
+    return "no output written, temporary files removed"
 
 
 def _library_error(args: argparse.Namespace, exc: Exception) -> int:
@@ -378,13 +386,23 @@ class _Staged:
         self.pending.append((tmp, path))
 
     def commit(self) -> None:
-        for tmp, path in self.pending:
-            try:
-                os.replace(tmp, path)
-            except OSError as exc:
-                raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
-            _TEMPS.discard(tmp)
-        self.pending = []
+        """Rename every staged file into place, with SIGINT / SIGTERM held off: all outputs appear, or none."""
+        blocked = {signal.SIGINT, signal.SIGTERM}
+        held = threading.current_thread() is threading.main_thread()
+        if held:
+            signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            for tmp, path in self.pending:
+                try:
+                    os.replace(tmp, path)
+                except OSError as exc:
+                    raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+                _TEMPS.discard(tmp)
+                _WRITTEN.append(path)
+            self.pending = []
+        finally:
+            if held:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
 
 
 # ---------------------------------------------------------------- loading
@@ -702,6 +720,7 @@ def _example_inputs(args: argparse.Namespace, stored: tuple[Any, ...] | None) ->
             raise UsageError(f"--inputs {args.inputs} is a directory")
         if not os.path.isfile(args.inputs):
             raise UsageError(f"inputs file not found: {args.inputs}")
+        _refuse_torchscript(args.inputs)
         try:
             obj = torch.load(args.inputs, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:

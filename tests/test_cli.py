@@ -1,4 +1,4 @@
-"""End-to-end tests of the installed ``r2r-rewrite`` console script (subprocesses)."""
+"""End-to-end tests of the installed ``r2r-rewrite`` console script (subprocesses; the bad-input table in-process)."""
 
 from __future__ import annotations
 
@@ -152,10 +152,17 @@ def test_deepen_at_node_and_python_dash_m(files):
         (["model.pt2", "--deepen-at", "conv2d_default", "--method", "net2net"], "needs an idempotent activation"),
     ],
 )
-def test_bad_input_is_a_clear_error_with_exit_2_and_no_output(files, args, message):
+def test_bad_input_is_a_clear_error_with_exit_2_and_no_output(files, args, message, monkeypatch, capfd):
+    """In-process (``main(argv)``) for speed; tests/test_cli_hostile.py checks real processes too."""
+    from r2r_fx.cli import main
+
     before = set(os.listdir(files))
-    proc = run(*args, cwd=files)
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("r2r-rewrite: error:")]
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+    monkeypatch.chdir(files)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # main() puts the current directory on it for factories
+    code = main(args)
+    out, err = capfd.readouterr()
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("r2r-rewrite: error:") and message in lines[0], err
+    assert "Traceback" not in out + err
     assert set(os.listdir(files)) == before

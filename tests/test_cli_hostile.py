@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 
 import pytest
@@ -127,7 +128,9 @@ def files(tmp_path_factory):
     _plant_pickled_weight(str(d / "model.pt2"), str(d / "evil_weight.pt2"), marker)
     _plant_shape_expression(str(d / "dynamic.pt2"), str(d / "evil_expr.pt2"), marker)
     _plant_aoti(str(d / "model.pt2"), str(d / "evil_aoti.pt2"))
-    torch.jit.save(torch.jit.script(model), str(d / "scripted.pt"))
+    with warnings.catch_warnings():  # TorchScript is deprecated: exactly why a user may still have such a file
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(model), str(d / "scripted.pt"))
     (d / "truncated.pt").write_bytes((d / "model.pt").read_bytes()[:200])
     (d / "empty.pt").write_bytes(b"")
     (d / "text.pt2").write_text("not a zip archive")
@@ -189,6 +192,7 @@ HOSTILE: list[tuple[list[str], int, str]] = [
     (["cli_models:small_cnn", "--weights", "evil.pt", "--widen", "2", *SHAPE], 2, "beyond tensors"),
     (["cli_models:small_cnn", "--inputs", "evil.pt", "--widen", "2"], 2, "beyond tensors"),
     (["cli_models:small_cnn", "--inputs", "dict_inputs.pt", "--widen", "2"], 2, "must hold a tensor"),
+    (["cli_models:small_cnn", "--inputs", "scripted.pt", "--widen", "2"], 2, "TorchScript"),
     (["scripted.pt", "--widen", "2", *SHAPE], 2, "TorchScript"),
     (["cli_models:small_cnn", "--weights", "scripted.pt", "--widen", "2", *SHAPE], 2, "TorchScript"),
     (["text.pt2", "--widen", "2"], 2, "not a .pt2 (zip) archive"),
@@ -429,6 +433,22 @@ def test_full_disk_is_one_line_and_leaves_nothing(files, tmp_path, run):
         assert code == 2, (out, err)
         assert_one_line(err, out, "No space left on device")
         assert _listing(disk) == before
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_read_only_destination_is_refused_before_any_work(files, tmp_path, run):
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        code, out, err = run(files, "model.pt2", "--widen", "2", "--report", str(disk / "r.json"))
+        assert code == 2, (out, err)
+        assert_one_line(err, out, "Read-only file system")
+        assert out == ""  # refused before loading anything
+        assert os.listdir(disk) == []
     finally:
         subprocess.run(["umount", str(disk)], check=True)
 
