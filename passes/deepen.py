@@ -30,8 +30,10 @@ import torch
 import torch.fx
 from torch import nn
 
+from r2r_fx.aliasing import written_later
 from r2r_fx.analysis import Analysis, analyze
 from r2r_fx.capture import example_inputs_of, record_shapes
+from r2r_fx.errors import GrowthError
 from r2r_fx.methods import Method
 from r2r_fx.passbase import Pass, PassResult, append_record, copy_graph_module, make_generator
 from r2r_fx.rules import shape_of, tensor_shapes
@@ -64,9 +66,10 @@ def insertion_points(gm: torch.fx.GraphModule, analysis: Analysis | None = None)
     """Candidate points in graph order, with their shapes and stages."""
     analysis = analysis or analyze(gm)
     dominators = _output_dominators(gm)
+    unsafe = written_later(gm)
     points: list[tuple[torch.fx.Node, tuple[int, ...], int]] = []
     for node in gm.graph.nodes:
-        if node.op in ("placeholder", "output", "get_attr"):
+        if node.op in ("placeholder", "output", "get_attr") or node.name in unsafe:
             continue
         shape = shape_of(node)
         meta = node.meta.get("tensor_meta")
@@ -179,34 +182,39 @@ def build_block(
     like: torch.Tensor,
     generator: torch.Generator,
     opposite: bool = True,
-) -> dict[str, nn.Module]:
-    """The layers of ``z`` with the R2R zero-output initialisation (see the module docstring).
+) -> list[dict[str, nn.Module]]:
+    """The branches of ``z`` (their outputs are summed) with the R2R zero-output initialisation.
 
-    ``opposite=False`` leaves the last layer's columns independent: the random-pad baseline."""
+    R2R: two branches of ``hidden / 2`` channels each, the second a copy of the first with its last
+    layer negated. This is the R2R block with first-layer rows ``[U; U]`` and last-layer columns
+    ``[V, -V]``, computed as two identical partial results of opposite sign, which IEEE arithmetic
+    cancels exactly: ``z(x)`` is exactly 0 in any dtype, not just up to rounding. ``opposite=False``
+    (the random-pad baseline) gives one branch of ``hidden`` channels, all random."""
     width = point.width
+    size = hidden // 2 if opposite else hidden
     if point.kind == "linear":
-        first, last = nn.Linear(width, hidden), nn.Linear(hidden, width, bias=False)
+        first, last = nn.Linear(width, size), nn.Linear(size, width, bias=False)
         layers = {"fc1": first, "act": nn.ReLU(), "fc2": last}
     else:
         rank = len(point.shape)
         conv, bn = _CONV[rank], _BN[rank]
-        first = conv(width, hidden, 3, padding=1, bias=False)
-        last = conv(hidden, width, 3, padding=1, bias=False)
-        layers = {"conv1": first, "bn": bn(hidden), "act": nn.ReLU(), "conv2": last}
+        first = conv(width, size, 3, padding=1, bias=False)
+        last = conv(size, width, 3, padding=1, bias=False)
+        layers = {"conv1": first, "bn": bn(size), "act": nn.ReLU(), "conv2": last}
     for module in layers.values():
         module.to(dtype=like.dtype, device=like.device)
-    half = hidden // 2
     with torch.no_grad():
         scale = std if std else 1.0 / math.sqrt(first.weight[0].numel())
         _uniform_(first.weight, scale, generator)
-        first.weight[half:] = first.weight[:half]
         if getattr(first, "bias", None) is not None:
             _uniform_(first.bias, scale, generator)
-            first.bias[half:] = first.bias[:half]
         _uniform_(last.weight, scale, generator)
-        if opposite:
-            last.weight[:, half:] = -last.weight[:, :half]
-    return layers
+    if not opposite:
+        return [layers]
+    pair = copy.deepcopy(layers)
+    with torch.no_grad():
+        pair[next(reversed(pair))].weight.neg_()
+    return [layers, {f"{name}_pair": module for name, module in pair.items()}]
 
 
 DEEPEN_METHODS = ("r2r", "net2net", "netmorph", "random")
@@ -294,11 +302,11 @@ class DeepenPass(Pass):
     ) -> None:
         self.check = check
         if count < 1:
-            raise ValueError(f"count must be >= 1, got {count}")
+            raise GrowthError(f"count must be >= 1, got {count}")
         if block != "auto":
-            raise ValueError(f"unknown block {block!r}; only 'auto' (conv-BN-ReLU-conv or Linear-ReLU-Linear)")
+            raise GrowthError(f"unknown block {block!r}; only 'auto' (conv-BN-ReLU-conv or Linear-ReLU-Linear)")
         if method not in DEEPEN_METHODS:
-            raise ValueError(f"unknown deepen method {method!r}; choose one of {', '.join(DEEPEN_METHODS)}")
+            raise GrowthError(f"unknown deepen method {method!r}; choose one of {', '.join(DEEPEN_METHODS)}")
         self.at = [at] if isinstance(at, str) else (list(at) if at is not None else None)
         self.count, self.hidden, self.method, self.seed = count, hidden, method, seed
 
@@ -318,7 +326,7 @@ class DeepenPass(Pass):
             refusal = _refuses(self.method, grown, x)
             if refusal:
                 if self.at is not None:
-                    raise ValueError(f"{point.node!r}: {refusal}")
+                    raise GrowthError(f"{point.node!r}: {refusal}")
                 skipped.append({"at": point.node, "reason": refusal})
                 continue
             std = _weight_std(grown, x)
@@ -327,14 +335,15 @@ class DeepenPass(Pass):
                 hidden += hidden % 2
                 prefix = f"r2r_blocks.b{index}"
                 if self.method in ("r2r", "random"):
-                    layers = build_block(point, hidden, std, like, generator, opposite=self.method == "r2r")
-                    x = _insert(grown, x, prefix, layers)
+                    branches = build_block(point, hidden, std, like, generator, opposite=self.method == "r2r")
+                    x = _insert(grown, x, prefix, branches)
                 else:
                     hidden = point.width
                     layers = identity_layer(point, like, batch_norm=self.method == "net2net")
                     if self.method == "net2net":
                         layers["act"] = _activation_module(grown, x)
-                    x = _insert(grown, x, prefix, layers, residual=False, parametric=self.method == "netmorph")
+                    branches = [layers]
+                    x = _insert(grown, x, prefix, branches, residual=False, parametric=self.method == "netmorph")
                 blocks.append(
                     {
                         "at": point.node,
@@ -343,7 +352,7 @@ class DeepenPass(Pass):
                         "hidden": hidden,
                         "module": prefix,
                         "output_node": x.name,
-                        "params": sum(p.numel() for m in layers.values() for p in m.parameters()),
+                        "params": sum(p.numel() for b in branches for m in b.values() for p in m.parameters()),
                     }
                 )
                 index += 1
@@ -375,12 +384,14 @@ class DeepenPass(Pass):
         for name in self.at:
             if name not in by_name:
                 valid = ", ".join(p.node for p in points) or "none"
-                problem = (
-                    "is not a node of this graph"
-                    if name not in names
-                    else "is not a point where a residual block can be formed"
-                )
-                raise ValueError(f"{name!r} {problem}; valid insertion points: {valid}")
+                unsafe = written_later(gm)
+                if name not in names:
+                    problem = "is not a node of this graph"
+                elif name in unsafe:
+                    problem = f"cannot take a block: {unsafe[name]}"
+                else:
+                    problem = "is not a point where a residual block can be formed"
+                raise GrowthError(f"{name!r} {problem}; valid insertion points: {valid}")
             chosen.append(by_name[name])
         return chosen
 
@@ -389,43 +400,46 @@ def _insert(
     gm: torch.fx.GraphModule,
     x: torch.fx.Node,
     prefix: str,
-    layers: dict[str, nn.Module],
+    branches: list[dict[str, nn.Module]],
     residual: bool = True,
     parametric: bool = False,
 ) -> torch.fx.Node:
     """Insert ``x + z(x)`` (or, non-residual, ``z(x)``) after ``x`` and route every former user of ``x``
-    to it. ``parametric`` ends ``z`` with NetMorph's ``a*h + (1-a)*relu(h)``, ``a`` a scalar starting at 1."""
+    to it; ``z`` is the sum of the branches, each a chain of layers reading ``x``. ``parametric`` ends
+    ``z`` with NetMorph's ``a*h + (1-a)*relu(h)``, ``a`` a scalar starting at 1."""
     graph = gm.graph
     previous = x
     created = []
-    for name, module in layers.items():
-        gm.add_submodule(f"{prefix}.{name}", module)
+
+    def call(target, args, kind="call_function"):
+        nonlocal previous
         with graph.inserting_after(previous):
-            previous = graph.call_module(f"{prefix}.{name}", (previous,))
+            previous = graph.create_node(kind, target, args)
         created.append(previous)
+        return previous
+
+    outputs = []
+    for layers in branches:
+        h = x
+        for name, module in layers.items():
+            gm.add_submodule(f"{prefix}.{name}", module)
+            h = call(f"{prefix}.{name}", (h,), "call_module")
+        outputs.append(h)
+    h = outputs[0]
+    for other in outputs[1:]:
+        h = call(operator.add, (h, other))
     if parametric:
         owner = gm.get_submodule(prefix)
-        owner.register_parameter("alpha", nn.Parameter(torch.ones((), dtype=layers[next(iter(layers))].weight.dtype)))
-        h = previous
-        with graph.inserting_after(h):
-            alpha = graph.get_attr(f"{prefix}.alpha")
-        with graph.inserting_after(alpha):
-            relu = graph.call_function(torch.relu, (h,))
-        with graph.inserting_after(relu):
-            keep_linear = graph.call_function(operator.mul, (alpha, h))
-        with graph.inserting_after(keep_linear):
-            one_minus = graph.call_function(operator.sub, (1.0, alpha))
-        with graph.inserting_after(one_minus):
-            nonlinear = graph.call_function(operator.mul, (one_minus, relu))
-        with graph.inserting_after(nonlinear):
-            previous = graph.call_function(operator.add, (keep_linear, nonlinear))
-        created += [alpha, relu, keep_linear, one_minus, nonlinear, previous]
-    if residual:
-        with graph.inserting_after(previous):
-            total = graph.call_function(operator.add, (x, previous))
-    else:
-        total = previous
-    keep = set(created) | {total}
+        dtype = next(iter(branches[0].values())).weight.dtype
+        owner.register_parameter("alpha", nn.Parameter(torch.ones((), dtype=dtype)))
+        alpha = call(f"{prefix}.alpha", (), "get_attr")
+        relu = call(torch.relu, (h,))
+        keep_linear = call(operator.mul, (alpha, h))
+        one_minus = call(operator.sub, (1.0, alpha))
+        nonlinear = call(operator.mul, (one_minus, relu))
+        h = call(operator.add, (keep_linear, nonlinear))
+    total = call(operator.add, (x, h)) if residual else h
+    keep = set(created)
     x.replace_all_uses_with(total, delete_user_cb=lambda user: user not in keep)
     return total
 

@@ -21,6 +21,7 @@ import torch
 import torch.fx
 
 from r2r_fx.analysis import Analysis, analyze
+from r2r_fx.errors import GrowthError
 from r2r_fx.methods import Method, get_method
 from r2r_fx.passbase import Pass, PassResult, append_record, copy_graph_module, make_generator
 from r2r_fx.surgery import axis_index, channel_sources, fix_widths, get_tensor, set_tensor, update_shapes
@@ -40,11 +41,11 @@ def plan_extras(
 ) -> tuple[dict[int, int], list[dict[str, Any]]]:
     """Channels to add per atom, and a report line per width group (widened or skipped, with reason)."""
     if (factor is None) == (extra is None):
-        raise ValueError("give exactly one of factor= or extra=")
+        raise GrowthError("give exactly one of factor= or extra=")
     if factor is not None and factor < 1:
-        raise ValueError(f"factor must be >= 1, got {factor}")
+        raise GrowthError(f"factor must be >= 1, got {factor}")
     if extra is not None and extra < 0:
-        raise ValueError(f"extra must be >= 0, got {extra}")
+        raise GrowthError(f"extra must be >= 0, got {extra}")
     chosen = _select(analysis, groups)
     extras: dict[int, int] = {}
     report: list[dict[str, Any]] = []
@@ -84,14 +85,14 @@ def _select(analysis: Analysis, groups: Iterable[int | str] | None) -> set[int]:
     for key in groups:
         if isinstance(key, int):
             if not 0 <= key < len(analysis.groups):
-                raise ValueError(f"unknown width group id {key}; valid ids are 0..{len(analysis.groups) - 1}")
+                raise GrowthError(f"unknown width group id {key}; valid ids are 0..{len(analysis.groups) - 1}")
             chosen.add(key)
             continue
         targets = {n.name: str(n.target) for n in analysis.gm.graph.nodes}
         hits = [g.id for g in analysis.groups if key in g.producers or key in {targets[p] for p in g.producers}]
         if not hits:
             names = sorted({p for g in analysis.groups if g.widenable for p in g.producers})
-            raise ValueError(
+            raise GrowthError(
                 f"no width group is produced by a node named {key!r}; producers of widenable groups: {', '.join(names)}"
             )
         chosen.update(hits)

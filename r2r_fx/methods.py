@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from r2r_fx.errors import GrowthError
 from r2r_fx.surgery import AxisIndex
 
 __all__ = ["METHODS", "Method", "Net2Net", "NetMorph", "R2R", "RandomPad", "get_method"]
@@ -204,5 +205,5 @@ def get_method(name: str | Method, init_scale: float | str = "match", noise: flo
     try:
         cls = METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None
+        raise GrowthError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None
     return cls(init_scale=init_scale, noise=noise)

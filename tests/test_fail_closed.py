@@ -54,13 +54,18 @@ def grown_or_refused(model: nn.Module, inputs, transform, *, via: str = "auto", 
         got = _outputs(copy.deepcopy(grown), fresh, mode)
         rel = _rel(ref, got)
         assert rel <= RTOL, f"{'train' if mode else 'eval'} mode: relative error {rel:.3g}"
-    trained = copy.deepcopy(grown).train()
-    out = trained(*[t.clone().requires_grad_(t.is_floating_point()) for t in fresh])
-    loss = sum(o.float().sum() for o in (out if isinstance(out, (tuple, list)) else [out]))
-    loss.backward()
+    _backward(copy.deepcopy(reference), fresh)  # the test model itself must train
+    trained = _backward(copy.deepcopy(grown), fresh)
     for name, p in trained.named_parameters():
         assert p.grad is None or torch.isfinite(p.grad).all(), name
     return grown
+
+
+def _backward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> nn.Module:
+    model.train()
+    out = model(*[t.clone().requires_grad_(t.is_floating_point()) for t in inputs])
+    sum(o.float().sum() for o in (out if isinstance(out, (tuple, list)) else [out])).backward()
+    return model
 
 
 def widen(**kw):
@@ -260,7 +265,7 @@ class _ViewThenWrite(nn.Module):
         self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(16, 2)
 
     def forward(self, x):
-        h = torch.relu(self.conv(x))
+        h = self.conv(x) + 1.0
         v = h.flatten(2)
         h.mul_(2)
         return self.fc(v).sum(1)
@@ -280,7 +285,7 @@ class _DropoutThenAddInPlace(nn.Module):
         self.conv, self.drop, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Dropout(0.1), nn.Conv2d(4, 2, 1)
 
     def forward(self, x):
-        h = torch.relu(self.conv(x))
+        h = self.conv(x) + 1.0
         d = self.drop(h)
         h.add_(d)
         return self.head(h)

@@ -1,0 +1,100 @@
+"""Which tensors of a graph share memory, and which are written in place: where a new block may read.
+
+Deepening inserts ``y = x + z(x)`` right after ``x`` and routes ``x``'s users to ``y``. That is sound
+only if nothing writes ``x``'s memory afterwards: a later in-place op (``h.mul_(2)``, ``relu_``,
+``x[i] = v``) on ``x`` or on a view of it would change what the original's readers saw but not ``y``,
+and would invalidate what ``z`` saved for backward. Views, in-place ops and eval-mode dropout (which
+returns its input) put their output in their input's alias class; an op whose aliasing is not known
+from this table or from its ATen schema is assumed to allocate.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+__all__ = ["written_later"]
+
+aten = torch.ops.aten
+
+# Ops that may return (a view of) their first input, by name (tensor methods, torch functions).
+_VIEWS = {
+    "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "permute", "transpose", "t",
+    "expand", "expand_as", "narrow", "select", "split", "chunk", "unbind", "tensor_split", "detach",
+    "contiguous", "to", "type_as", "float", "double", "half", "bfloat16", "view_as", "reshape_as",
+    "movedim", "swapaxes", "as_strided", "diagonal", "unfold", "alias", "getitem", "real", "imag",
+    "dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout", "alpha_dropout",
+    "feature_alpha_dropout", "split_with_sizes", "identity",
+}  # fmt: skip
+_VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
+
+
+def _name(node: torch.fx.Node) -> str:
+    target = node.target
+    if isinstance(target, str):
+        return target
+    target = getattr(target, "overloadpacket", target)
+    return getattr(target, "__name__", str(target)).rpartition(".")[2]
+
+
+def _writes_first_input(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if node.target is operator.setitem or node.kwargs.get("inplace") is True:
+        return True
+    if isinstance(node.target, torch._ops.OpOverload):
+        args = node.target._schema.arguments
+        return bool(args and args[0].alias_info is not None and args[0].alias_info.is_write)
+    name = _name(node)
+    return name.endswith("_") and not name.startswith("_") and name != "requires_grad_"
+
+
+def _may_alias_first_input(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), _VIEW_MODULES)
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if isinstance(node.target, torch._ops.OpOverload):
+        returns = node.target._schema.returns
+        if any(r.alias_info is not None for r in returns):
+            return True
+    return _name(node) in _VIEWS
+
+
+def written_later(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """Node name -> why a block may not read it: its memory is written in place by a later node."""
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    parent: dict[torch.fx.Node, torch.fx.Node] = {}
+
+    def find(n: torch.fx.Node) -> torch.fx.Node:
+        while parent.get(n, n) is not n:
+            n = parent[n]
+        return n
+
+    writes: list[tuple[torch.fx.Node, torch.fx.Node]] = []  # (writer, tensor written)
+    for node in nodes:
+        first: Any = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+        if node.op == "call_module" and node.args:
+            first = node.args[0]
+        if not isinstance(first, torch.fx.Node):
+            continue
+        written = _writes_first_input(node, gm)
+        if written:
+            writes.append((node, first))
+        if written or _may_alias_first_input(node, gm):
+            parent[find(node)] = find(first)
+    unsafe: dict[str, str] = {}
+    for node in nodes:
+        root = find(node)
+        for writer, target in writes:
+            if order[writer] > order[node] and find(target) is root:
+                unsafe[node.name] = f"{node.name} shares memory with a tensor {writer.name} writes in place later"
+                break
+    return unsafe
