@@ -1,6 +1,6 @@
 """``r2r-rewrite``: load a model, grow it (widen and/or deepen), verify it, save it and its ONNX.
 
-Exit codes: 0 success, 1 not function-preserving (nothing written unless ``--force``), 2 bad usage or
+Exit codes: 0 success, 1 not function-preserving (the model is not written unless ``--force``), 2 bad usage or
 input (also a refused no-op, a model too big for the machine, an unwritable destination), 3 internal
 error (a bug: ``--debug`` shows the traceback), 130 / 143 interrupted by SIGINT / SIGTERM.
 
@@ -191,7 +191,7 @@ def _library_error(args: argparse.Namespace, exc: Exception) -> int:
 
 
 def _error(text: str) -> None:
-    print(f"{_PROG}: error: {text}", file=sys.stderr, flush=True)
+    print(f"{_PROG}: error: {' '.join(text.split())}", file=sys.stderr, flush=True)
 
 
 def _debug_traceback(args: argparse.Namespace) -> None:
@@ -543,24 +543,24 @@ def _no_code_from_archive() -> Iterator[None]:
 
 
 def _pt2_needs_trust(path: str, names: list[str]) -> str:
-    """Why this archive cannot load without running code from it ("" when it can)."""
+    """Why this archive cannot load without running code from it ("" when it can).
+
+    Pickled tensors and example inputs need no refusal here: they load with ``weights_only=True``
+    (``_no_code_from_archive``), which refuses anything but plain tensors and containers.
+    """
     if any("/data/aotinductor/" in n for n in names):
         return "it holds AOTInductor compiled code (a shared library that would be loaded)"
     with zipfile.ZipFile(path) as z:
         for n in names:
-            if re.search(r"/data/(weights|constants)/[^/]+\.pt$", n):
-                return f"it stores {n.rsplit('/', 2)[-2]} as a legacy pickle"
-            if not n.endswith(("_weights_config.json", "_constants_config.json")):
+            if not n.endswith("_constants_config.json"):
                 continue
             try:
                 config = json.loads(z.read(n)).get("config", {})
             except (ValueError, AttributeError):
                 return ""  # malformed: torch's reader gives the error
             for fqn, meta in config.items() if isinstance(config, dict) else ():
-                if not isinstance(meta, dict):
-                    continue
-                if meta.get("use_pickle") or str(meta.get("path_name", "")).startswith(("custom_obj", "opaque")):
-                    return f"it stores {fqn!r} as a pickled object"
+                if isinstance(meta, dict) and str(meta.get("path_name", "")).startswith(("custom_obj", "opaque")):
+                    return f"it stores the constant {fqn!r} as a pickled object (a TorchScript or opaque object)"
     return ""
 
 
@@ -983,6 +983,21 @@ def _write_copy(src: str) -> Callable[[io.BufferedWriter], None]:
     return write
 
 
+def _stage_onnx(staged: _Staged, built: str, path: str) -> None:
+    """Stage an ONNX file; one past protobuf's 2 GiB keeps its weights in ``path + ".data"``, named inside it."""
+    if not os.path.exists(built + ".data"):
+        staged.add(path, _write_copy(built))
+        return
+    import onnx
+
+    final = os.path.join(os.path.dirname(built), "final")
+    os.makedirs(final, exist_ok=True)
+    named = os.path.join(final, os.path.basename(path))
+    onnx.save(onnx.load(built), named, save_as_external_data=True, location=os.path.basename(path) + ".data")
+    staged.add(path, _write_copy(named))
+    staged.add(path + ".data", _write_copy(named + ".data"))
+
+
 def _write_text(text: str) -> Callable[[io.BufferedWriter], None]:
     return lambda f: f.write((text + "\n").encode())
 
@@ -1080,7 +1095,7 @@ def _run(args: argparse.Namespace) -> int:
                     raise UsageError(
                         f"the grown model cannot be exported to ONNX ({_first_line(exc)}): drop --onnx"
                     ) from exc
-            staged.add(args.onnx, _write_copy(onnx_tmp))
+            _stage_onnx(staged, onnx_tmp, args.onnx)
     timings["export"] = time.perf_counter() - t
     if args.report:
         staged.add(args.report, _write_text(json.dumps(report, indent=2, default=str)))

@@ -94,6 +94,19 @@ def _plant_shape_expression(src: str, dst: str, marker: str) -> None:
     _rewrite_zip(src, dst, edit)
 
 
+def _plant_custom_object(src: str, dst: str) -> None:
+    """A constant stored as a TorchScript object: torch would unpickle it with ``torch._C._pickle_load_obj``."""
+
+    def edit(name: str, data: bytes) -> bytes | None:
+        if name.endswith("_constants_config.json"):
+            config = json.loads(data)
+            config["config"]["evil"] = {"path_name": "custom_obj_0", "is_param": False, "use_pickle": True}
+            return json.dumps(config).encode()
+        return None
+
+    _rewrite_zip(src, dst, edit)
+
+
 def _plant_aoti(src: str, dst: str) -> None:
     with zipfile.ZipFile(src) as zin:
         prefix = zin.namelist()[0].split("/")[0]
@@ -128,6 +141,7 @@ def files(tmp_path_factory):
     _plant_pickled_weight(str(d / "model.pt2"), str(d / "evil_weight.pt2"), marker)
     _plant_shape_expression(str(d / "dynamic.pt2"), str(d / "evil_expr.pt2"), marker)
     _plant_aoti(str(d / "model.pt2"), str(d / "evil_aoti.pt2"))
+    _plant_custom_object(str(d / "model.pt2"), str(d / "evil_object.pt2"))
     with warnings.catch_warnings():  # TorchScript is deprecated: exactly why a user may still have such a file
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.script(model), str(d / "scripted.pt"))
@@ -184,9 +198,10 @@ HOSTILE: list[tuple[list[str], int, str]] = [
     # ---- security: nothing from a file runs without --trust-pickle, .pt2 archives included
     (["evil_inputs.pt2", "--plan"], 2, "--trust-pickle"),
     (["evil_inputs.pt2", "--widen", "2"], 2, "not plain tensors"),
-    (["evil_weight.pt2", "--plan"], 2, "pickled object"),
+    (["evil_weight.pt2", "--plan"], 2, "not plain tensors"),
     (["evil_expr.pt2", "--plan"], 2, "not shape arithmetic"),
     (["evil_aoti.pt2", "--plan"], 2, "AOTInductor"),
+    (["evil_object.pt2", "--plan"], 2, "as a pickled object (a TorchScript or opaque object)"),
     (["evil.pt", "--widen", "2", *SHAPE], 2, "--trust-pickle"),
     (["model.pt", "--widen", "2", *SHAPE], 2, "runs code"),
     (["cli_models:small_cnn", "--weights", "evil.pt", "--widen", "2", *SHAPE], 2, "beyond tensors"),
@@ -451,6 +466,27 @@ def test_read_only_destination_is_refused_before_any_work(files, tmp_path, run):
         assert os.listdir(disk) == []
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_onnx_with_external_data_is_staged_with_its_data_file(tmp_path):
+    """Past 2 GiB an ONNX file keeps its weights beside it: both are renamed in, the file names its data."""
+    import onnx
+
+    built = tmp_path / "scratch" / "grown.onnx"
+    built.parent.mkdir()
+    r2r_fx.export_onnx(small_cnn(), (torch.randn(2, 3, 16, 16),), built)
+    onnx.save(onnx.load(built), built, save_as_external_data=True, location="grown.onnx.data", size_threshold=0)
+    (tmp_path / "out").mkdir()
+    staged = cli._Staged()
+    cli._stage_onnx(staged, str(built), str(tmp_path / "out" / "m.onnx"))
+    staged.commit()
+    assert sorted(os.listdir(tmp_path / "out")) == ["m.onnx", "m.onnx.data"]
+    shutil.rmtree(tmp_path / "scratch")
+    x = torch.randn(3, 3, 16, 16)
+    (got,) = r2r_fx.run_onnx(tmp_path / "out" / "m.onnx", (x,))
+    with torch.no_grad():
+        expected = small_cnn()(x)
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
 # ---------------------------------------------------------------- real processes
