@@ -1179,6 +1179,10 @@ def _reshape(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> Non
     for a, _size in enumerate(shape):
         if a not in mapped_in:
             c.freeze((x.name, a), f"size-1 axis dropped by {node.name}")
+    mapped_out = {a for _, outs in blocks for a in outs}
+    for a in range(len(out)):
+        if a not in mapped_out:  # nothing can give a new size-1 axis more channels
+            c.freeze((node.name, a), f"size-1 axis made by {node.name}")
 
 
 def factor_reshape(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:

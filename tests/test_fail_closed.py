@@ -54,15 +54,16 @@ def grown_or_refused(model: nn.Module, inputs, transform, *, via: str = "auto", 
         got = _outputs(copy.deepcopy(grown), fresh, mode)
         rel = _rel(ref, got)
         assert rel <= RTOL, f"{'train' if mode else 'eval'} mode: relative error {rel:.3g}"
-    _backward(copy.deepcopy(reference), fresh)  # the test model itself must train
-    trained = _backward(copy.deepcopy(grown), fresh)
-    for name, p in trained.named_parameters():
-        assert p.grad is None or torch.isfinite(p.grad).all(), name
+    for mode in (True, False):  # backward in train mode, and in eval mode (fine-tuning with dropout off)
+        _backward(copy.deepcopy(reference), fresh, mode)  # the test model itself must train
+        trained = _backward(copy.deepcopy(grown), fresh, mode)
+        for name, p in trained.named_parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all(), name
     return grown
 
 
-def _backward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> nn.Module:
-    model.train()
+def _backward(model: nn.Module, inputs: tuple[torch.Tensor, ...], train: bool) -> nn.Module:
+    model.train(train)
     out = model(*[t.clone().requires_grad_(t.is_floating_point()) for t in inputs])
     sum(o.float().sum() for o in (out if isinstance(out, (tuple, list)) else [out])).backward()
     return model
@@ -178,9 +179,10 @@ class _CatThenCut(nn.Module):
         return self.head(torch.cat([p, self.cheap(p)], 1)[:, : self.out])
 
 
+@pytest.mark.parametrize("out", [6, 8])  # a cut, and a "cut" that keeps every channel
 @pytest.mark.parametrize("via", ["symbolic_trace", "export"])
-def test_concatenation_cut_back(via):
-    grown_or_refused(_CatThenCut(), torch.randn(2, 3, 5, 5), widen(), via=via)
+def test_concatenation_cut_back(via, out):
+    grown_or_refused(_CatThenCut(out), torch.randn(2, 3, 5, 5), widen(), via=via)
 
 
 class _FullSlices(nn.Module):
@@ -223,17 +225,16 @@ def test_sizes_computed_from_the_tensor(how):
 class _Unsqueezed(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.fc = nn.Linear(5, 7)
+        self.squeeze = nn.Conv1d(3, 1, 1)  # one channel: a width of 1
         self.conv = nn.Conv1d(1, 4, 3, padding=1)
-        self.head = nn.Linear(7, 3)
 
-    def forward(self, x):
-        h = self.fc(x).unsqueeze(1)  # (N, 1, 7): a size-1 axis, not a width
-        return self.head(self.conv(h).mean(1))
+    def forward(self, x, s):
+        h = torch.cat([self.squeeze(x), s.unsqueeze(1)], 2)  # (N, 1, 2L): the new axis has no producer
+        return self.conv(h)
 
 
 def test_size_one_axis_from_unsqueeze_is_not_a_width():
-    grown = grown_or_refused(_Unsqueezed(), torch.randn(2, 5), widen())
+    grown = grown_or_refused(_Unsqueezed(), (torch.randn(2, 3, 5), torch.randn(2, 5)), widen())
     assert grown is None or grown.get_submodule("conv").in_channels == 1
 
 
