@@ -417,6 +417,7 @@ def _load_model(
             raise UsageError(f"model {spec} is a directory, not a model file")
         if not os.path.isfile(spec):
             raise UsageError(f"model file not found: {spec}")
+        _readable(spec, "model file")
         if args.weights:
             raise UsageError("--weights only applies to a package.module:factory model")
         name = os.path.basename(spec)
@@ -430,6 +431,14 @@ def _load_model(
     if ":" in spec:
         return _load_factory(spec, args.weights, args.weights_key), None, spec, None
     raise UsageError(f"model file not found: {spec} (nor is it a package.module:factory spec)")
+
+
+def _readable(path: str, what: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
 def _zip_names(path: str) -> list[str] | None:
@@ -650,6 +659,7 @@ def _load_weights(path: str, key: str | None) -> dict[str, torch.Tensor]:
         raise UsageError(f"--weights {path} is a directory")
     if not os.path.isfile(path):
         raise UsageError(f"weights file not found: {path}")
+    _readable(path, "--weights")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -720,6 +730,7 @@ def _example_inputs(args: argparse.Namespace, stored: tuple[Any, ...] | None) ->
             raise UsageError(f"--inputs {args.inputs} is a directory")
         if not os.path.isfile(args.inputs):
             raise UsageError(f"inputs file not found: {args.inputs}")
+        _readable(args.inputs, "--inputs")
         _refuse_torchscript(args.inputs)
         try:
             obj = torch.load(args.inputs, map_location="cpu", weights_only=True)

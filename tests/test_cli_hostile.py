@@ -397,7 +397,7 @@ def test_checkpoint_detected_and_widths_printed(files, tmp_path, run):
     for name in ("ckpt.pt", "weights.pt", "weights.safetensors"):
         shutil.copy(files / name, tmp_path / name)
     code, out, err = run(tmp_path, *FACTORY, "--weights", "ckpt.pt", "--widen", "+3", "-o", "a.pt2")
-    assert code == 0, err
+    assert code == 0 and err == "", err
     assert "group   1: width 8 -> 12 (+4) (asked +3" in out
     code, out, err = run(
         tmp_path, *FACTORY, "--weights", "ckpt.pt", "--weights-key", "model", "--deepen", "1", "-o", "b.pt"
@@ -417,7 +417,7 @@ def test_outputs_respect_the_umask(files, tmp_path, run):
         )
     finally:
         os.umask(old)
-    assert code == 0, err
+    assert code == 0 and err == "", err
     for name in ("g.pt2", "g.onnx", "r.json"):
         assert (os.stat(tmp_path / name).st_mode & 0o777) == 0o640, name
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".r2r-")]
@@ -487,6 +487,44 @@ def test_onnx_with_external_data_is_staged_with_its_data_file(tmp_path):
     with torch.no_grad():
         expected = small_cnn()(x)
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_permissions_as_an_unprivileged_user(files):
+    """Unreadable inputs and unwritable folders, as a user the permissions apply to (root ignores them)."""
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: permissions cannot be tested")
+        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    folder = tempfile.mkdtemp(prefix="r2r-perm-", dir="/tmp")
+    home = tempfile.mkdtemp(prefix="r2r-perm-home-", dir="/tmp")
+    try:
+        os.chmod(folder, 0o755)  # readable, not writable, for the other user
+        shutil.copy(files / "model.pt2", os.path.join(folder, "model.pt2"))
+        shutil.copy(files / "model.pt2", os.path.join(folder, "secret.pt2"))
+        os.chmod(os.path.join(folder, "model.pt2"), 0o644)
+        os.chmod(os.path.join(folder, "secret.pt2"), 0o600)
+        if prefix:
+            os.chown(home, 65534, 65534)
+        else:
+            os.chmod(folder, 0o555)
+        env = {**ENV, "HOME": home, "TMPDIR": home}
+        before = _listing(folder)
+        for argv, message in (
+            (["model.pt2", "--widen", "2", "-o", "out.pt2"], "Permission denied"),
+            (["secret.pt2", "--widen", "2", "-o", os.path.join(home, "out.pt2")], "cannot read model file"),
+        ):
+            proc = subprocess.run(
+                [*prefix, SCRIPT, *argv], cwd=folder, env=env, capture_output=True, text=True, timeout=300
+            )
+            assert proc.returncode == 2, proc.stderr
+            assert_one_line(proc.stderr, proc.stdout, message)
+            assert _listing(folder) == before
+        assert not [n for n in os.listdir(home) if n.startswith((".r2r-", "r2r-", "out"))]
+    finally:
+        os.chmod(folder, 0o755)
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- real processes
@@ -610,10 +648,10 @@ def _reload(tmp_path, model, inputs: dict[str, torch.Tensor], **paths) -> dict:
 def test_module_path_outputs_reload_with_a_dynamic_batch(tmp_path, run):
     argv = ["cli_models:small_cnn", "--input-shape", "1,3,16,16", "--widen", "2", "--deepen", "1"]
     code, out, err = run(tmp_path, *argv, "-o", "g.pt2", "--onnx", "g.onnx", "--report", "r.json")
-    assert code == 0, err
+    assert code == 0 and err == "", err
     assert "dynamic axes    batch" in out
     code, _, err = run(tmp_path, *argv, "-o", "g.pt")
-    assert code == 0, err
+    assert code == 0 and err == "", err
     inputs = {"batch 1": torch.randn(1, 3, 16, 16), "batch 3": torch.randn(3, 3, 16, 16)}
     got = _reload(
         tmp_path,
@@ -632,7 +670,7 @@ def test_module_path_outputs_reload_with_a_dynamic_batch(tmp_path, run):
 def test_token_model_keeps_batch_and_sequence_dynamic(tmp_path, run):
     argv = ["cli_models:token_mlp", "--input-shape", "int64:1,8", "--widen", "2", "-o", "t.pt2", "--onnx", "t.onnx"]
     code, out, err = run(tmp_path, *argv)
-    assert code == 0, err
+    assert code == 0 and err == "", err
     assert "dynamic axes    batch, sequence" in out
     from cli_models import token_mlp
 
@@ -659,10 +697,10 @@ def test_export_path_outputs_reload_without_transformers(tmp_path, run):
     model = _tiny_llama_or_skip()
     argv = ["cli_models:tiny_llama", "--input-shape", "int64:1,8", "--widen", "2"]
     code, out, err = run(tmp_path, *argv, "-o", "l.pt2", "--onnx", "l.onnx", "--report", "r.json")
-    assert code == 0, err
+    assert code == 0 and err == "", err
     assert "dynamic axes    batch" in out
     code, _, err = run(tmp_path, *argv, "-o", "l.pt", "--no-verify")
-    assert code == 0, err
+    assert code == 0 and err == "", err
     inputs = {"batch 1": torch.randint(0, 64, (1, 8)), "batch 3": torch.randint(0, 64, (3, 8))}
     got = _reload(
         tmp_path,
