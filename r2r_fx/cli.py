@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import math
+import operator
 import os
 import pickle
 import re
@@ -65,6 +66,15 @@ class UsageError(Exception):
 
 class _PickleRefused(UsageError):
     """A .pt2 would need unpickling (or native code) to load; not a RuntimeError so torch does not swallow it."""
+
+
+# What the .pt2 reader refused: torch wraps and sometimes swallows exceptions raised inside its reader.
+_REFUSALS: list[str] = []
+
+
+def _refusal(message: str) -> _PickleRefused:
+    _REFUSALS.append(message)
+    return _PickleRefused(message)
 
 
 class _Interrupted(BaseException):
@@ -482,7 +492,7 @@ class _SafeSympy:
 
     def sympify(self, expr: Any, *a: Any, locals: Mapping[str, Any] | None = None, **kw: Any) -> Any:  # noqa: A002
         if isinstance(expr, str) and not _is_shape_arithmetic(expr, set(locals or {})):
-            raise _PickleRefused(
+            raise _refusal(
                 f"the archive holds a shape expression that is not shape arithmetic ({expr[:60]!r}): "
                 "it would run as code; refused"
             )
@@ -508,12 +518,35 @@ class _NoPickle:
 
     def __getattr__(self, name: str) -> Any:
         if name in ("loads", "load", "Unpickler"):
-            raise _PickleRefused("the archive holds a pickled object (opaque constant): it would run code")
+            raise _refusal("the archive holds a pickled object (opaque constant): it would run code")
         return getattr(pickle, name)
 
 
 def _refuse_native(*args: Any, **kwargs: Any) -> Any:
-    raise _PickleRefused("the archive holds compiled code or a TorchScript object")
+    raise _refusal("the archive holds compiled code or a TorchScript object")
+
+
+# Plain functions a graph may call besides registered operators (torch's own symbolic-shape ops come from serde).
+_OPERATOR_FUNCTIONS = frozenset(
+    getattr(operator, name)
+    for name in (
+        "add sub mul truediv floordiv mod pow neg pos abs and_ or_ xor invert not_ eq ne lt le gt ge "
+        "getitem lshift rshift matmul truth"
+    ).split()
+)
+
+
+def _is_operator(target: Any, sym_ops: Any) -> bool:
+    """A registered operator (ATen, custom, higher-order), a symbolic-shape op, or a pure operator/math function."""
+    if isinstance(target, (str, torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch._ops.HigherOrderOperator)):
+        return True  # a string stays unresolved: torch's reader refuses it itself
+    try:
+        if target in sym_ops or target in _OPERATOR_FUNCTIONS:
+            return True
+    except TypeError:  # unhashable
+        return False
+    name = getattr(target, "__name__", "")
+    return getattr(math, name, None) is target and callable(target)
 
 
 @contextlib.contextmanager
@@ -535,20 +568,46 @@ def _no_code_from_archive() -> Iterator[None]:
         try:
             return real_load(f, *a, **kw)
         except pickle.UnpicklingError as exc:
-            raise _PickleRefused(
+            raise _refusal(
                 f"it holds a pickle that is not plain tensors (stored example inputs or tensors): {_first_line(exc)}"
             ) from None
 
-    saved = (torch.load, serialize.sympy, package.pickle, package._load_aoti, torch._C._pickle_load_obj)
+    deserializer = serialize.GraphModuleDeserializer
+    real_operator = deserializer.deserialize_operator
+
+    def operator_only(self: Any, serialized_target: str) -> Any:
+        if serialized_target.startswith("#"):  # a registered extension's own operator
+            return real_operator(self, serialized_target)
+        target = real_operator(self, serialized_target) if "__" not in serialized_target else None
+        if target is None or not _is_operator(target, serialize._SYM_OPS):
+            raise _refusal(f"its graph calls {serialized_target!r}, which is not an operator: it would run as code")
+        return target
+
+    saved = (
+        torch.load,
+        serialize.sympy,
+        package.pickle,
+        package._load_aoti,
+        torch._C._pickle_load_obj,
+        deserializer.deserialize_operator,
+    )
     torch.load = weights_only_load
     serialize.sympy = _SafeSympy(serialize.sympy)
     package.pickle = _NoPickle()
     package._load_aoti = _refuse_native
     torch._C._pickle_load_obj = _refuse_native
+    deserializer.deserialize_operator = operator_only
     try:
         yield
     finally:
-        (torch.load, serialize.sympy, package.pickle, package._load_aoti, torch._C._pickle_load_obj) = saved
+        (
+            torch.load,
+            serialize.sympy,
+            package.pickle,
+            package._load_aoti,
+            torch._C._pickle_load_obj,
+            deserializer.deserialize_operator,
+        ) = saved
 
 
 def _pt2_needs_trust(path: str, names: list[str]) -> str:
@@ -580,13 +639,16 @@ def _load_pt2(path: str, trust: bool) -> tuple[torch.fx.GraphModule, tuple[Any, 
     refusal = "" if trust else _pt2_needs_trust(path, names)
     if refusal:
         raise UsageError(f"{path}: {refusal}; loading it runs code from the file. Only if you trust it: --trust-pickle")
+    _REFUSALS.clear()
     try:
         with contextlib.nullcontext() if trust else _no_code_from_archive():
             program = torch.export.load(path)
-    except _PickleRefused as exc:
-        raise UsageError(f"{path}: {exc}. Only if you trust the file: --trust-pickle") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a broken archive
+        if _REFUSALS:
+            raise UsageError(f"{path}: {_REFUSALS[0]}. Only if you trust the file: --trust-pickle") from None
         raise UsageError(f"cannot read {path} as a torch.export program: {_first_line(exc)}") from exc
+    if _REFUSALS:  # refused inside torch, which went on without it: still refused
+        raise UsageError(f"{path}: {_REFUSALS[0]}. Only if you trust the file: --trust-pickle")
     from r2r_fx.capture import from_exported_program
 
     inputs = None

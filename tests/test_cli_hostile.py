@@ -94,6 +94,21 @@ def _plant_shape_expression(src: str, dst: str, marker: str) -> None:
     _rewrite_zip(src, dst, edit)
 
 
+def _plant_call(src: str, dst: str, marker: str) -> None:
+    """A graph node calling ``os.system`` (reachable as ``torch.serialization.os.system``) instead of an operator."""
+
+    def edit(name: str, data: bytes) -> bytes | None:
+        if not name.endswith("/models/model.json"):
+            return None
+        program = json.loads(data)
+        node = next(n for n in program["graph_module"]["graph"]["nodes"] if "relu" in n["target"])
+        node["target"] = "torch.serialization.os.system"
+        node["inputs"] = [{"name": "command", "arg": {"as_string": f"touch {marker}"}, "kind": 1}]
+        return json.dumps(program).encode()
+
+    _rewrite_zip(src, dst, edit)
+
+
 def _plant_custom_object(src: str, dst: str) -> None:
     """A constant stored as a TorchScript object: torch would unpickle it with ``torch._C._pickle_load_obj``."""
 
@@ -142,6 +157,7 @@ def files(tmp_path_factory):
     _plant_shape_expression(str(d / "dynamic.pt2"), str(d / "evil_expr.pt2"), marker)
     _plant_aoti(str(d / "model.pt2"), str(d / "evil_aoti.pt2"))
     _plant_custom_object(str(d / "model.pt2"), str(d / "evil_object.pt2"))
+    _plant_call(str(d / "model.pt2"), str(d / "evil_call.pt2"), marker)
     with warnings.catch_warnings():  # TorchScript is deprecated: exactly why a user may still have such a file
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.script(model), str(d / "scripted.pt"))
@@ -201,6 +217,7 @@ HOSTILE: list[tuple[list[str], int, str]] = [
     (["evil_weight.pt2", "--plan"], 2, "not plain tensors"),
     (["evil_expr.pt2", "--plan"], 2, "not shape arithmetic"),
     (["evil_aoti.pt2", "--plan"], 2, "AOTInductor"),
+    (["evil_call.pt2", "--plan"], 2, "calls 'torch.serialization.os.system', which is not an operator"),
     (["evil_object.pt2", "--plan"], 2, "as a pickled object (a TorchScript or opaque object)"),
     (["evil.pt", "--widen", "2", *SHAPE], 2, "--trust-pickle"),
     (["model.pt", "--widen", "2", *SHAPE], 2, "runs code"),
