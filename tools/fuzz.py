@@ -45,8 +45,8 @@ def failure_class(result: fuzzgen.CheckResult, via: str) -> str:
 class Campaign:
     """Runs programs and accumulates the summary; writes repro files for failures."""
 
-    def __init__(self, out: str, repros_per_class: int, points: int | None) -> None:
-        self.out, self.repros_per_class, self.points = out, repros_per_class, points
+    def __init__(self, out: str, repros_per_class: int, points: int | None, minimize: float = 0.0) -> None:
+        self.out, self.repros_per_class, self.points, self.minimize = out, repros_per_class, points, minimize
         os.makedirs(os.path.join(out, "repro"), exist_ok=True)
         self.start = time.time()
         self.models = 0
@@ -105,6 +105,13 @@ class Campaign:
         with open(os.path.join(self.out, "repro", name), "w") as f:
             f.write(fuzzgen.repro_source(program, report, result))
         self.class_examples[cls].append(name)
+        if self.minimize and self.classes[cls] == 1:
+            small = reduce(program, report.via, result, self.minimize)
+            if small is not None:
+                name = "min_" + name
+                with open(os.path.join(self.out, "repro", name), "w") as f:
+                    f.write(small)
+                self.class_examples[cls].append(name)
 
     def summary(self) -> dict[str, Any]:
         minutes = (time.time() - self.start) / 60
@@ -140,6 +147,17 @@ class Campaign:
         os.replace(path + ".tmp", path)
 
 
+def reduce(program: fuzzgen.Program, via: str, result: fuzzgen.CheckResult, seconds: float) -> str | None:
+    """A repro of ``result`` from the smallest program :func:`fuzzgen.minimize` finds (None if none)."""
+    mode = result.detail.split(":", 1)[0] if result.outcome == "wrong" else result.detail.split(":", 1)[-1][:40]
+    small = fuzzgen.minimize(program, via, result.transform, result.outcome, mode, budget=seconds)
+    report = fuzzgen.check_program(small, via, only=result.transform)
+    for r in report.results:
+        if r.transform == result.transform and r.outcome == result.outcome:
+            return fuzzgen.repro_source(small, report, r)
+    return None
+
+
 def _commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -161,11 +179,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", type=int, default=None, help="deepen at= points per method (default: all)")
     parser.add_argument("--repros-per-class", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--minimize", type=float, default=0.0, help="seconds to shrink the first repro of each class")
+    parser.add_argument(
+        "--reduce", nargs=2, metavar=("SEED", "TRANSFORM"), help="only shrink one failure (with --via) and print it"
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     vias = ["symbolic_trace", "export"] if args.via == "both" else [args.via]
-    campaign = Campaign(args.out, args.repros_per_class, args.points)
+    if args.reduce:
+        seed, label = int(args.reduce[0]), args.reduce[1]
+        program = fuzzgen.generate(seed)
+        for via in vias:
+            report = fuzzgen.check_program(program, via, points=args.points, only=label)
+            bad = [r for r in report.results if r.transform == label and r.outcome in fuzzgen.FAILURES]
+            if bad:
+                print(reduce(program, via, bad[0], args.minimize or 120.0) or "could not reproduce after shrinking")
+                return 0
+        print(f"seed {seed}: {label} does not fail")
+        return 1
+    campaign = Campaign(args.out, args.repros_per_class, args.points, args.minimize)
     deadline = time.time() + 60 * args.minutes if args.minutes else None
     last_write = time.time()
     for seed in range(args.seed, args.seed + args.models):
