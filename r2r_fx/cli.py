@@ -578,8 +578,8 @@ def _no_code_from_archive() -> Iterator[None]:
     def operator_only(self: Any, serialized_target: str) -> Any:
         if serialized_target.startswith("#"):  # a registered extension's own operator
             return real_operator(self, serialized_target)
-        target = real_operator(self, serialized_target) if "__" not in serialized_target else None
-        if target is None or not _is_operator(target, serialize._SYM_OPS):
+        target = real_operator(self, serialized_target)  # attribute look-ups only; nothing is called yet
+        if not _is_operator(target, serialize._SYM_OPS):
             raise _refusal(f"its graph calls {serialized_target!r}, which is not an operator: it would run as code")
         return target
 
@@ -639,16 +639,7 @@ def _load_pt2(path: str, trust: bool) -> tuple[torch.fx.GraphModule, tuple[Any, 
     refusal = "" if trust else _pt2_needs_trust(path, names)
     if refusal:
         raise UsageError(f"{path}: {refusal}; loading it runs code from the file. Only if you trust it: --trust-pickle")
-    _REFUSALS.clear()
-    try:
-        with contextlib.nullcontext() if trust else _no_code_from_archive():
-            program = torch.export.load(path)
-    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a broken archive
-        if _REFUSALS:
-            raise UsageError(f"{path}: {_REFUSALS[0]}. Only if you trust the file: --trust-pickle") from None
-        raise UsageError(f"cannot read {path} as a torch.export program: {_first_line(exc)}") from exc
-    if _REFUSALS:  # refused inside torch, which went on without it: still refused
-        raise UsageError(f"{path}: {_REFUSALS[0]}. Only if you trust the file: --trust-pickle")
+    program = _read_program(path, trust)
     from r2r_fx.capture import from_exported_program
 
     inputs = None
@@ -656,6 +647,57 @@ def _load_pt2(path: str, trust: bool) -> tuple[torch.fx.GraphModule, tuple[Any, 
         args, kwargs = program.example_inputs
         inputs = tuple(args) if not kwargs else None
     return from_exported_program(program), inputs
+
+
+# Packages whose output classes a .pt2 may name: imported (installed code, not the file's) so torch can read it.
+_OUTPUT_TYPE_PACKAGES = ("transformers",)
+
+
+def _read_program(path: str, trust: bool, retried: bool = False) -> Any:
+    _REFUSALS.clear()
+    swallowed: list[BaseException] = []
+    try:
+        with _torch_swallowed(swallowed), contextlib.nullcontext() if trust else _no_code_from_archive():
+            program = torch.export.load(path)
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a broken archive
+        if _REFUSALS:
+            raise UsageError(f"{path}: {_REFUSALS[0]}. Only if you trust the file: --trust-pickle") from None
+        cause = swallowed[0] if swallowed else exc
+        missing = re.search(r"Deserializing ([\w.]+) in pytree is not registered", str(cause))
+        if missing and not retried:
+            module = missing.group(1).rpartition(".")[0]
+            if module.split(".")[0] in _OUTPUT_TYPE_PACKAGES:
+                with contextlib.suppress(Exception):
+                    importlib.import_module(module)
+                    return _read_program(path, trust, retried=True)
+            raise UsageError(
+                f"cannot read {path}: its outputs are {missing.group(1)} objects, which torch reads only once that "
+                "package is imported; save the program with plain outputs (tuples, dicts)"
+            ) from None
+        raise UsageError(f"cannot read {path} as a torch.export program: {_first_line(cause)}") from exc
+    if _REFUSALS:  # refused inside torch, which went on without it: still refused
+        raise UsageError(f"{path}: {_REFUSALS[0]}. Only if you trust the file: --trust-pickle")
+    return program
+
+
+@contextlib.contextmanager
+def _torch_swallowed(found: list[BaseException]) -> Iterator[None]:
+    """Collect the exceptions torch.export.load logs and replaces by "check the warnings above"."""
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.exc_info and record.exc_info[1] is not None:
+                found.append(record.exc_info[1])
+
+    log = logging.getLogger("torch.export")
+    handlers, level, propagate = log.handlers, log.level, log.propagate
+    log.handlers, log.propagate = [Catch()], False  # torch's own handler would print it
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.handlers, log.propagate = handlers, propagate
+        log.setLevel(level)
 
 
 def _load_pickle(path: str, trust: bool) -> nn.Module:

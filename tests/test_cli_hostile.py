@@ -734,6 +734,42 @@ def test_export_path_outputs_reload_without_transformers(tmp_path, run):
     assert len(got) == 6 and all(err <= 1e-4 for err in got.values()), got
 
 
+_RELOAD_PLAIN = """
+import sys, torch
+import r2r_fx
+ids = torch.load(sys.argv[1])
+module = torch.export.load(sys.argv[2]).module()
+assert "transformers" not in sys.modules
+with torch.no_grad():
+    logits = module(ids)["logits"]
+(onnx_logits,) = r2r_fx.run_onnx(sys.argv[3], (ids,))
+torch.save((logits, onnx_logits), sys.argv[4])
+"""
+
+
+def test_hf_program_input_gives_a_plain_program_dynamic_in_batch_and_sequence(tmp_path, run):
+    """A .pt2 of a HF model names its output class: the package is imported to read it; the output needs none."""
+    model = _tiny_llama_or_skip()
+    example = torch.randint(0, 64, (2, 8))
+    dims = {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}
+    torch.export.save(torch.export.export(model, (example,), strict=False, dynamic_shapes=(dims,)), tmp_path / "l.pt2")
+    code, out, err = run(tmp_path, "l.pt2", "--widen", "2", "-o", "g.pt2", "--onnx", "g.onnx")
+    assert code == 0 and err == "", err
+    assert "dynamic axes    batch, sequence" in out
+    ids = torch.randint(0, 64, (3, 5))
+    torch.save(ids, tmp_path / "ids.pt")
+    paths = [str(tmp_path / n) for n in ("ids.pt", "g.pt2", "g.onnx", "got.pt")]
+    proc = subprocess.run(
+        [sys.executable, "-c", _RELOAD_PLAIN, *paths], env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    with torch.no_grad():
+        expected = model(ids).logits
+    for got in torch.load(tmp_path / "got.pt"):
+        assert got.shape == (3, 5, 64)
+        assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
 def test_hf_cache_failure_suggests_use_cache_false(tmp_path, run):
     _tiny_llama_or_skip()
     code, out, err = run(tmp_path, "cli_models:tiny_llama_with_cache", "--input-shape", "int64:1,8", "--widen", "2")
