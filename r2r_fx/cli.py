@@ -345,6 +345,8 @@ def _check_outputs(args: argparse.Namespace, output: str) -> None:
                 raise UsageError(f"{flag} {path} is {what} (an input): choose another name")
         if os.path.isdir(path):
             raise UsageError(f"{flag} {path} is a directory: give a file name")
+        if len(os.path.basename(path).encode()) > 200:  # the staged name adds a prefix and a random part
+            raise UsageError(f"{flag}: the file name is too long ({len(os.path.basename(path).encode())} bytes)")
         if os.path.lexists(path) and not os.path.isfile(path):
             raise UsageError(f"{flag} {path} exists and is not a regular file")
         _probe_folder(flag, path)
@@ -426,7 +428,9 @@ def _load_model(
         if os.path.isdir(spec):
             raise UsageError(f"model {spec} is a directory, not a model file")
         if not os.path.isfile(spec):
-            raise UsageError(f"model file not found: {spec}")
+            raise UsageError(
+                f"model {spec} is not a regular file" if os.path.exists(spec) else f"model file not found: {spec}"
+            )
         _readable(spec, "model file")
         if args.weights:
             raise UsageError("--weights only applies to a package.module:factory model")

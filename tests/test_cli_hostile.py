@@ -255,6 +255,11 @@ HOSTILE: list[tuple[list[str], int, str]] = [
     (["model.pt2", "--widen", "2", "-o", "/proc/x.pt2"], 2, "cannot write in /proc"),
     (["model.pt2", "--widen", "2", "-o", "/dev/null"], 2, "not a regular file"),
     (["model.pt2", "--widen", "2", "-o", ""], 2, "is not a file name"),
+    (["model.pt2", "--widen", "2", "-o", "adir/"], 2, "is not a file name"),
+    (["model.pt2", "--widen", "2", "-o", "x" * 300 + ".pt2"], 2, "the file name is too long"),
+    (["/dev/zero", "--widen", "2", *SHAPE], 2, "is not a regular file"),
+    (["cli_models:small_cnn", "--inputs", "empty.pt", "--widen", "2"], 2, "cannot read inputs empty.pt"),
+    (["cli_models:small_cnn", "--weights", "empty.pt", "--widen", "2", *SHAPE], 2, "cannot read weights empty.pt"),
     (["model.pt2", "--widen", "2", "-o", "out.txt"], 2, "must end in .pt2 or .pt"),
     (["model.pt2", "--widen", "2", "--onnx", "out.pt"], 2, "must end in .onnx"),
     # ---- arguments: no-op growth is refused, numbers are checked before anything is allocated
