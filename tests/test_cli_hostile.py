@@ -178,8 +178,15 @@ def files(tmp_path_factory):
     return d
 
 
-def _listing(folder) -> set[str]:
-    return {os.path.relpath(os.path.join(root, f), folder) for root, dirs, fs in os.walk(folder) for f in fs + dirs}
+def _listing(folder) -> set[tuple[str, int, int]]:
+    """Every file and folder below ``folder`` (hidden ones too) with its size and mtime: a rewrite shows."""
+    entries = set()
+    for root, dirs, names in os.walk(folder):
+        for name in names + dirs:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            entries.add((os.path.relpath(path, folder), st.st_size, st.st_mtime_ns))
+    return entries
 
 
 @pytest.fixture
@@ -189,6 +196,7 @@ def run(monkeypatch, capfd, tmp_path):
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # factories imported from the folder: no __pycache__
 
     def call(folder, *argv: str) -> tuple[int, str, str]:
         monkeypatch.chdir(folder)
@@ -397,7 +405,8 @@ def test_random_method_is_exit_1_and_writes_only_the_report(files, run):
     code, out, err = run(files, "model.pt2", "--widen", "2", "--method", "random", "-o", "r.pt2", "--report", "r.json")
     assert code == 1
     assert_one_line(err, out, "the model was not written (use --force); the report is in r.json")
-    assert _listing(files) == before | {"r.json"}  # the report says why
+    after = _listing(files)
+    assert before < after and {p for p, _, _ in after - before} == {"r.json"}  # the report says why
     assert json.loads((files / "r.json").read_text())["verify"]["ok"] is False
     (files / "r.json").unlink()
 
