@@ -336,7 +336,7 @@ def _follow_train_flags(gm: torch.fx.GraphModule, train_gm: torch.fx.GraphModule
         if flag not in differs or differs - {flag, "p"} or (node.target in _FUNCTIONAL_NORMS and "p" in differs):
             gm.meta["r2r_eval_only"] = f"{node.name} has other arguments in train mode than in eval mode"
             return
-        flagged.append((node, {**train_args, "input": eval_args["input"]}))
+        flagged.append((node, {**eval_args, "p": train_args.get("p", eval_args.get("p", 0.5))}))
     if not flagged:
         return
     with torch.no_grad():
@@ -350,10 +350,30 @@ def _follow_train_flags(gm: torch.fx.GraphModule, train_gm: torch.fx.GraphModule
         gm.add_submodule(name, module)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(name, (args["input"],))
+            new = _apply_affine(
+                gm.graph, new, args.get("weight"), args.get("bias"), len(node.meta["tensor_meta"].shape)
+            )
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-    gm.graph.eliminate_dead_code()
     gm.recompile()
+
+
+def _apply_affine(graph: torch.fx.Graph, x: torch.fx.Node, weight: Any, bias: Any, rank: int) -> torch.fx.Node:
+    """``x * weight + bias`` per channel for a computed (non-parameter) scale or shift, which a norm layer
+    cannot hold; parameters and absent ones are left to the layer."""
+    if not _affine_outside(weight, bias):
+        return x
+    shape = [1] * rank
+    shape[1] = -1
+    for value, op in ((weight, operator.mul), (bias, operator.add)):
+        if isinstance(value, torch.fx.Node):
+            x = graph.call_function(op, (x, graph.call_method("view", (value, *shape))))
+    return x
+
+
+def _affine_outside(weight: Any, bias: Any) -> bool:
+    """Whether a norm's scale and shift are applied after the layer: when either is computed."""
+    return any(isinstance(v, torch.fx.Node) and v.op != "get_attr" for v in (weight, bias))
 
 
 def _layer_for(gm: torch.fx.GraphModule, node: torch.fx.Node, args: dict[str, Any]) -> nn.Module | None:
@@ -363,9 +383,6 @@ def _layer_for(gm: torch.fx.GraphModule, node: torch.fx.Node, args: dict[str, An
     _, classes = _FUNCTIONAL_NORMS[node.target]
     rank = len(node.meta["tensor_meta"].shape)
     tensors = {k: _attr_tensor(gm, args.get(k)) for k in ("running_mean", "running_var", "weight", "bias")}
-    for k, t in tensors.items():
-        if args.get(k) is not None and t is None:
-            return None
     if tensors["running_mean"] is None or tensors["running_var"] is None or rank not in classes:
         return None
     extra = {"track_running_stats": True} if node.target is F.instance_norm else {}
@@ -377,9 +394,10 @@ def _layer_for(gm: torch.fx.GraphModule, node: torch.fx.Node, args: dict[str, An
         **extra,
     )
     module._buffers["running_mean"], module._buffers["running_var"] = tensors["running_mean"], tensors["running_var"]
-    for k in ("weight", "bias"):
-        if tensors[k] is not None:
-            module._parameters[k] = tensors[k]
+    if not _affine_outside(args.get("weight"), args.get("bias")):
+        for k in ("weight", "bias"):
+            if tensors[k] is not None:
+                module._parameters[k] = tensors[k]
     return module
 
 
@@ -489,6 +507,12 @@ def _modulize_train_flags(gm: torch.fx.GraphModule, train_graph: Any = None) -> 
         else:
             module = _norm_module(gm, node)
             if module is None:
+                if node.args[3] is not None and node not in in_train:  # a torch.nn layer with computed statistics
+                    gm.meta["r2r_eval_only"] = f"{node.name} normalises with statistics that are not buffers"
+                elif node in in_train:
+                    gm.meta["r2r_eval_only"] = (
+                        f"{node.name} follows the train mode with statistics that are not buffers"
+                    )
                 continue
             name = f"r2r_bn_{count}"
             # where each parameter came from, so optimizers built on the eager model can be carried over
@@ -500,7 +524,9 @@ def _modulize_train_flags(gm: torch.fx.GraphModule, train_graph: Any = None) -> 
         gm.add_submodule(name, module)
         with graph.inserting_before(node):
             new = graph.call_module(name, (node.args[0],))
-        new.meta = dict(node.meta)
+            new.meta = dict(node.meta)
+            if node.target not in _DROPOUT_LAYERS:
+                new = _apply_affine(graph, new, node.args[1], node.args[2], node.meta["val"].dim())
         if node.target == _aten._native_batch_norm_legit_no_training.default:
             for user in list(node.users):  # a tuple (out, mean, invstd): only [0] may be used
                 if user.target is operator.getitem and user.args[1] == 0:
@@ -527,11 +553,9 @@ def _norm_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module | N
         momentum, eps = node.args[5], node.args[6]
     else:
         momentum, eps = node.args[6], node.args[7]
-    tensors = [_attr_tensor(gm, a) for a in (weight, bias, mean, var)]
-    if any(t is None and a is not None for t, a in zip(tensors, (weight, bias, mean, var))):
-        return None
+    tensors = [_attr_tensor(gm, a) for a in (weight, bias, mean, var)]  # a computed weight/bias is applied after
     if tensors[2] is None or tensors[3] is None:
-        return None  # no running statistics: the functional form is already mode-independent
+        return None  # statistics that are not buffers: the caller decides
     rank = len(node.meta["val"].shape) if "val" in node.meta else None
     if node.target == _aten.instance_norm.default:
         classes = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}
@@ -542,13 +566,12 @@ def _norm_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module | N
         return None
     w, b, rm, rv = tensors
     extra = {"track_running_stats": True} if node.target == _aten.instance_norm.default else {}
-    module = cls(rm.shape[0], eps=eps, momentum=momentum, affine=w is not None, **extra)
+    module = cls(rm.shape[0], eps=eps, momentum=momentum, affine=False, **extra)
     module.to(device=rm.device, dtype=rm.dtype)
     with torch.no_grad():
-        if w is not None:
-            module.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
-        if b is not None:
-            module.bias = nn.Parameter(b.detach().clone(), requires_grad=b.requires_grad)
+        for key, t in (("weight", w), ("bias", b)):
+            if t is not None and not _affine_outside(weight, bias):
+                module._parameters[key] = nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
         module.running_mean.copy_(rm)
         module.running_var.copy_(rv)
     tracked = _find_num_batches_tracked(gm, mean)

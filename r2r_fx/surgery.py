@@ -300,8 +300,8 @@ def _fix_grouped(node: torch.fx.Node, name: str, width) -> None:
     index, key = {"group_norm": (1, "num_groups"), "convolution": (8, "groups")}.get(name, (6, "groups"))
     in_args = len(node.args) > index
     groups = node.args[index] if in_args else node.kwargs.get(key)
-    if not isinstance(groups, int):
-        return
+    if not isinstance(groups, int) or (groups == 1 and name != "group_norm"):
+        return  # an ungrouped convolution's weight grows along its input axis: still one group
     if name == "group_norm":
         new = in_w // (shape_of(x)[1] // groups)
     else:

@@ -398,9 +398,9 @@ def test_view_taken_before_an_in_place_add():
 
 
 class _FunctionalFlags(nn.Module):
-    def __init__(self, fixed: bool) -> None:
+    def __init__(self, fixed: bool, computed: bool = False) -> None:
         super().__init__()
-        self.fixed = fixed
+        self.fixed, self.computed = fixed, computed
         self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
         self.w, self.b = nn.Parameter(torch.rand(4) + 0.5), nn.Parameter(torch.randn(4))
         self.register_buffer("mean", torch.randn(4))
@@ -408,16 +408,17 @@ class _FunctionalFlags(nn.Module):
 
     def forward(self, x):
         training = False if self.fixed else self.training
-        h = F.batch_norm(self.conv(x), self.mean, self.var, self.w, self.b, training, 0.1, 1e-5)
+        w = self.w * 2 if self.computed else self.w  # a computed scale cannot live in a BatchNorm layer
+        h = F.batch_norm(self.conv(x), self.mean, self.var, w, self.b, training, 0.1, 1e-5)
         return self.head(F.dropout(torch.relu(h), 0.0, training))
 
 
-@pytest.mark.parametrize("fixed", [True, False])
+@pytest.mark.parametrize("fixed, computed", [(True, False), (False, False), (False, True)])
 @pytest.mark.parametrize("via", ["symbolic_trace", "export"])
-def test_functional_train_flags_follow_the_mode_of_the_model(fixed, via):
+def test_functional_train_flags_follow_the_mode_of_the_model(fixed, computed, via):
     """11/12: a flag that follows ``self.training`` follows ``.train()`` in the graph; a fixed one stays fixed."""
     torch.manual_seed(0)
-    model = _FunctionalFlags(fixed)
+    model = _FunctionalFlags(fixed, computed)
     x = torch.randn(4, 3, 5, 5)
     gm = r2r_fx.capture(model, (x,), via=via)
     for mode in (False, True):
