@@ -1231,6 +1231,54 @@ def _where(exc: BaseException) -> str:
     return ""
 
 
+_CARRY = ("widen/r2r/factor2", "widen/netmorph/extra", "deepen/r2r/default", "grow_kernel")
+
+
+def _check_carry_optimizer(r2r_fx: Any, gm: nn.Module, grown: nn.Module, call: str) -> tuple[str, str]:
+    """carry_optimizer from an SGD-with-momentum optimizer over ``gm`` to ``grown``: it must cover exactly the
+    grown parameters with state of their shapes; after grow_kernel the old momentum sits at the kernel's centre."""
+    params = list(dict.fromkeys(gm.parameters()))
+    if not params:
+        return "refused", "no parameters"
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    for p in params:
+        opt.state[p]["momentum_buffer"] = torch.randn(p.shape, generator=gen).to(p.dtype)
+    try:
+        new = r2r_fx.carry_optimizer(opt, gm, grown)
+    except (r2r_fx.R2RError, ValueError) as exc:
+        return "refused", _short(exc)
+    except Exception as exc:  # noqa: BLE001
+        return "internal", _short(exc) + _where(exc)
+    carried = [p for group in new.param_groups for p in group["params"]]
+    if {id(p) for p in carried} != {id(p) for p in grown.parameters()}:
+        return "broken", "the carried optimizer does not hold exactly the grown model's parameters"
+    for p in carried:
+        buf = new.state.get(p, {}).get("momentum_buffer")
+        if buf is not None and buf.shape != p.shape:
+            return "broken", f"momentum of shape {tuple(buf.shape)} for a parameter of shape {tuple(p.shape)}"
+    match = re.match(r"r2r_fx\.grow_kernel\(gm, '([^']+)'", call)
+    if match:
+        node = next((n for n in gm.graph.nodes if n.name == match.group(1)), None)
+        if node is not None and node.op == "call_module":
+            old_w = gm.get_submodule(str(node.target)).weight
+            new_w = grown.get_submodule(str(node.target)).weight
+            old_buf = opt.state[old_w]["momentum_buffer"]
+            new_buf = new.state.get(new_w, {}).get("momentum_buffer")
+            if new_buf is None:
+                return "broken", "grow_kernel: the kernel's momentum was dropped"
+            centre = tuple(slice(None) for _ in range(2)) + tuple(
+                slice((n - o) // 2, (n - o) // 2 + o) for n, o in zip(new_buf.shape[2:], old_buf.shape[2:])
+            )
+            if not torch.equal(new_buf[centre], old_buf):
+                return "broken", "grow_kernel: the old momentum is not at the centre of the grown kernel's momentum"
+            rest = new_buf.clone()
+            rest[centre] = 0
+            if rest.abs().max() > 0:
+                return "broken", "grow_kernel: momentum of the new taps is not zero"
+    return "preserved", ""
+
+
 def check_program(program: Program, via: str, *, points: int | None = None, only: str | None = None) -> ModelReport:
     """Capture ``program``'s model with ``via`` and run every transform through the independent check.
 
@@ -1290,7 +1338,7 @@ def check_program(program: Program, via: str, *, points: int | None = None, only
         report.notes.append(f"width_groups raises: {_short(exc)}{_where(exc)}")
     rng = random.Random(program.seed)
     for label, call, thunk in _transforms(gm, r2r_fx, rng, points):
-        if only and not label.startswith(only):
+        if only and not (label.startswith(only) or only == f"carry_optimizer/{label}"):
             continue
         t0 = time.perf_counter()
         try:
@@ -1307,6 +1355,15 @@ def check_program(program: Program, via: str, *, points: int | None = None, only
         if outcome == "wrong" and detail.startswith("train mode") and train_differs:
             detail += " [the captured graph already differs from eager in train mode]"
         report.results.append(CheckResult(label, call, outcome, detail, err, time.perf_counter() - t0))
+        if outcome == "preserved" and label in _CARRY and (not only or only == f"carry_optimizer/{label}"):
+            t0 = time.perf_counter()
+            opt_outcome, opt_detail = _check_carry_optimizer(r2r_fx, gm, grown, call)
+            opt_call = f"r2r_fx.carry_optimizer(torch.optim.SGD(gm.parameters(), 0.1, momentum=0.9), gm, {call})"
+            report.results.append(
+                CheckResult(
+                    f"carry_optimizer/{label}", opt_call, opt_outcome, opt_detail, None, time.perf_counter() - t0
+                )
+            )
     report.seconds = time.perf_counter() - start
     return report
 
