@@ -883,6 +883,68 @@ def _embedding(g: _Gen, ids: str, vocab: int) -> bool:
     return g.module("embedding" + ("_max_norm" if max_norm else ""), f"nn.Embedding({vocab}, {dim}{max_norm})", ids)
 
 
+def _g_block(g: _Gen) -> bool:
+    """Composite blocks where widths live: residual conv blocks, MLP blocks, squeeze-excitation, heads."""
+    r = g.rng
+    kind = r.choice(["res", "res", "mlp", "se", "head", "spatial_linear_dw"])
+    if kind in ("res", "se"):
+        x = g.pick(lambda t: 3 <= t.dim() <= 5 and t.shape[1] <= 16)
+        if x is None:
+            return False
+        t = g.t(x)
+        d, c = t.dim() - 2, t.shape[1]
+        a, b, n = g.name("m"), g.name("m"), g.name("m")
+        out = g.name("v")
+        if kind == "se":
+            hidden = r.choice([2, 4])
+            init = [f"self.{a} = nn.Conv{d}d({c}, {hidden}, 1)", f"self.{b} = nn.Conv{d}d({hidden}, {c}, 1)"]
+            dims = "(" + ", ".join(str(i) for i in range(2, t.dim())) + ")"
+            line = f"{out} = {x} * torch.sigmoid(self.{b}(torch.relu(self.{a}({x}.mean({dims}, keepdim=True)))))"
+            return g.try_op("block_se", init, [line], [out])
+        hidden = r.choice([4, 6, 8])
+        init = [
+            f"self.{a} = nn.Conv{d}d({c}, {hidden}, 3, padding=1, bias=False)",
+            f"self.{n} = nn.BatchNorm{d}d({hidden})",
+            *_norm_init(n, True, True),
+            f"self.{b} = nn.Conv{d}d({hidden}, {c}, 3, padding=1)",
+        ]
+        act = r.choice(["torch.relu", "F.gelu", "F.silu"])
+        line = f"{out} = {x} + self.{b}({act}(self.{n}(self.{a}({x}))))"
+        return g.try_op("block_residual", init, [line], [out])
+    if kind == "mlp":
+        x = g.pick(lambda t: t.dim() >= 2 and t.shape[-1] <= 16)
+        if x is None:
+            return False
+        dim = g.t(x).shape[-1]
+        a, b, n = g.name("m"), g.name("m"), g.name("m")
+        hidden = r.choice([4, 8, 12])
+        init = [f"self.{n} = nn.LayerNorm({dim})", f"self.{a} = nn.Linear({dim}, {hidden})"]
+        init.append(f"self.{b} = nn.Linear({hidden}, {dim})")
+        out = g.name("v")
+        pre = f"self.{n}({x})" if r.random() < 0.5 else x
+        return g.try_op("block_mlp", init, [f"{out} = {x} + self.{b}(F.gelu(self.{a}({pre})))"], [out])
+    if kind == "head":
+        x = g.pick(lambda t: t.dim() >= 3 and math.prod(t.shape[1:]) <= 256)
+        if x is None:
+            return False
+        m = g.name("m")
+        out = g.name("v")
+        flat = math.prod(g.t(x).shape[1:])
+        init = [f"self.{m} = nn.Linear({flat}, {r.choice([3, 5])})"]
+        return g.try_op("block_flatten_linear", init, [f"{out} = self.{m}(torch.flatten({x}, 1))"], [out])
+    # Linear over the spatial last axis, then a depthwise conv with a channel multiplier
+    x = g.pick(lambda t: t.dim() == 4 and t.shape[1] <= 8)
+    if x is None:
+        return False
+    t = g.t(x)
+    a, b = g.name("m"), g.name("m")
+    out = g.name("v")
+    c = t.shape[1]
+    init = [f"self.{a} = nn.Linear({t.shape[-1]}, {r.choice([4, 6])})"]
+    init.append(f"self.{b} = nn.Conv2d({c}, {2 * c}, 3, padding=1, groups={c})")
+    return g.try_op("block_spatial_linear_depthwise", init, [f"{out} = self.{b}(self.{a}({x}))"], [out])
+
+
 _OPS: list[tuple[Callable[[_Gen], bool], float]] = [
     (_g_conv, 5),
     (_g_conv_transpose, 1),
@@ -903,6 +965,7 @@ _OPS: list[tuple[Callable[[_Gen], bool], float]] = [
     (_g_dropout, 1),
     (_g_tied, 1),
     (_g_special, 0.2),
+    (_g_block, 3),
 ]
 
 
@@ -1147,43 +1210,78 @@ def _is_random_in_train(model: nn.Module, inputs: tuple[Any, ...]) -> bool:
     return any(x.shape != y.shape or not torch.equal(x, y) for x, y in zip(a, b))
 
 
+class _Reference:
+    """The eager model's outputs on the check inputs, computed once per model from fresh deep copies."""
+
+    def __init__(self, original: nn.Module, inputs: tuple[Any, ...]) -> None:
+        self.original, self.inputs = original, inputs
+        self._cache: dict[tuple[bool, bool], Any] = {}
+        self._random: bool | None = None
+
+    def output(self, train: bool, f64: bool = False) -> Any:
+        key = (train, f64)
+        if key not in self._cache:
+            ref = copy.deepcopy(self.original)
+            inputs = self.inputs
+            if f64:
+                ref = ref.double()
+                inputs = _double(inputs)
+            if train:
+                _zero_dropout(ref)
+            self._cache[key] = _run(ref, inputs, train)
+        return self._cache[key]
+
+    def random_in_train(self) -> bool:
+        if self._random is None:
+            self._random = _is_random_in_train(copy.deepcopy(self.original), self.inputs)
+        return self._random
+
+
+def _double(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(t.double() if t.dtype.is_floating_point else t for t in inputs)
+
+
 def _evaluate(
-    original: nn.Module, grown: nn.Module, inputs: tuple[Any, ...], program: Program, compare: bool
+    original: nn.Module,
+    grown: nn.Module,
+    inputs: tuple[Any, ...],
+    program: Program,
+    compare: bool,
+    reference: _Reference | None = None,
 ) -> tuple[str, str, float | None]:
-    """(outcome, detail, error) of a grown model against the eager original (never modified)."""
+    """(outcome, detail, error) of a grown model against the eager original (never modified).
+
+    ``grown`` is run as it is (eval, train, backward) and changes (running statistics, gradients)."""
+    reference = reference or _Reference(original, inputs)
     tol = TOL[program.torch_dtype]
     worst: float | None = 0.0
-    modes = [False, True]
-    for train in modes:
-        ref = copy.deepcopy(original)
-        cand = copy.deepcopy(grown)
-        if train:
-            _zero_dropout(ref)
-            _zero_dropout(cand)
+    for train in (False, True):
         mode = "train" if train else "eval"
         try:
-            y_ref = _run(ref, inputs, train)
+            y_ref = reference.output(train)
         except Exception as exc:  # noqa: BLE001
             return "skip", f"eager model fails in {mode} mode: {exc}", None
+        if train and program.random_train:
+            # random in train mode: values cannot be compared, randomness must be kept
+            try:
+                random_grown = _is_random_in_train(grown, inputs)
+            except Exception as exc:  # noqa: BLE001
+                return "broken", f"grown model raises in {mode} mode: {_short(exc)}", None
+            if compare and reference.random_in_train() != random_grown:
+                return "wrong", "train mode: grown model's randomness differs from eager (dropout lost?)", None
+            continue
+        if train:
+            _zero_dropout(grown)
+            before = [b.clone() for b in grown.buffers()]
         try:
-            y = _run(cand, inputs, train)
+            y = _run(grown, inputs, train)
         except Exception as exc:  # noqa: BLE001
             return "broken", f"grown model raises in {mode} mode: {_short(exc)}", None
-        if train and program.random_train:
-            if not compare:
-                continue
-            # random in train mode: values cannot be compared, randomness must be kept
-            if _is_random_in_train(copy.deepcopy(original), inputs) != _is_random_in_train(
-                copy.deepcopy(grown), inputs
-            ):
-                return "wrong", "train mode: grown model's randomness differs from eager (dropout lost?)", None
-            err, where = compare_outputs(_run(copy.deepcopy(original), inputs, False), y_ref)
-            continue
         err, where = compare_outputs(y_ref, y)
         if math.isinf(err):
             return "wrong", f"{mode} mode: {where}", err
         if compare and err > tol and program.torch_dtype == torch.float32:
-            err64 = _recheck_f64(original, grown, inputs, train)
+            err64 = _recheck_f64(reference, grown, before if train else None, inputs, train)
             if err64 is not None and err64 <= F64_RECHECK_TOL:
                 err = min(err, err64)
                 continue
@@ -1191,13 +1289,12 @@ def _evaluate(
             return "wrong", f"{mode} mode: relative error {err:.3g} at {where} (tolerance {tol:g})", err
         worst = max(worst or 0.0, err)
     # backward in train mode: must run and give finite gradients
-    cand = copy.deepcopy(grown)
     try:
-        out = _leaves(_run(cand, inputs, True, grad=True))
+        out = _leaves(_run(grown, inputs, True, grad=True))
         loss = sum(o.float().sum() for o in out if o.dtype.is_floating_point)
         if isinstance(loss, torch.Tensor) and loss.requires_grad:
             loss.backward()
-        bad = [n for n, p in cand.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        bad = [n for n, p in grown.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
         if bad:
             return "broken", f"non-finite gradients in {', '.join(bad[:3])}", worst
     except Exception as exc:  # noqa: BLE001
@@ -1205,14 +1302,20 @@ def _evaluate(
     return ("preserved" if compare else "ran"), "", worst
 
 
-def _recheck_f64(original: nn.Module, grown: nn.Module, inputs: tuple[Any, ...], train: bool) -> float | None:
+def _recheck_f64(
+    reference: _Reference, grown: nn.Module, buffers: list[torch.Tensor] | None, inputs: tuple[Any, ...], train: bool
+) -> float | None:
+    """The error re-measured in float64 (``buffers``: the grown model's buffers before its train-mode run)."""
     try:
-        ref, cand = copy.deepcopy(original).double(), copy.deepcopy(grown).double()
+        cand = copy.deepcopy(grown)
+        if buffers is not None:
+            with torch.no_grad():
+                for b, old in zip(cand.buffers(), buffers):
+                    b.copy_(old)
+        cand = cand.double()
         if train:
-            _zero_dropout(ref)
             _zero_dropout(cand)
-        inp = tuple(t.double() if t.dtype.is_floating_point else t for t in inputs)
-        err, _ = compare_outputs(_run(ref, inp, train), _run(cand, inp, train))
+        err, _ = compare_outputs(reference.output(train, f64=True), _run(cand, _double(inputs), train))
         return err
     except Exception:  # noqa: BLE001 - a graph with float32 baked in cannot be re-run in float64
         return None
@@ -1336,6 +1439,7 @@ def check_program(program: Program, via: str, *, points: int | None = None, only
                     report.internal_frozen += 1
     except Exception as exc:  # noqa: BLE001
         report.notes.append(f"width_groups raises: {_short(exc)}{_where(exc)}")
+    reference = _Reference(original, inputs)
     rng = random.Random(program.seed)
     for label, call, thunk in _transforms(gm, r2r_fx, rng, points):
         if only and not (label.startswith(only) or only == f"carry_optimizer/{label}"):
@@ -1351,7 +1455,7 @@ def check_program(program: Program, via: str, *, points: int | None = None, only
             report.results.append(CheckResult(label, call, "internal", detail, None, time.perf_counter() - t0))
             continue
         compare = "/random/" not in label
-        outcome, detail, err = _evaluate(original, grown, inputs, program, compare)
+        outcome, detail, err = _evaluate(original, grown, inputs, program, compare, reference)
         if outcome == "wrong" and detail.startswith("train mode") and train_differs:
             detail += " [the captured graph already differs from eager in train mode]"
         report.results.append(CheckResult(label, call, outcome, detail, err, time.perf_counter() - t0))
