@@ -31,7 +31,7 @@ import torch.fx
 from torch import nn
 
 from r2r_fx.aliasing import written_later
-from r2r_fx.analysis import Analysis, analyze
+from r2r_fx.analysis import Analysis, analyze, hidden_weights
 from r2r_fx.capture import example_inputs_of, record_shapes
 from r2r_fx.errors import GrowthError
 from r2r_fx.methods import Method
@@ -155,7 +155,9 @@ def _weight_std(gm: torch.fx.GraphModule, node: torch.fx.Node) -> float | None:
         seen.add(current)
         weight = None
         if current.op == "call_module":
-            weight = getattr(gm.get_submodule(str(current.target)), "weight", None)
+            module = gm.get_submodule(str(current.target))
+            # a parametrized weight is computed when read (spectral norm even steps its power iteration)
+            weight = None if hidden_weights(module) else getattr(module, "weight", None)
         elif current.op == "call_function":
             for arg in current.args[1:2]:
                 if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
@@ -258,30 +260,24 @@ def _refuses(method: str, gm: torch.fx.GraphModule, x: torch.fx.Node) -> str:
     )
 
 
-def identity_layer(point: InsertionPoint, like: torch.Tensor, batch_norm: bool) -> dict[str, nn.Module]:
-    """An identity conv (3x3, centre tap = I) or identity Linear; BatchNorm set up as identity in eval
-    mode (mean 0, variance 1, scale sqrt(1 + eps)): Net2DeeperNet and NetMorph's new layer."""
+def identity_layer(point: InsertionPoint, like: torch.Tensor) -> dict[str, nn.Module]:
+    """An identity conv (3x3, centre tap = I) or identity Linear, made in the model's dtype and device:
+    Net2DeeperNet and NetMorph's new layer. No BatchNorm: one initialised as the identity on its running
+    statistics would normalise by batch statistics in train mode, which is not the identity."""
     width = point.width
+    options = {"dtype": like.dtype, "device": like.device}
     with torch.no_grad():
         if point.kind == "linear":
-            layer = nn.Linear(width, width)
-            layer.weight.copy_(torch.eye(width))
+            layer = nn.Linear(width, width, **options)
+            layer.weight.copy_(torch.eye(width, **options))
             layer.bias.zero_()
-            layers: dict[str, nn.Module] = {"fc": layer}
-        else:
-            rank = len(point.shape)
-            layer = _CONV[rank](width, width, 3, padding=1, bias=False)
-            layer.weight.zero_()
-            centre = (slice(None), slice(None)) + (1,) * (rank - 2)
-            layer.weight[centre] = torch.eye(width)
-            layers = {"conv": layer}
-            if batch_norm:
-                bn = _BN[rank](width)
-                bn.weight.fill_(math.sqrt(1.0 + bn.eps))
-                layers["bn"] = bn
-    for module in layers.values():
-        module.to(dtype=like.dtype, device=like.device)
-    return layers
+            return {"fc": layer}
+        rank = len(point.shape)
+        layer = _CONV[rank](width, width, 3, padding=1, bias=False, **options)
+        layer.weight.zero_()
+        centre = (slice(None), slice(None)) + (1,) * (rank - 2)
+        layer.weight[centre] = torch.eye(width, **options)
+        return {"conv": layer}
 
 
 class DeepenPass(Pass):
@@ -339,7 +335,7 @@ class DeepenPass(Pass):
                     x = _insert(grown, x, prefix, branches)
                 else:
                     hidden = point.width
-                    layers = identity_layer(point, like, batch_norm=self.method == "net2net")
+                    layers = identity_layer(point, like)
                     if self.method == "net2net":
                         layers["act"] = _activation_module(grown, x)
                     branches = [layers]
@@ -362,10 +358,7 @@ class DeepenPass(Pass):
         record = {
             "op": "deepen",
             "method": self.method,
-            # Net2DeeperNet's identity BatchNorm is the identity only on its running statistics.
-            "exact": "eval"
-            if self.method == "net2net" and any(b["kind"] != "linear" for b in blocks)
-            else self.method != "random",
+            "exact": self.method != "random",
             "blocks": blocks,
             "skipped": skipped,
             "new_params": [

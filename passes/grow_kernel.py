@@ -106,8 +106,7 @@ def _uses(gm: torch.fx.GraphModule, weight: torch.Tensor) -> tuple[list[nn.Modul
     for node in gm.graph.nodes:
         if node.op == "call_module":
             module = gm.get_submodule(str(node.target))
-            held = [t for _, t in module.named_parameters()] + [getattr(module, "weight", None)]
-            if any(t is weight for t in held) and module not in modules:
+            if any(t is weight for t in module.parameters()) and module not in modules:
                 if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                     raise GrowthError(f"the weight is also used by {type(module).__name__} {node.name}")
                 modules.append(module)

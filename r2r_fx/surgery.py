@@ -20,7 +20,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from r2r_fx.analysis import Analysis, Layout
+from r2r_fx.analysis import Analysis, Layout, hidden_weights
 from r2r_fx.rules import expand_ellipsis, shape_of, tensor_shapes
 
 __all__ = [
@@ -163,6 +163,8 @@ def fix_widths(gm: torch.fx.GraphModule, analysis: Analysis, extras: Mapping[int
 
 
 def _fix_module(m: nn.Module, node: torch.fx.Node, width) -> None:
+    if hidden_weights(m):
+        return  # frozen by the analysis; reading its weight would compute it (and step spectral norm)
     x = node.args[0] if node.args else None
     in_w = width((x.name, 1)) if isinstance(x, torch.fx.Node) and shape_of(x) else None
     if isinstance(m, nn.modules.conv._ConvNd):

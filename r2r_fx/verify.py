@@ -62,13 +62,12 @@ class VerifyReport:
 
 
 def _run(model: nn.Module, inputs: Sequence[Any], train: bool, seed: int) -> Any:
-    """Run in the given mode without changing the model: modes, dropout rates and norm statistics
-    are restored afterwards (no deep copy, so giant models fit in memory twice, not four times)."""
+    """Run in the given mode without changing the model: modes, dropout rates and buffers (norm
+    statistics, spectral norm's power-iteration vectors) are restored afterwards (no deep copy, so
+    giant models fit in memory twice, not four times)."""
     modes = [(m, m.training) for m in model.modules()]
     dropouts = [(m, m.p) for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
-    stats = [
-        (b, b.clone()) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) for b in m.buffers()
-    ]
+    stats = [(b, b.clone()) for b in model.buffers()]  # norm statistics, spectral norm's vectors, ...
     try:
         for m, _ in dropouts:
             m.p = 0.0

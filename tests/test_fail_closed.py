@@ -373,6 +373,13 @@ def test_spectral_norm(api):
     model = nn.Sequential(norm(nn.Conv2d(3, 4, 3, padding=1)), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
     grown_or_refused(model, torch.randn(2, 3, 5, 5), widen())
     grown_or_refused(model, torch.randn(2, 3, 5, 5), lambda gm: r2r_fx.grow_kernel(gm, "_0", 5, check=False))
+    model.train()  # in train mode, reading the weight would step the power iteration: no pass may read it
+    before = [b.clone() for b in model.buffers()]
+    gm = r2r_fx.capture(model, (torch.randn(2, 3, 5, 5),))
+    for transform in (widen(), deepen(), lambda g: r2r_fx.grow_kernel(g, "_2", 3, check=False)):
+        transform(gm)
+        r2r_fx.widen(gm, seed=0)  # and the safety net's runs restore every buffer
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
 
 
 # ---------------------------------------------------------------- 10, 11, 12: capture
