@@ -472,3 +472,44 @@ class _FunctionalGrouped(nn.Module):
 def test_functional_conv_with_explicit_groups(keyword, via):
     grown = grown_or_refused(_FunctionalGrouped(keyword), torch.randn(2, 3, 5, 5), widen(), via=via)
     assert grown is not None and widened_groups(grown) == 1
+
+
+# ---------------------------------------------------------------- the safety net
+
+
+class _Off(r2r_fx.methods.R2R):
+    """A method that claims to be exact but perturbs the weights it grows: what a bug would do."""
+
+    def grow(self, tensor, axes, generator):
+        return super().grow(tensor, axes, generator) + 0.1
+
+
+def test_the_safety_net_names_the_pass_the_output_and_the_error():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    gm = r2r_fx.capture(model, (torch.randn(5, 4),))
+    with pytest.raises(
+        r2r_fx.NotPreservedError, match=r"^widen: .* output out in eval mode has relative error"
+    ) as info:
+        r2r_fx.widen(gm, method=_Off(), seed=0)
+    assert info.value.pass_name == "widen" and info.value.error > 1e-3
+    grown = r2r_fx.widen(gm, method=_Off(), seed=0, check=False)  # the user may still take it
+    assert grown.get_submodule("0").weight.shape == (12, 4)
+
+
+def test_the_safety_net_checks_train_mode_where_there_are_batch_statistics():
+    """A result equal in eval mode but not in train mode (BatchNorm folded into a fixed affine map)."""
+    from r2r_fx.verify import check_preserved
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4).eval()
+    bn.running_mean.uniform_(-1, 1)
+    before = r2r_fx.capture(nn.Sequential(nn.Conv2d(3, 4, 1), bn), (torch.randn(4, 3, 5, 5),))
+    folded = nn.Conv2d(4, 4, 1)
+    with torch.no_grad():
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        folded.weight.copy_(torch.diag(scale).view(4, 4, 1, 1))
+        folded.bias.copy_(bn.bias - bn.running_mean * scale)
+    after = r2r_fx.capture(nn.Sequential(before.get_submodule("0"), folded), (torch.randn(4, 3, 5, 5),))
+    check_preserved("fold", before, after, train=False)  # eval mode agrees
+    with pytest.raises(r2r_fx.NotPreservedError, match="train mode"):
+        check_preserved("fold", before, after)

@@ -1,0 +1,49 @@
+"""Dtypes: the safety net and verify judge float16/bfloat16/float64 models by what their dtype allows,
+and an ONNX Runtime without a kernel for a dtype is reported, not raised."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import r2r_fx
+from r2r_fx.verify import check_preserved
+
+
+def _model(dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )  # fmt: skip
+    return model.to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_grown_models_keep_their_dtype_and_pass_the_check(dtype):
+    model = _model(dtype)
+    x = torch.randn(4, 3, 6, 6, dtype=dtype)
+    gm = r2r_fx.capture(model, (x,), rtol=1e-2 if dtype != torch.float64 else 1e-5)
+    grown = r2r_fx.deepen(r2r_fx.widen(gm, seed=0), seed=0)  # the default safety net runs (float64 re-check)
+    assert all(p.dtype == dtype for p in grown.parameters())
+    report = r2r_fx.verify(model, grown, (x,), onnx=True)
+    assert report.ok, report.notes
+    if report.eval_rel_error > 1e-5:  # the decision then rests on float64, the dtype's rounding reported beside
+        assert report.eval_rel_error_f64 <= 1e-5 and report.eval_noise_floor is not None
+    if report.onnx_max_rel_error is None:  # no ONNX Runtime kernel for this dtype: a note, not a crash
+        assert any("ONNX Runtime check not run" in n for n in report.notes)
+    else:
+        assert report.onnx_max_rel_error <= report.onnx_rtol
+
+
+def test_a_real_change_is_caught_in_float16():
+    """The float64 re-check does not excuse a wrong model: the random-pad baseline fails it."""
+    model = _model(torch.float16)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float16)
+    gm = r2r_fx.capture(model, (x,), rtol=1e-2)
+    grown = r2r_fx.widen(gm, seed=0, method="random")
+    report = r2r_fx.verify(model, grown, (x,), onnx=False)
+    assert not report.ok
+    with pytest.raises(r2r_fx.NotPreservedError, match="widen: .* relative error"):
+        check_preserved("widen", gm, grown)
