@@ -116,14 +116,11 @@ def grow_parameters(
         with torch.no_grad():
             new = method.grow(old, plan, generator)
         set_tensor(gm, param, new, analysis.aliases(param))
-        changes.append(
-            {
-                "param": param,
-                "shape_before": list(old.shape),
-                "shape_after": list(new.shape),
-                "axes": {axis: {"role": role, "old_runs": [list(r) for r in idx.runs]} for axis, idx, role in plan},
-            }
-        )
+        axes_record = {axis: {"role": role, "old_runs": [list(r) for r in idx.runs]} for axis, idx, role in plan}
+        for name in analysis.aliases(param):  # a tied tensor is recorded under each of its names
+            changes.append(
+                {"param": name, "shape_before": list(old.shape), "shape_after": list(new.shape), "axes": axes_record}
+            )
     return changes
 
 

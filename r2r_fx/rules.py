@@ -629,6 +629,8 @@ def _channel_norm(
         freeze_all(c, node, "normalisation without a static (N, C, ...) shape")
         return
     _identity(c, x, node.name, len(shape))
+    for a in range(2, len(shape)):  # statistics are taken over these axes (all norms here, in some mode)
+        c.freeze((x.name, a), f"normalised over by {node.name}")
     for p in params:
         if p is not None:
             c.bind(p, 0, (node.name, 1), "channel", node)
@@ -1004,9 +1006,13 @@ def _split(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
         return
     dim = _norm_axis(dim, len(shape))
     sizes = [s[dim] for _, s in outs]
-    equal = "chunk" in str(name) or isinstance(_arg(node, 1, "split_size"), int)
+    chunks = _arg(node, 1, "chunks") if "chunk" in str(name) else None
+    equal = chunks is not None or isinstance(_arg(node, 1, "split_size"), int)
     if equal and len(set(sizes)) != 1:
         freeze_all(c, node, f"{node.name} splits into unequal parts")
+        return
+    if chunks is not None and len(outs) != chunks:  # chunk(3) of 1 channel is one piece; of 3 it is three
+        freeze_all(c, node, f"{node.name} makes {len(outs)} pieces, not {chunks}")
         return
     for out_name, _out_shape in outs:
         for a in range(len(shape)):

@@ -513,3 +513,54 @@ def test_the_safety_net_checks_train_mode_where_there_are_batch_statistics():
     check_preserved("fold", before, after, train=False)  # eval mode agrees
     with pytest.raises(r2r_fx.NotPreservedError, match="train mode"):
         check_preserved("fold", before, after)
+
+
+# ---------------------------------------------------------------- found by the fuzzer
+
+
+class _ChunkOfOne(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv1d(2, 1, 1), nn.Conv1d(1, 3, 1)
+
+    def forward(self, x):
+        return self.b(self.a(x).chunk(3, dim=1)[0])  # one channel: chunk(3) gives a single piece
+
+
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+def test_chunk_into_fewer_pieces_than_asked(via):
+    grown_or_refused(_ChunkOfOne(), torch.randn(3, 2, 6), widen(), via=via)
+
+
+class _NormOverAGrownAxis(nn.Module):
+    """GroupNorm's statistics span the last axis, which a Linear produces: it must not grow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(8, 1)), nn.Parameter(torch.randn(8) * 0.1)
+        self.n, self.o = nn.GroupNorm(1, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = F.linear(x.unsqueeze(4), self.w, self.b)
+        return self.o(self.n(torch.split(h, 4, 4)[0]))
+
+
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+def test_norm_statistics_over_a_grown_axis(via):
+    grown_or_refused(_NormOverAGrownAxis(), torch.randn(3, 4, 5, 6), widen(), via=via)
+
+
+def test_carry_optimizer_with_tied_weights():
+    torch.manual_seed(0)
+    model = _Tied()
+    gm = r2r_fx.capture(model, (torch.randn(3, 4),))
+    opt = torch.optim.SGD(gm.parameters(), lr=0.1, momentum=0.9)
+    gm(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    grown = r2r_fx.widen(gm, seed=0)
+    new_opt = r2r_fx.carry_optimizer(opt, gm, grown)
+    for p in grown.parameters():
+        state = new_opt.state.get(p, {})
+        assert "momentum_buffer" not in state or state["momentum_buffer"].shape == p.shape
+    grown(torch.randn(3, 4)).sum().backward()
+    new_opt.step()
