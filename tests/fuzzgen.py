@@ -853,7 +853,7 @@ def _g_tied(g: _Gen) -> bool:
     if r.random() < 0.5:
         return g.try_op("tied_module", [], [f"{out} = self.{m}({x})"], [out])
     mod = getattr(g.holder, m)
-    if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or hasattr(mod, "parametrizations"):
         return False
     ctor = next(s.split(" = ", 1)[1] for s in g.init if s.startswith(f"self.{m} = "))
     new = g.name("m")
@@ -1126,6 +1126,7 @@ class ModelReport:
     groups_widenable: int = 0
     frozen_reasons: Counter = field(default_factory=Counter)
     internal_frozen: int = 0  # frozen groups with producers that are not model inputs/outputs
+    internal_reasons: Counter = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -1437,6 +1438,7 @@ def check_program(program: Program, via: str, *, points: int | None = None, only
                 report.frozen_reasons[normalize_reason(g.reason)] += 1
                 if g.producers and not g.reason.startswith("model "):
                     report.internal_frozen += 1
+                    report.internal_reasons[normalize_reason(g.reason)] += 1
     except Exception as exc:  # noqa: BLE001
         report.notes.append(f"width_groups raises: {_short(exc)}{_where(exc)}")
     reference = _Reference(original, inputs)
@@ -1634,9 +1636,41 @@ if __name__ == "__main__":
 """
 
 
+_CARRY_HARNESS = """
+
+# ---- the failing call ------------------------------------------------------------------------------
+# transform: {label}
+# outcome:   {outcome}: {detail}
+
+if __name__ == "__main__":
+    import r2r_fx
+
+    model = make_model()
+    gm = r2r_fx.capture(model, make_inputs(), via={via!r})
+    opt = torch.optim.SGD(gm.parameters(), lr=0.1, momentum=0.9)
+    for p in gm.parameters():
+        opt.state[p]["momentum_buffer"] = torch.randn_like(p)
+    grown = {call}
+    new = r2r_fx.carry_optimizer(opt, gm, grown)
+    carried = [p for group in new.param_groups for p in group["params"]]
+    assert {{id(p) for p in carried}} == {{id(p) for p in grown.parameters()}}, "not the grown model's parameters"
+    for p in carried:
+        buf = new.state.get(p, {{}}).get("momentum_buffer")
+        assert buf is None or buf.shape == p.shape, f"momentum {{tuple(buf.shape)}} for a parameter {{tuple(p.shape)}}"
+    print("ok")
+"""
+
+
 def repro_source(program: Program, report: ModelReport, result: CheckResult) -> str:
     """A standalone file: the model's source plus the failing call and the check."""
     detail = result.detail.replace("\n", " ")
+    if result.transform.startswith("carry_optimizer/"):
+        inner = result.call[result.call.index("gm, r2r_fx.") + 4 : -1]
+        harness = _CARRY_HARNESS.format(
+            label=result.transform, outcome=result.outcome, detail=detail, via=report.via, call=inner
+        )
+        head = f"# r2r_fx fuzz repro: seed {program.seed}, via {report.via}, {result.transform}: {result.outcome}\n"
+        return head + program.source() + harness
     harness = _REPRO_HARNESS.format(
         label=result.transform,
         outcome=result.outcome,

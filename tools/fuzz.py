@@ -57,11 +57,13 @@ class Campaign:
         self.capture: Counter = Counter()
         self.capture_details: Counter = Counter()
         self.notes: Counter = Counter()
+        self.note_seeds: dict[str, list[int]] = defaultdict(list)
         self.classes: Counter = Counter()
         self.class_examples: dict[str, list[str]] = defaultdict(list)
         self.features: Counter = Counter()
         self.groups = Counter()
         self.frozen_reasons: Counter = Counter()
+        self.internal_reasons: Counter = Counter()
         self.generator_failures = 0
         self.repros = 0
 
@@ -81,12 +83,16 @@ class Campaign:
                 self.capture_details[f"{via}: {fuzzgen.normalize_reason(report.capture_detail)}"] += 1
                 continue
             for note in report.notes:
-                self.notes[f"{via}: {fuzzgen.normalize_reason(note)}"] += 1
+                key = f"{via}: {fuzzgen.normalize_reason(note)}"
+                self.notes[key] += 1
+                if len(self.note_seeds[key]) < 10:
+                    self.note_seeds[key].append(seed)
             self.groups["total"] += report.groups_total
             self.groups["widenable"] += report.groups_widenable
             self.groups["frozen"] += report.groups_total - report.groups_widenable
             self.groups["frozen_internal"] += report.internal_frozen
             self.frozen_reasons.update(report.frozen_reasons)
+            self.internal_reasons.update(report.internal_reasons)
             for result in report.results:
                 self.outcomes[result.outcome] += 1
                 key = result.transform
@@ -129,11 +135,12 @@ class Campaign:
             "outcomes": dict(self.outcomes),
             "capture": dict(self.capture),
             "capture_refusals": dict(self.capture_details.most_common(40)),
-            "capture_notes": dict(self.notes.most_common(40)),
+            "capture_notes": {k: {"count": v, "seeds": self.note_seeds[k]} for k, v in self.notes.most_common(40)},
             "per_via": {k: dict(v) for k, v in self.per_via.items()},
             "per_transform": {k: dict(v) for k, v in sorted(self.per_transform.items())},
             "groups": dict(self.groups),
             "frozen_reasons": dict(self.frozen_reasons.most_common()),
+            "frozen_internal_reasons": dict(self.internal_reasons.most_common()),
             "failure_classes": {
                 k: {"count": v, "repros": self.class_examples[k]} for k, v in self.classes.most_common()
             },
