@@ -165,8 +165,16 @@ def _identity(c: Couplings, src: torch.fx.Node, dst: str, rank: int, skip: Seque
 # ---------------------------------------------------------------- pointwise
 
 
+_DTYPE_ONLY = {"to", "type_as", aten.to, aten._to_copy}  # another tensor argument gives only dtype/device
+
+
 def _pointwise(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     x = node.args[0] if node.args else next(iter(node.kwargs.values()))
+    rest = list(node.args[1:]) + list(node.kwargs.values())
+    others = [a for a in rest if isinstance(a, torch.fx.Node) and tensor_shapes(a)]
+    if others and getattr(node.target, "overloadpacket", node.target) not in _DTYPE_ONLY:
+        _broadcast(c, node, gm)  # ``clamp(x, min=t)``: the other tensors broadcast like a binary op's
+        return
     shape, out = shape_of(x), shape_of(node)
     if shape is None or out is None or shape != out:
         freeze_all(c, node, f"{_op_name(node, gm)} changes the shape")
@@ -641,6 +649,14 @@ def _channel_norm(
 @register_rule(nn.modules.batchnorm._NormBase, nn.GroupNorm)
 def _norm_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     m = c.module(str(node.target))
+    shape = shape_of(node.args[0])
+    if (
+        isinstance(m, nn.modules.instancenorm._InstanceNorm)
+        and shape is not None
+        and len(shape) == m._get_no_batch_dim()
+    ):
+        freeze_all(c, node, f"{type(m).__name__} {node.name} on an unbatched input")
+        return
     names = ("weight", "bias", "running_mean", "running_var")
     params = [f"{node.target}.{n}" if getattr(m, n, None) is not None else None for n in names]
     group = m.num_channels // m.num_groups if isinstance(m, nn.GroupNorm) else 1
@@ -1059,7 +1075,8 @@ def _index_tensor(c: Couplings, node: torch.fx.Node, src: torch.fx.Node, index: 
     items = expand_ellipsis(items, len(shape))
     in_axis, out_axis = 0, 0
     for item in items:
-        if item is None:
+        if item is None:  # a new size-1 axis: nothing could give it more channels
+            c.freeze((node.name, out_axis), f"size-1 axis made by {node.name}")
             out_axis += 1
             continue
         if isinstance(item, int):
@@ -1159,12 +1176,23 @@ def _permute(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> Non
         c.same((x.name, in_axis), (node.name, out_axis))
 
 
+def _same_as_template(c: Couplings, node: torch.fx.Node) -> None:
+    """``x.view_as(y)`` / ``expand_as(y)`` take their shape from ``y`` at run time: couple the two."""
+    if isinstance(node.target, str) and node.target.endswith("_as") and len(node.args) > 1:
+        template = node.args[1]
+        if shape_of(template) is not None and shape_of(template) == shape_of(node):
+            _identity(c, template, node.name, len(shape_of(node)))
+        else:
+            freeze_all(c, node, f"{node.name} takes its shape from a tensor of another shape")
+
+
 def _reshape(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     x = node.args[0]
     shape, out = shape_of(x), shape_of(node)
     if shape is None or out is None:
         freeze_all(c, node, "reshape without static shapes")
         return
+    _same_as_template(c, node)
     blocks = factor_reshape(shape, out)
     if blocks is None:
         freeze_all(c, node, f"{node.name} reshapes across several axes at once")
@@ -1260,6 +1288,7 @@ def _expand(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None
     if shape is None or out is None:
         freeze_all(c, node, "expand without static shapes")
         return
+    _same_as_template(c, node)
     offset = len(out) - len(shape)
     for a, size in enumerate(shape):
         if size == out[a + offset]:

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 
 from r2r_fx.errors import NotPreservedError
@@ -143,6 +144,11 @@ def verify(
     """Compare ``candidate`` with ``reference`` on ``example_inputs`` (eval, train, ONNX Runtime)."""
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     notes: list[str] = []
+    eval_only = (
+        getattr(candidate, "meta", {}).get("r2r_eval_only") if isinstance(candidate, torch.fx.GraphModule) else None
+    )
+    if train and eval_only:
+        notes.append(f"the graph computes the eval-mode function only: {eval_only}")
     ref_eval = _run(reference, inputs, False, seed)
     eval_abs, eval_rel = max_errors(ref_eval, _run(candidate, inputs, False, seed))
     train_abs, train_rel = None, None

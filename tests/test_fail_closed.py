@@ -564,3 +564,58 @@ def test_carry_optimizer_with_tied_weights():
         assert "momentum_buffer" not in state or state["momentum_buffer"].shape == p.shape
     grown(torch.randn(3, 4)).sum().backward()
     new_opt.step()
+
+
+class _ClampByTensor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+        self.register_buffer("low", torch.randn(1, 4, 1, 1))
+
+    def forward(self, x):
+        return self.b(torch.clamp(self.a(x), min=self.low))
+
+
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+def test_pointwise_ops_with_tensor_arguments_broadcast(via):
+    grown = grown_or_refused(_ClampByTensor(), torch.randn(2, 3, 4, 4), widen(), via=via)
+    assert grown is not None and widened_groups(grown) == 1
+
+
+class _NoneIndex(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.squeeze, self.conv = nn.Conv1d(3, 1, 1), nn.Conv1d(1, 4, 3, padding=1)
+
+    def forward(self, x, s):
+        return self.conv(torch.cat([self.squeeze(x), s[:, None]], 2))  # ``None`` makes a size-1 axis
+
+
+def test_size_one_axis_from_none_index_is_not_a_width():
+    grown_or_refused(_NoneIndex(), (torch.randn(2, 3, 5), torch.randn(2, 5)), widen())
+
+
+class _ViewAs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        t = self.b(x)
+        return self.head(self.a(x).flatten(1).view_as(t)), t  # ``t`` only lends its shape
+
+
+def test_view_as_couples_with_its_template():
+    grown_or_refused(_ViewAs(), torch.randn(2, 3, 4, 4), widen(), via="symbolic_trace")
+
+
+def test_instance_norm_on_an_unbatched_input():
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.n, self.b = nn.Linear(3, 6), nn.InstanceNorm1d(6, affine=True), nn.Linear(6, 2)
+
+        def forward(self, x):  # (C=6, L=6): the norm's channel axis is axis 0, the Linear's width axis 1
+            return self.b(self.n(self.a(x)))
+
+    grown_or_refused(M(), torch.randn(6, 3), widen(), via="symbolic_trace")
