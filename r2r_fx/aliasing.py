@@ -10,6 +10,7 @@ from this table or from its ATen schema is assumed to allocate.
 
 from __future__ import annotations
 
+import inspect
 import operator
 from typing import Any
 
@@ -48,6 +49,13 @@ def _writes_first_input(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
         return False
     if node.target is operator.setitem or node.kwargs.get("inplace") is True:
         return True
+    if node.op == "call_function" and callable(node.target) and not isinstance(node.target, torch._ops.OpOverload):
+        try:  # ``F.relu(x, True)``: the flag given by position
+            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments
+        except (TypeError, ValueError):
+            bound = {}
+        if bound.get("inplace") is True:
+            return True
     if isinstance(node.target, torch._ops.OpOverload):
         args = node.target._schema.arguments
         return bool(args and args[0].alias_info is not None and args[0].alias_info.is_write)

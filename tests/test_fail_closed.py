@@ -619,3 +619,22 @@ def test_instance_norm_on_an_unbatched_input():
             return self.b(self.n(self.a(x)))
 
     grown_or_refused(M(), torch.randn(6, 3), widen(), via="symbolic_trace")
+
+
+class _PositionalInplace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        h = self.conv(x) + 1.0
+        v = h[:, :, :, :]  # a view of h: the block would read it before the write below
+        F.hardtanh(h, -0.5, 0.5, True)  # in place, the flag given by position
+        return self.head(v)
+
+
+def test_deepen_sees_in_place_flags_given_by_position():
+    model, inputs = _PositionalInplace(), torch.randn(2, 3, 4, 4)
+    gm = r2r_fx.capture(model, (inputs,))
+    for point in r2r_fx.insertion_points(gm):
+        grown_or_refused(model, inputs, deepen(at=point.node))
