@@ -945,6 +945,54 @@ def _g_block(g: _Gen) -> bool:
     return g.try_op("block_spatial_linear_depthwise", init, [f"{out} = self.{b}(self.{a}({x}))"], [out])
 
 
+def _g_adversarial(g: _Gen) -> bool:
+    """Ops that move, mix or reduce over channels, where a missing rule would silently be wrong."""
+    r = g.rng
+    x = g.pick(lambda t: t.dim() >= 2)
+    if x is None:
+        return False
+    t = g.t(x)
+    n = t.dim()
+    a = r.randrange(1, n)
+    init: list[str] = []
+    forms = [
+        ("flip", f"{x}.flip({a})"),
+        ("roll", f"torch.roll({x}, 1, {a})"),
+        ("cumsum", f"{x}.cumsum({a}) * 0.3"),
+        ("normalize", f"F.normalize({x}, dim={a})"),
+        ("std", f"{x}.std({a}, keepdim=True) + {x}"),
+        ("logsumexp", f"{x}.logsumexp({a}, keepdim=True) - {x}"),
+        ("norm", f"{x} / ({x}.norm(dim={a}, keepdim=True) + 1)"),
+        ("max_values", f"{x}.max(dim={a}, keepdim=True).values * {x}"),
+        ("topk", f"{x}.topk(1, dim={a}).values + {x}.mean({a}, keepdim=True)"),
+        ("sort", f"{x}.sort(dim={a}).values"),
+        ("where", f"torch.where({x} > 0, {x}, {x} * 0.1)"),
+        ("clamp", f"{x}.clamp(-1.0, 1.0)"),
+        ("abs_square", f"{x}.abs() + {x}.square() * 0.1"),
+        ("ones_like", f"{x} * torch.ones_like({x}) + {x}.new_zeros({x}.shape)"),
+        ("expand_repeat", f"{x}.repeat({', '.join(['1'] + ['2' if i == a else '1' for i in range(1, n)])})"),
+        ("none_index", f"{x}[:, None].squeeze(1)"),
+        ("list_index", f"{x}[:, [0, {t.shape[1] - 1}]]"),
+        ("global_sum", f"{x} - {x}.sum() / {x}.numel()"),
+        ("softmax_channels", f"{x}.softmax(1)"),
+        ("transpose_mT", f"{x}.mT" if n >= 3 else f"{x}.T.T"),
+    ]
+    if n == 4 and t.shape[1] % 4 == 0:
+        forms.append(("pixel_shuffle", f"F.pixel_shuffle({x}, 2)"))
+    if n == 4 and t.shape[2] % 2 == 0 and t.shape[3] % 2 == 0:
+        forms.append(("pixel_unshuffle", f"F.pixel_unshuffle({x}, 2)"))
+    if n == 4 and min(t.shape[2:]) >= 3:
+        forms.append(("unfold", f"F.unfold({x}, 2)"))
+    if n >= 2 and t.shape[1] >= 2:
+        b, bi = g.buffer((0,), f"(torch.arange({math.prod(t.shape[1:])}) % 3 == 0).reshape({tuple(t.shape[1:])})")
+        forms.append(("masked_fill", f"{x}.masked_fill(self.{b}, 0.0)"))
+    kind, expr = r.choice(forms)
+    if kind == "masked_fill":
+        init = [bi]
+    out = g.name("v")
+    return g.try_op(f"adv_{kind}", init, [f"{out} = {expr}"], [out])
+
+
 _OPS: list[tuple[Callable[[_Gen], bool], float]] = [
     (_g_conv, 5),
     (_g_conv_transpose, 1),
@@ -966,6 +1014,7 @@ _OPS: list[tuple[Callable[[_Gen], bool], float]] = [
     (_g_tied, 1),
     (_g_special, 0.2),
     (_g_block, 3),
+    (_g_adversarial, 2),
 ]
 
 
