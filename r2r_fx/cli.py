@@ -58,6 +58,7 @@ _PROG = "r2r-rewrite"
 # Every temporary path the command creates, removed on any exit (signals included), and the outputs written.
 _TEMPS: set[str] = set()
 _WRITTEN: list[str] = []
+_STDERR: list[Any] = []  # the real stderr while the libraries' is silenced
 
 
 class UsageError(Exception):
@@ -196,12 +197,14 @@ def _library_error(args: argparse.Namespace, exc: Exception) -> int:
         _error(f"cannot write {exc.filename or 'a file'}: {exc.strerror}")
         return EXIT_USAGE
     hint = "" if args.debug else "; run again with --debug for the traceback"
-    _error(f"internal error: {type(exc).__name__}: {_first_line(exc)} (a bug in r2r_fx{hint})")
+    text = _first_line(exc)
+    text = text if len(text) <= 300 else text[:300] + " ..."
+    _error(f"internal error: {type(exc).__name__}: {text} (a bug in r2r_fx{hint})")
     return EXIT_INTERNAL
 
 
 def _error(text: str) -> None:
-    print(f"{_PROG}: error: {' '.join(text.split())}", file=sys.stderr, flush=True)
+    print(f"{_PROG}: error: {' '.join(text.split())}", file=_STDERR[-1] if _STDERR else sys.stderr, flush=True)
 
 
 def _debug_traceback(args: argparse.Namespace) -> None:
@@ -218,7 +221,8 @@ def _library_noise(debug: bool) -> Iterator[None]:
         return
     loggers = [logging.getLogger(name) for name in ("torch", "onnxscript", "onnx_ir", "transformers", "r2r_fx")]
     levels = [(lg, lg.level) for lg in loggers]
-    with warnings.catch_warnings():
+    _STDERR.append(sys.stderr)  # our own error line goes here; libraries printing tracebacks (ShapeProp) do not
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         for lg in loggers:
             lg.setLevel(logging.CRITICAL + 1)
@@ -227,6 +231,7 @@ def _library_noise(debug: bool) -> Iterator[None]:
         finally:
             for lg, level in levels:
                 lg.setLevel(level)
+            _STDERR.pop()
 
 
 def _install_signal_handlers() -> dict[int, Any]:

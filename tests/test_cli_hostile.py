@@ -375,6 +375,7 @@ def test_planted_payloads_are_live(files, tmp_path, run):
 
 def test_internal_error_is_exit_3_with_one_line(files, run, monkeypatch):
     def boom(*args, **kwargs):
+        print("Traceback (most recent call last): what torch's ShapeProp prints", file=sys.stderr)
         raise KeyError("a bug")
 
     monkeypatch.setattr(r2r_fx, "widen", boom)
