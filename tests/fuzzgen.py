@@ -993,6 +993,40 @@ def _g_adversarial(g: _Gen) -> bool:
     return g.try_op(f"adv_{kind}", init, [f"{out} = {expr}"], [out])
 
 
+def _g_inplace(g: _Gen) -> bool:
+    """In-place patterns: views of a tensor changed in place later, setitem, dropout then add_."""
+    r = g.rng
+    x = g.pick(lambda t: t.dim() >= 2 and t.shape[1] >= 2)
+    if x is None:
+        return False
+    t = g.t(x)
+    h, v, out = g.name("v"), g.name("v"), g.name("v")
+    kind = r.choice(["view_then_relu_", "slice_then_mul_", "setitem", "dropout_add_", "clone_add_", "relu_fn_"])
+    init: list[str] = []
+    if kind == "view_then_relu_":
+        lines = [f"{h} = {x} * 1.0", f"{v} = {h}.view({h}.shape[0], -1)", f"{h}.relu_()", f"{out} = {v}"]
+        outs = [h, out]
+    elif kind == "slice_then_mul_":
+        k = r.randrange(1, t.shape[1])
+        lines = [f"{h} = {x} + 0.0", f"{v} = {h}[:, :{k}]", f"{h}.mul_(2.0)", f"{out} = {v} + 1.0"]
+        outs = [h, out]
+    elif kind == "setitem":
+        lines = [f"{h} = {x}.clone()", f"{h}[:, :1] = 0.0", f"{out} = {h}"]
+        outs = [out]
+    elif kind == "dropout_add_":
+        m = g.name("m")
+        init = [f"self.{m} = nn.Dropout({r.choice([0.1, 0.3])})"]
+        lines = [f"{h} = {x} * 1.0", f"{v} = self.{m}({h})", f"{h}.add_({v})", f"{out} = {h}"]
+        outs = [out]
+    elif kind == "clone_add_":
+        lines = [f"{h} = {x}.clone()", f"{h} += {x}", f"{out} = {h}"]
+        outs = [out]
+    else:
+        lines = [f"{h} = {x} - 0.5", f"torch.relu_({h})", f"{out} = {h}"]
+        outs = [out]
+    return g.try_op(f"inplace_{kind}", init, lines, outs)
+
+
 _OPS: list[tuple[Callable[[_Gen], bool], float]] = [
     (_g_conv, 5),
     (_g_conv_transpose, 1),
@@ -1015,6 +1049,7 @@ _OPS: list[tuple[Callable[[_Gen], bool], float]] = [
     (_g_special, 0.2),
     (_g_block, 3),
     (_g_adversarial, 2),
+    (_g_inplace, 1),
 ]
 
 
