@@ -13,6 +13,7 @@ outcomes, frozen-group statistics and reasons, the rate) and is rewritten as the
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -49,6 +50,7 @@ class Campaign:
         self.out, self.repros_per_class, self.points, self.minimize = out, repros_per_class, points, minimize
         os.makedirs(os.path.join(out, "repro"), exist_ok=True)
         self.start = time.time()
+        self.commit_at_start = _commit()  # what the campaign imported; others may commit while it runs
         self.models = 0
         self.graphs = 0
         self.outcomes: Counter = Counter()
@@ -123,7 +125,8 @@ class Campaign:
         minutes = (time.time() - self.start) / 60
         transforms = sum(self.outcomes.values())
         return {
-            "r2r_fx_commit": _commit(),
+            "r2r_fx_commit": self.commit_at_start,
+            "r2r_fx_commit_now": _commit(),
             "torch": torch.__version__,
             "minutes": round(minutes, 2),
             "models": self.models,
@@ -171,7 +174,10 @@ def _commit() -> str:
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--", "r2r_fx", "passes"], cwd=ROOT, capture_output=True, text=True
         ).stdout.strip()
-        return head + ("+dirty(r2r_fx/passes)" if dirty else "")
+        if not dirty:
+            return head
+        diff = subprocess.run(["git", "diff", "--", "r2r_fx", "passes"], cwd=ROOT, capture_output=True).stdout
+        return f"{head}+uncommitted r2r_fx/passes changes (diff sha1 {hashlib.sha1(diff).hexdigest()[:12]})"
     except OSError:
         return "unknown"
 
