@@ -163,7 +163,10 @@ def capture(
         if not rel <= rtol:
             causes.append(f"{flavour}: graph output differs from eager (relative error {rel:.3g})")
             continue
-        return _finish(gm, model, flavour, inputs)
+        gm = _finish(gm, model, flavour, inputs)
+        if "r2r_eval_only" not in gm.meta:
+            _check_train_mode(model, gm, inputs, rtol)
+        return gm
     if check and reference is None:
         _eval_output(model, fresh_inputs(inputs))  # a model that fails by itself is reported as such
     raise CaptureError("could not capture the model:\n  " + "\n  ".join(causes))
@@ -194,6 +197,44 @@ def compare_with_eager(model: nn.Module, gm: torch.fx.GraphModule, inputs: Seque
     structure; the graph's own errors propagate."""
     reference = _eval_output(model, fresh_inputs(tuple(inputs)))
     return max_errors(reference, record_shapes(gm, fresh_inputs(tuple(inputs))))[1]
+
+
+@contextlib.contextmanager
+def _kept_as_is(*models: nn.Module) -> Iterator[None]:
+    """Every module's mode and every buffer (norm statistics, power-iteration vectors) restored after."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    buffers = [(b, b.clone()) for model in models for b in model.buffers()]
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+
+
+def _check_train_mode(model: nn.Module, gm: torch.fx.GraphModule, inputs: tuple[Any, ...], rtol: float) -> None:
+    """Run eager and the graph once in train mode from the same state and seed (dropout masks then match);
+    a graph that computes something else there (a layer's own train-mode code the trace could not see,
+    such as spectral norm's power iteration, or outputs of another structure) is marked eval-only."""
+    outputs = []
+    for side in (model, gm):
+        with _kept_as_is(model, gm), torch.no_grad():
+            side.train()
+            torch.manual_seed(0)
+            try:
+                outputs.append(side(*fresh_inputs(inputs)))
+            except Exception as exc:  # noqa: BLE001 - e.g. BatchNorm on one value per channel
+                logger.info("train-mode capture check not run: %s", exc)
+                return
+    try:
+        rel = max_errors(*outputs)[1]
+    except ValueError as exc:
+        gm.meta["r2r_eval_only"] = f"the model's outputs in train mode differ in structure ({exc})"
+        return
+    if not rel <= rtol:
+        gm.meta["r2r_eval_only"] = f"the graph differs from the model in train mode (relative error {rel:.3g})"
 
 
 def _eval_output(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
@@ -401,8 +442,17 @@ def _layer_for(gm: torch.fx.GraphModule, node: torch.fx.Node, args: dict[str, An
     return module
 
 
+def _dynamic_axes(t: Any) -> dict[int, Any] | None:
+    """The batch axis, and for token ids and masks (integer, rank >= 2) the sequence axis too."""
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return None
+    if t.dim() >= 2 and not (t.is_floating_point() or t.is_complex()):
+        return {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}
+    return {0: torch.export.Dim.AUTO}
+
+
 def _export(model: nn.Module, inputs: tuple[Any, ...]) -> torch.fx.GraphModule:
-    dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in inputs)
+    dynamic = tuple(_dynamic_axes(t) for t in inputs)
     try:
         program = torch.export.export(model, inputs, strict=False, dynamic_shapes=dynamic)
     except Exception:  # noqa: BLE001 - a dynamic batch is a nicety; retry with static shapes
