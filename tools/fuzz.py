@@ -13,15 +13,18 @@ outcomes, frozen-group statistics and reasons, the rate) and is rewritten as the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -67,6 +70,8 @@ class Campaign:
         self.frozen_reasons: Counter = Counter()
         self.internal_reasons: Counter = Counter()
         self.generator_failures = 0
+        self.timeout = 300
+        self.timeouts: list[str] = []
         self.repros = 0
 
     def run_seed(self, seed: int, vias: list[str]) -> None:
@@ -78,7 +83,12 @@ class Campaign:
         self.models += 1
         self.features.update(program.features)
         for via in vias:
-            report = fuzzgen.check_program(program, via, points=self.points)
+            try:
+                with _time_limit(self.timeout):
+                    report = fuzzgen.check_program(program, via, points=self.points)
+            except TimeoutError:
+                self.timeouts.append(f"seed {seed} via {via}")
+                continue
             self.graphs += 1
             self.capture[f"{via}:{report.capture}"] += 1
             if report.capture != "ok":
@@ -132,6 +142,7 @@ class Campaign:
             "models": self.models,
             "graphs": self.graphs,
             "generator_failures": self.generator_failures,
+            "timeouts": self.timeouts,
             "models_per_minute": round(self.models / minutes, 1) if minutes else None,
             "transforms": transforms,
             "transforms_per_model": round(transforms / self.models, 1) if self.models else None,
@@ -155,6 +166,22 @@ class Campaign:
         with open(path + ".tmp", "w") as f:
             json.dump(self.summary(), f, indent=1)
         os.replace(path + ".tmp", path)
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int) -> Iterator[None]:
+    """Raise TimeoutError in the main thread after ``seconds`` (a hung transform must not stop a campaign)."""
+
+    def _raise(signum: int, frame: Any) -> None:
+        raise TimeoutError
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def reduce(program: fuzzgen.Program, via: str, result: fuzzgen.CheckResult, seconds: float) -> str | None:
