@@ -382,11 +382,12 @@ def _follow_train_flags(gm: torch.fx.GraphModule, train_gm: torch.fx.GraphModule
         return
     with torch.no_grad():
         ShapeProp(gm).propagate(*fresh_inputs(inputs))  # the ranks pick the layer classes
-    for i, (node, args) in enumerate(flagged):
-        module = _layer_for(gm, node, args)
-        if module is None:
+    modules = [_layer_for(gm, node, args) for node, args in flagged]
+    for (node, _), module in zip(flagged, modules):
+        if module is None:  # decided before the graph changes
             gm.meta["r2r_eval_only"] = f"{node.name} follows the train mode with statistics that are not buffers"
             return
+    for i, ((node, args), module) in enumerate(zip(flagged, modules)):
         name = f"r2r_mode_{i}"
         gm.add_submodule(name, module)
         with gm.graph.inserting_before(node):
