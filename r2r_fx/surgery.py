@@ -203,7 +203,6 @@ _SHAPE_ARG_OPS = {
     "new_zeros",
     "new_ones",
     "new_empty",
-    "repeat",
 }
 
 

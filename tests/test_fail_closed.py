@@ -638,3 +638,17 @@ def test_deepen_sees_in_place_flags_given_by_position():
     gm = r2r_fx.capture(model, (inputs,))
     for point in r2r_fx.insertion_points(gm):
         grown_or_refused(model, inputs, deepen(at=point.node))
+
+
+class _Repeat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv1d(2, 3, 1), nn.Linear(12, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).view(-1, 6).repeat(1, 2))  # repeat's arguments are counts, not sizes
+
+
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+def test_repeat_counts_are_not_widths(via):
+    grown_or_refused(_Repeat(), torch.randn(3, 2, 2), widen(), via=via)
