@@ -1,29 +1,36 @@
 """Seeded random-architecture fuzzer for r2r_fx: a model generator and an independent checker.
 
 :func:`generate` builds a :class:`Program`: a random DAG of ops over a broad vocabulary (every conv
-flavour and padding mode, Linear over leading dims, every norm, in-place activations, broadcasting
-arithmetic against values, parameters and buffers, cat/split/chunk/stack, reshapes, slicing,
-reductions, pooling, interpolation, padding, matmul/einsum/attention, functional layers with
-parameters, tied modules and parameters, sizes used as numbers, embeddings, dropout, several inputs
-and outputs, float64). The program *is* Python source: ``Program.source()`` is a standalone file
-defining ``Model`` and ``make_inputs``, and :meth:`Program.build` executes exactly that text, so a
-repro file is the model. Every op is executed on example tensors while it is generated (which is how
-shapes are tracked), and a finished program must run forward and backward in eval and train mode.
+flavour and padding mode, transposed and functional convs, Linear over leading dims, every norm,
+activations incl. in-place ones, broadcasting arithmetic against values, parameters and buffers,
+cat/split/chunk/stack, reshapes, slicing, reductions, pooling, interpolation, padding,
+matmul/einsum/attention, tied modules and parameters, sizes used as numbers, embeddings, dropout,
+ops that move or mix channels (flip, roll, cumsum, sort, repeat, pixel_shuffle, ...), in-place
+patterns on views, composite residual/MLP/SE blocks, several inputs and outputs, float64). The
+program *is* Python source: ``Program.source()`` is a standalone file defining ``Model`` and
+``make_inputs``, and :meth:`Program.build` executes exactly that text, so a repro file is the model.
+Every op is executed on example tensors while it is generated (which is how shapes are tracked), and
+a finished program must run forward and backward in eval and train mode.
 
 :func:`check_program` captures a program's model (``via="symbolic_trace"`` or ``"export"``), applies
 every transform (widen factor 2 and ``extra=N`` with each method, deepen with each method at the
 default points and at each insertion point, grow_kernel on every conv node) with the library's
 safety net off, and compares each grown model with a deep copy of the eager model kept before
-anything ran, on fresh seeded inputs (another batch size where the graph allows), without using
-``r2r_fx.verify``. Outcomes: "preserved", "refused" (an ``R2RError`` or ``ValueError``), "wrong"
-(runs but differs or changes shape), "broken" (the grown model raises in eval/train mode or in
-backward, or gives non-finite gradients), "internal" (any other exception from the transform) and,
-for the non-preserving ``method="random"`` baseline, "ran" (not broken; values are not compared).
+anything ran, on fresh seeded inputs (another batch size where the captured graph allows), without
+``r2r_fx.verify``: relative error ``max|d| / max|y|`` per output leaf in float64, 1e-5 for float32
+models (an error above it is re-measured with both models in float64, same 1e-5, to separate float32
+rounding from a real change) and 1e-9 for float64 models. Outcomes: "preserved", "refused" (an
+``R2RError`` or ``ValueError``), "wrong" (runs but differs or changes shape), "broken" (the grown model
+raises in eval/train mode or in a train-mode backward, or gives non-finite gradients), "internal"
+(any other exception from the transform) and, for the non-preserving ``method="random"`` baseline,
+"ran" (not broken; values not compared). After a preserved widen/deepen/grow_kernel,
+``carry_optimizer`` is checked too (label ``carry_optimizer/<transform>``).
 
 Dropout: ``nn.Dropout*`` layers (and the ones capture makes from ATen dropouts) get ``p = 0`` in both
 models for the train-mode comparison. Functional ``F.dropout(x, P, self.training)`` is generated with
 ``P = 0`` or ``P > 0``; with ``P > 0`` the model is random in train mode, so instead of values the
 check requires the grown model to be random in train mode exactly when the eager model is.
+:func:`minimize` shrinks a failing program (greedy statement deletion) for repro files.
 """
 
 from __future__ import annotations
