@@ -1,11 +1,13 @@
 """Which tensors of a graph share memory, and which are written in place: where a new block may read.
 
-Deepening inserts ``y = x + z(x)`` right after ``x`` and routes ``x``'s users to ``y``. That is sound
-only if nothing writes ``x``'s memory afterwards: a later in-place op (``h.mul_(2)``, ``relu_``,
-``x[i] = v``) on ``x`` or on a view of it would change what the original's readers saw but not ``y``,
-and would invalidate what ``z`` saved for backward. Views, in-place ops and eval-mode dropout (which
-returns its input) put their output in their input's alias class; an op whose aliasing is not known
-from this table or from its ATen schema is assumed to allocate.
+Deepening inserts ``y = x + z(x)`` right after ``x`` and routes *every* user of ``x`` to ``y``, so a
+later in-place write through ``x`` or through a view made from it lands on ``y``, as the model's
+readers expect. What rerouting cannot follow is memory ``x`` shares with a tensor made *before* it:
+when ``x`` is a view of ``h`` (or eval-mode dropout's ``h`` itself, or the result of an in-place op on
+``h``), a later write to that memory changes what ``h``'s own readers see but not ``y``, and
+invalidates what ``z`` saved for backward. Such an ``x`` is refused as an insertion point. Views,
+in-place ops and eval-mode dropout put their output in their input's alias class; an op whose aliasing
+is not known from this table or from its ATen schema is assumed to allocate.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ def written_later(gm: torch.fx.GraphModule) -> dict[str, str]:
         return n
 
     writes: list[tuple[torch.fx.Node, torch.fx.Node]] = []  # (writer, tensor written)
+    shares_earlier: set[torch.fx.Node] = set()  # outputs that alias a tensor made before them
     for node in nodes:
         first: Any = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
         if node.op == "call_module" and node.args:
@@ -98,8 +101,11 @@ def written_later(gm: torch.fx.GraphModule) -> dict[str, str]:
             writes.append((node, first))
         if written or _may_alias_first_input(node, gm):
             parent[find(node)] = find(first)
+            shares_earlier.add(node)
     unsafe: dict[str, str] = {}
     for node in nodes:
+        if node not in shares_earlier:
+            continue  # writes through it or its views land on the block's output once users are rerouted
         root = find(node)
         for writer, target in writes:
             if order[writer] > order[node] and find(target) is root:
