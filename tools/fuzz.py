@@ -7,7 +7,13 @@ of ``symbolic_trace`` / ``export``), every transform is applied with the safety 
 ``DIR/summary.json`` holds the counts (per outcome, per transform, per graph flavour, capture
 outcomes, frozen-group statistics and reasons, the rate) and is rewritten as the campaign goes;
 ``DIR/repro/`` gets one standalone ``.py`` per failure (wrong / broken / internal; at most
-``--repros-per-class`` per failure class, each class keyed by transform, outcome and message).
+``--repros-per-class`` per failure class, each class keyed by transform, outcome and message;
+``--minimize S`` also writes a shrunk ``min_*.py`` of each class's first failure).
+
+The campaign runs in worker processes: a worker killed by a signal (a segfault inside torch, seen
+in these campaigns) is recorded under ``crashes`` with ``repro/crash_seed*.py`` for the model it was
+checking, and a new worker goes on from the next seed (``--no-isolation`` runs in this process).
+``--reduce SEED TRANSFORM --via VIA`` only shrinks one failure and prints its repro.
 """
 
 from __future__ import annotations
@@ -71,6 +77,8 @@ class Campaign:
         self.internal_reasons: Counter = Counter()
         self.generator_failures = 0
         self.timeout = 300
+        self.progress_file = ""
+        self.part_file = ""
         self.timeouts: list[str] = []
         self.repros = 0
 
@@ -83,6 +91,9 @@ class Campaign:
         self.models += 1
         self.features.update(program.features)
         for via in vias:
+            if self.progress_file:
+                with open(self.progress_file, "w") as f:
+                    f.write(f"{seed} {via}\n")
             try:
                 with _time_limit(self.timeout):
                     report = fuzzgen.check_program(program, via, points=self.points)
@@ -136,7 +147,6 @@ class Campaign:
         transforms = sum(self.outcomes.values())
         return {
             "r2r_fx_commit": self.commit_at_start,
-            "r2r_fx_commit_now": _commit(),
             "torch": torch.__version__,
             "minutes": round(minutes, 2),
             "models": self.models,
@@ -162,7 +172,7 @@ class Campaign:
         }
 
     def write(self) -> None:
-        path = os.path.join(self.out, "summary.json")
+        path = self.part_file or os.path.join(self.out, "summary.json")
         with open(path + ".tmp", "w") as f:
             json.dump(self.summary(), f, indent=1)
         os.replace(path + ".tmp", path)
@@ -209,6 +219,119 @@ def _commit() -> str:
         return "unknown"
 
 
+_CRASH_HARNESS = """
+
+# ---- the crash -------------------------------------------------------------------------------------
+# The fuzz worker died with {signal} while checking this model via {via!r} (a segfault or abort inside
+# torch; no Python exception). This runs every transform the fuzzer runs, printing each before it runs.
+
+if __name__ == "__main__":
+    import copy
+
+    import r2r_fx
+
+    model = make_model()
+    gm = r2r_fx.capture(model, make_inputs(), via={via!r})
+    inputs = make_inputs(BATCH + 2, 123)
+    calls = []
+    for method in ("r2r", "net2net", "netmorph", "random"):
+        calls += [("widen", dict(factor=2.0, method=method)), ("widen", dict(extra=2, method=method))]
+        calls.append(("deepen", dict(method=method)))
+        calls += [("deepen", dict(at=p.node, method=method)) for p in r2r_fx.insertion_points(gm)]
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.modules.conv._ConvNd):
+            k = gm.get_submodule(str(node.target)).kernel_size[0]
+            calls.append(("grow_kernel", dict(node=node.name, size=k + 2)))
+    for name, kwargs in calls:
+        print(name, kwargs, flush=True)
+        try:
+            grown = getattr(r2r_fx, name)(gm, **kwargs, seed=0, check=False) if name != "grow_kernel" else (
+                r2r_fx.grow_kernel(gm, kwargs["node"], kwargs["size"], check=False)
+            )
+        except Exception as exc:  # noqa: BLE001
+            print("   ", type(exc).__name__)
+            continue
+        for train in (False, True):
+            with torch.no_grad():
+                copy.deepcopy(grown).train(train)(*inputs)
+        out = grown.train()(*inputs)
+        sum(o.sum() for o in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(o)).backward()
+    print("no crash")
+"""
+
+
+def _merge(a: Any, b: Any) -> Any:
+    """Sum two summaries: numbers add, dicts merge key by key, lists concatenate, other values keep ``a``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {k: _merge(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k)) for k in {**a, **b}}
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a + b
+    if isinstance(a, list) and isinstance(b, list):
+        return a + b
+    return a
+
+
+def supervise(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the campaign in worker processes; a worker killed by a signal (a crash inside torch) is
+    recorded with a repro of the model it was checking, and a new worker goes on from the next seed."""
+    os.makedirs(os.path.join(args.out, "parts"), exist_ok=True)
+    os.makedirs(os.path.join(args.out, "repro"), exist_ok=True)
+    start, end = args.seed, args.seed + args.models
+    t0 = time.time()
+    crashes: list[dict[str, Any]] = []
+    commit = _commit()
+    progress = os.path.join(args.out, "current_seed")
+    while start < end:
+        left = None if args.minutes is None else args.minutes - (time.time() - t0) / 60
+        if left is not None and left <= 0:
+            break
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", "--seed", str(start)]
+        cmd += ["--models", str(end - start)] + (["--minutes", f"{left:.3f}"] if left is not None else [])
+        if os.path.exists(progress):
+            os.remove(progress)
+        code = subprocess.run(cmd).returncode
+        if code == 0:
+            break
+        where = open(progress).read().split() if os.path.exists(progress) else [str(start), "?"]
+        seed, via = int(where[0]), where[1] if len(where) > 1 else "?"
+        sig = f"signal {-code}" if code < 0 else f"exit code {code}"
+        crashes.append({"seed": seed, "via": via, "how": sig})
+        print(f"worker died ({sig}) on seed {seed} via {via}; going on from seed {seed + 1}", flush=True)
+        try:
+            program = fuzzgen.generate(seed)
+            with open(os.path.join(args.out, "repro", f"crash_seed{seed}_{via}.py"), "w") as f:
+                f.write(f"# r2r_fx fuzz repro: seed {seed}, via {via}: worker crashed ({sig})\n")
+                f.write(program.source() + _CRASH_HARNESS.format(signal=sig, via=via))
+        except Exception as exc:  # noqa: BLE001
+            print(f"could not write the crash repro: {exc}")
+        start = seed + 1
+    total: dict[str, Any] = {}
+    for name in sorted(os.listdir(os.path.join(args.out, "parts"))):
+        with open(os.path.join(args.out, "parts", name)) as f:
+            part = json.load(f)
+        total = _merge(total, part) if total else part
+    minutes = (time.time() - t0) / 60
+    total.update(
+        r2r_fx_commit=commit,
+        r2r_fx_commit_now=_commit(),
+        minutes=round(minutes, 2),
+        crashes=crashes,
+        models_per_minute=round(total.get("models", 0) / minutes, 1) if minutes else None,
+        transforms_per_model=round(total["transforms"] / total["models"], 1) if total.get("models") else None,
+    )
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(total, f, indent=1)
+    print(
+        f"{total.get('models', 0)} models, {total.get('graphs', 0)} graphs, {total.get('transforms', 0)} transforms "
+        f"in {total['minutes']} min ({total['models_per_minute']} models/min, {total['transforms_per_model']} "
+        f"transforms/model), {len(crashes)} worker crashes"
+    )
+    print("outcomes:", json.dumps(total.get("outcomes", {})))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=int, default=1000, help="number of programs (seeds)")
@@ -223,7 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reduce", nargs=2, metavar=("SEED", "TRANSFORM"), help="only shrink one failure (with --via) and print it"
     )
-    args = parser.parse_args(argv)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--no-isolation", action="store_true", help="run in this process (a crash inside torch ends the campaign)"
+    )
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(raw)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     vias = ["symbolic_trace", "export"] if args.via == "both" else [args.via]
@@ -238,14 +366,30 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
         print(f"seed {seed}: {label} does not fail")
         return 1
+    if not args.worker and not args.no_isolation:
+        keep = []
+        skip = 0
+        for a in raw:  # the supervisor sets --seed/--models/--minutes per worker itself
+            if skip:
+                skip -= 1
+                continue
+            name = a.split("=", 1)[0]
+            if name in ("--seed", "--models", "--minutes"):
+                skip = 0 if "=" in a else 1
+                continue
+            keep.append(a)
+        return supervise(args, keep)
     campaign = Campaign(args.out, args.repros_per_class, args.points, args.minimize)
+    if args.worker:
+        campaign.progress_file = os.path.join(args.out, "current_seed")
+        campaign.part_file = os.path.join(args.out, "parts", f"part_{args.seed:09d}.json")
     deadline = time.time() + 60 * args.minutes if args.minutes else None
     last_write = time.time()
     for seed in range(args.seed, args.seed + args.models):
         if deadline and time.time() > deadline:
             break
         campaign.run_seed(seed, vias)
-        if time.time() - last_write > 30:
+        if args.worker or time.time() - last_write > 30:  # a worker may die in torch: keep its part current
             campaign.write()
             last_write = time.time()
     campaign.write()
