@@ -257,7 +257,7 @@ def _fix_args(node: torch.fx.Node, width) -> None:
         else:
             node.kwargs = {**node.kwargs, "split_size": new}
     elif target is operator.getitem and shape_of(node.args[0]) is not None:
-        _fix_full_slices(node)
+        _fix_full_slices(node, width)
     elif name in ("conv1d", "conv2d", "conv3d", "convolution", "group_norm"):
         _fix_grouped(node, name, width)
     elif name == "slice" and out is not None:
@@ -266,14 +266,16 @@ def _fix_args(node: torch.fx.Node, width) -> None:
         in_shape = shape_of(x)
         if isinstance(end, int) and in_shape is not None and end == in_shape[dim]:
             new = width((x.name, dim))
-            if new is not None:
+            if new is not None and new != end:
                 args = list(node.args)
                 args[3] = new
                 node.args = tuple(args)
 
 
-def _fix_full_slices(node: torch.fx.Node) -> None:
-    """``h[:, :C]`` with ``C`` the whole old width becomes ``h[:, :]``: it keeps every channel when ``h`` grows."""
+def _fix_full_slices(node: torch.fx.Node, width) -> None:
+    """``h[:, :C]`` with ``C`` the whole old width of a growing axis becomes ``h[:, :]``: it keeps every
+    channel when ``h`` grows. Axes that keep their width keep their slices (a batch-sized slice cuts
+    other batch sizes)."""
     src, index = node.args
     shape = shape_of(src)
     items = expand_ellipsis(list(index) if isinstance(index, tuple) else [index], len(shape))
@@ -284,7 +286,8 @@ def _fix_full_slices(node: torch.fx.Node) -> None:
         if isinstance(item, slice) and all(
             isinstance(v, (int, type(None))) for v in (item.start, item.stop, item.step)
         ):
-            if item != slice(None) and slice(*item.indices(shape[axis])) == slice(0, shape[axis], 1):
+            full = slice(*item.indices(shape[axis])) == slice(0, shape[axis], 1)
+            if item != slice(None) and full and width((src.name, axis)) not in (None, shape[axis]):
                 items[i], changed = slice(None), True
         axis += 1
     if changed:

@@ -655,3 +655,23 @@ class _Repeat(nn.Module):
 @pytest.mark.parametrize("via", ["symbolic_trace", "export"])
 def test_repeat_counts_are_not_widths(via):
     grown_or_refused(_Repeat(), torch.randn(3, 2, 2), widen(), via=via)
+
+
+class _BatchSizedSlice(nn.Module):
+    """A slice as long as the doubled batch axis: "full" at the example's batch only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv1d(3, 4, 1), nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.fc(torch.cat([h, h], 0)[:4])
+
+
+def test_a_full_slice_of_an_axis_that_does_not_grow_stays():
+    model = _BatchSizedSlice()
+    grown = r2r_fx.widen(r2r_fx.capture(model, (torch.randn(2, 3, 5),)), seed=0, check=False)
+    x = torch.randn(3, 3, 5)  # another batch size: the slice must still cut to 4
+    with torch.no_grad():
+        assert grown(x).shape == model(x).shape == (4, 4, 2)
