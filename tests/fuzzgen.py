@@ -240,7 +240,7 @@ class _Gen:
         line = f"{out} = self.{m}({x}{call})"
         ok = self.try_op(feature, [f"self.{m} = {ctor}"] + [s.format(m=m) for s in extra_init or []], [line], [out])
         if ok:
-            self.modules.append((m, tuple(self.t(x).shape)))
+            self.modules.append((m, tuple(self.t(x.split(".")[0]).shape)))
         return ok
 
 
@@ -378,7 +378,10 @@ def _g_norm(g: _Gen) -> bool:
             return False
         c = g.t(x).shape[1]
         groups = r.choice(_divisors(c))
-        return g.module("groupnorm", f"nn.GroupNorm({groups}, {c})", x, extra_init=_norm_init("{m}", True, False))
+        # .contiguous(): torch 2.13 segfaults in GroupNorm's channels-last backward when the input needs no
+        # gradient but the weight does (fuzz finding 16, a torch bug); a fuzz run must not die of it.
+        init = _norm_init("{m}", True, False)
+        return g.module("groupnorm", f"nn.GroupNorm({groups}, {c})", f"{x}.contiguous()", extra_init=init)
     if kind == "in":
         x = g.pick(lambda t: 3 <= t.dim() <= 5)
         if x is None:
@@ -434,7 +437,8 @@ def _g_norm(g: _Gen) -> bool:
     w, wi = g.param((c,), 0.3)
     b, bi = g.param((c,), 0.3)
     out = g.name("v")
-    return g.try_op("F.group_norm", [wi, bi], [f"{out} = F.group_norm({x}, {groups}, self.{w}, self.{b})"], [out])
+    line = f"{out} = F.group_norm({x}.contiguous(), {groups}, self.{w}, self.{b})"
+    return g.try_op("F.group_norm", [wi, bi], [line], [out])
 
 
 _ACT_MODULES = [
