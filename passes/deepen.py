@@ -73,8 +73,8 @@ def insertion_points(gm: torch.fx.GraphModule, analysis: Analysis | None = None)
             continue
         shape = shape_of(node)
         meta = node.meta.get("tensor_meta")
-        if shape is None or len(shape) < 2 or not meta.dtype.is_floating_point:
-            continue
+        if shape is None or len(shape) < 2 or not meta.dtype.is_floating_point or not _contiguous(meta):
+            continue  # a block's sum is contiguous: after a strided tensor, a later .view() could fail
         axis = _channel_axis(analysis, node.name, shape)
         if axis == 1 and len(shape) >= 3 and all(s == 1 for s in shape[2:]):
             continue  # pooled to 1x1: a 3x3 conv block there is a Linear block in disguise
@@ -94,6 +94,16 @@ def insertion_points(gm: torch.fx.GraphModule, analysis: Analysis | None = None)
         stage, last = stages.get(node.name, (-1, False))
         out.append(InsertionPoint(node.name, shape, axis, kind, stage, last))
     return out
+
+
+def _contiguous(meta: Any) -> bool:
+    """Whether a recorded tensor is laid out row-major (size-1 axes aside)."""
+    expected = 1
+    for size, stride in reversed(list(zip(meta.shape, meta.stride))):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _block_kind(shape: tuple[int, ...], axis: int) -> str | None:
@@ -354,7 +364,7 @@ class DeepenPass(Pass):
                 index += 1
         grown.graph.lint()
         grown.recompile()
-        record_shapes(grown, example_inputs_of(grown), meta=True)
+        record_shapes(grown, example_inputs_of(grown))  # a real run: meta kernels can differ in strides, or fail
         record = {
             "op": "deepen",
             "method": self.method,

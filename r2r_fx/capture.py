@@ -356,13 +356,14 @@ def _follow_train_flags(gm: torch.fx.GraphModule, train_gm: torch.fx.GraphModule
     eval-mode and the train-mode trace into the nn layers that follow ``.train()``/``.eval()`` (sharing
     the model's tensors); any other difference marks the graph eval-only."""
     nodes, train_nodes = list(gm.graph.nodes), list(train_gm.graph.nodes)
-    if [(n.op, n.target) for n in nodes] != [(n.op, n.target) for n in train_nodes]:
+    if len(nodes) != len(train_nodes) or any(not _same_op(gm, a, train_gm, b) for a, b in zip(nodes, train_nodes)):
         gm.meta["r2r_eval_only"] = "the model's graph in train mode has other operations than in eval mode"
         return
+    position = {n: i for i, n in enumerate(nodes)} | {n: i for i, n in enumerate(train_nodes)}
     flagged: list[tuple[torch.fx.Node, dict[str, Any]]] = []
     for node, train_node in zip(nodes, train_nodes):
-        names = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.name)
-        train_names = torch.fx.node.map_arg((train_node.args, train_node.kwargs), lambda n: n.name)
+        names = torch.fx.node.map_arg((node.args, node.kwargs), position.__getitem__)
+        train_names = torch.fx.node.map_arg((train_node.args, train_node.kwargs), position.__getitem__)
         if names == train_names:
             continue
         layer = _FUNCTIONAL_DROPOUTS.get(node.target) or _FUNCTIONAL_NORMS.get(node.target)
@@ -398,6 +399,17 @@ def _follow_train_flags(gm: torch.fx.GraphModule, train_gm: torch.fx.GraphModule
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
     gm.recompile()
+
+
+def _same_op(gm: torch.fx.GraphModule, a: torch.fx.Node, train_gm: torch.fx.GraphModule, b: torch.fx.Node) -> bool:
+    """The same operation in both traces; the constants each trace parks (``_tensor_constant0`` in one,
+    ``_tensor_constant1`` in the other) count as the same when they hold equal tensors."""
+    if a.op != b.op:
+        return False
+    if a.op != "get_attr" or a.target == b.target:
+        return a.target == b.target
+    x, y = _get_attr(gm, str(a.target)), _get_attr(train_gm, str(b.target))
+    return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y)
 
 
 def _apply_affine(graph: torch.fx.Graph, x: torch.fx.Node, weight: Any, bias: Any, rank: int) -> torch.fx.Node:

@@ -675,3 +675,37 @@ def test_a_full_slice_of_an_axis_that_does_not_grow_stays():
     x = torch.randn(3, 3, 5)  # another batch size: the slice must still cut to 4
     with torch.no_grad():
         assert grown(x).shape == model(x).shape == (4, 4, 2)
+
+
+class _ViewAfterTransposedLinear(nn.Module):
+    """A Linear over a transposed conv output, BatchNorm, then ``view``: meta kernels differ in strides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc, self.bn = nn.Conv3d(4, 8, 1), nn.Linear(8, 6), nn.BatchNorm3d(6)
+
+    def forward(self, x):
+        h = self.bn(self.fc(self.conv(x).transpose(1, -1)).transpose(1, -1))
+        return h.view(h.shape[0], -1)[:, :5]
+
+
+def test_deepen_records_shapes_with_a_real_run():
+    model, x = _ViewAfterTransposedLinear().eval(), torch.randn(3, 4, 3, 4, 4)
+    gm = r2r_fx.capture(model, (x,))
+    for point in r2r_fx.insertion_points(gm):
+        grown_or_refused(model, x, deepen(at=point.node))
+
+
+class _ConstantAndFlag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return F.dropout(self.fc(x) * torch.tensor(2.0), 0.5, self.training)  # a constant the tracer parks
+
+
+def test_the_train_trace_matches_parked_constants_by_value():
+    gm = r2r_fx.capture(_ConstantAndFlag(), (torch.randn(3, 4),), via="symbolic_trace")
+    assert "r2r_eval_only" not in gm.meta
+    assert any(isinstance(m, nn.Dropout) for m in gm.modules())  # the flag follows .train()
