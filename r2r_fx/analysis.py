@@ -231,6 +231,7 @@ class Analysis:
         self._conflicts: dict[Slot, str] = {}
         self._unify_definitions()
         self._layouts: dict[Slot, Layout] = {}
+        self._merged_fixed: list[Slot] = []  # axes a reshape merges into another one as a repeat count
         self._expanding: set[Slot] = set()
         self._atom_index: dict[Slot, int] = {}
         self.atom_roots: list[Slot] = []
@@ -378,6 +379,8 @@ class Analysis:
                 self._conflicts[root] = "reshape merges two channel axes"
                 return self._atom_layout(root)
             k = bearing[0]
+            # the other members only repeat the channels (outer / inner counts): they keep their widths
+            self._merged_fixed.extend(m for i, m in enumerate(members) if i != k)
             sub = self.layout(members[k])
             before = math.prod(self._size(m) for m in members[:k])
             after = math.prod(self._size(m) for m in members[k + 1 :])
@@ -422,6 +425,8 @@ class Analysis:
 
         for slot, reason in b.frozen.items():
             freeze_layout(self.layout(slot), reason)
+        for slot in self._merged_fixed:
+            freeze_layout(self.layout(slot), f"merged into another axis by a reshape ({slot[0]})")
         for root, reason in list(self._conflicts.items()):
             freeze_layout(self.layout(root), reason)
             for parts in self._structures.get(self.uf.find(root), []):

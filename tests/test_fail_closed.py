@@ -709,3 +709,21 @@ def test_the_train_trace_matches_parked_constants_by_value():
     gm = r2r_fx.capture(_ConstantAndFlag(), (torch.randn(3, 4),), via="symbolic_trace")
     assert "r2r_eval_only" not in gm.meta
     assert any(isinstance(m, nn.Dropout) for m in gm.modules())  # the flag follows .train()
+
+
+class _SplitThenFlatten(nn.Module):
+    """flatten merges a conv's channel piece with a Linear-produced last axis: the piece may not grow alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.a, self.b, self.head = nn.Conv1d(4, 12, 1), nn.Linear(4, 8), nn.Linear(8, 4), nn.Linear(24, 3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        h = h + self.b(torch.relu(self.a(h)))
+        return self.head(torch.flatten(h.split([6, 6], 1)[1], 1))
+
+
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+def test_a_merged_axis_that_is_not_the_width_keeps_its_size(via):
+    grown_or_refused(_SplitThenFlatten(), torch.randn(3, 4, 4), widen(), via=via)
