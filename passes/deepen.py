@@ -97,13 +97,8 @@ def insertion_points(gm: torch.fx.GraphModule, analysis: Analysis | None = None)
 
 
 def _contiguous(meta: Any) -> bool:
-    """Whether a recorded tensor is laid out row-major (size-1 axes aside)."""
-    expected = 1
-    for size, stride in reversed(list(zip(meta.shape, meta.stride))):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
+    """Whether a recorded tensor is laid out row-major (what ShapeProp found; widening keeps the layout)."""
+    return meta.memory_format is torch.contiguous_format
 
 
 def _block_kind(shape: tuple[int, ...], axis: int) -> str | None:
