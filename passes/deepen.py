@@ -30,7 +30,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from r2r_fx.aliasing import written_later
+from r2r_fx.aliasing import unsafe_points
 from r2r_fx.analysis import Analysis, analyze, hidden_weights
 from r2r_fx.capture import example_inputs_of, record_shapes
 from r2r_fx.errors import GrowthError
@@ -66,7 +66,7 @@ def insertion_points(gm: torch.fx.GraphModule, analysis: Analysis | None = None)
     """Candidate points in graph order, with their shapes and stages."""
     analysis = analysis or analyze(gm)
     dominators = _output_dominators(gm)
-    unsafe = written_later(gm)
+    unsafe = unsafe_points(gm)
     points: list[tuple[torch.fx.Node, tuple[int, ...], int]] = []
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr") or node.name in unsafe:
@@ -382,7 +382,7 @@ class DeepenPass(Pass):
         for name in self.at:
             if name not in by_name:
                 valid = ", ".join(p.node for p in points) or "none"
-                unsafe = written_later(gm)
+                unsafe = unsafe_points(gm)
                 if name not in names:
                     problem = "is not a node of this graph"
                 elif name in unsafe:

@@ -5,7 +5,12 @@ later in-place write through ``x`` or through a view made from it lands on ``y``
 readers expect. What rerouting cannot follow is memory ``x`` shares with a tensor made *before* it:
 when ``x`` is a view of ``h`` (or eval-mode dropout's ``h`` itself, or the result of an in-place op on
 ``h``), a later write to that memory changes what ``h``'s own readers see but not ``y``, and
-invalidates what ``z`` saved for backward. Such an ``x`` is refused as an insertion point. Views,
+invalidates what ``z`` saved for backward. Such an ``x`` is refused as an insertion point.
+
+The block also makes ``x`` require grad. Where nothing before ``x`` does (no trainable parameter
+upstream), in-place writes after it that autograd never saw in the original model become writes to
+tensors that require grad: on an output of ``split`` (a multi-output view) or on a tensor an op saved
+for backward, they make the grown model fail in train mode. Such an ``x`` is refused too. Views,
 in-place ops and eval-mode dropout put their output in their input's alias class; an op whose aliasing
 is not known from this table or from its ATen schema is assumed to allocate.
 """
@@ -20,7 +25,7 @@ import torch
 import torch.fx
 from torch import nn
 
-__all__ = ["written_later"]
+__all__ = ["unsafe_points", "written_later"]
 
 aten = torch.ops.aten
 
@@ -112,3 +117,55 @@ def written_later(gm: torch.fx.GraphModule) -> dict[str, str]:
                 unsafe[node.name] = f"{node.name} shares memory with a tensor {writer.name} writes in place later"
                 break
     return unsafe
+
+
+def _trainable(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """The nodes whose value depends on a parameter that requires grad."""
+    out: set[torch.fx.Node] = set()
+    for node in gm.graph.nodes:
+        if any(n in out for n in node.all_input_nodes):
+            out.add(node)
+        elif node.op == "get_attr":
+            value = _attr(gm, str(node.target))
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                out.add(node)
+        elif node.op == "call_module":
+            if any(p.requires_grad for p in gm.get_submodule(str(node.target)).parameters()):
+                out.add(node)
+    return out
+
+
+def _attr(gm: torch.fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def grad_starts_before_a_write(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """Node name -> why a block may not follow it: a later in-place write that autograd did not track
+    in the original would then write a tensor that requires grad."""
+    trainable = _trainable(gm)
+    unsafe: dict[str, str] = {}
+    for writer in gm.graph.nodes:
+        first = writer.args[0] if writer.args else None
+        if not isinstance(first, torch.fx.Node) or first in trainable or not _writes_first_input(writer, gm):
+            continue
+        stack, seen = [first], {first}
+        while stack:
+            node = stack.pop()
+            unsafe.setdefault(
+                node.name,
+                f"nothing before {node.name} requires grad, and {writer.name} writes {first.name} in place: "
+                "a block there would make that write one autograd must track",
+            )
+            for n in node.all_input_nodes:
+                if n not in seen and n not in trainable:
+                    seen.add(n)
+                    stack.append(n)
+    return unsafe
+
+
+def unsafe_points(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """Node name -> why a residual block may not be inserted after it (see the module docstring)."""
+    return {**grad_starts_before_a_write(gm), **written_later(gm)}

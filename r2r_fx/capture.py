@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
@@ -489,11 +490,46 @@ def from_exported_program(program: torch.export.ExportedProgram, train_graph: An
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
+    _guard_static_input_sizes(graph)
     gm = torch.fx.GraphModule(exported, graph)
     # the export tracer cannot be rebuilt when unpickling; the graph's copy too, or deepcopies bring it back
     gm._tracer_cls = graph._tracer_cls = None
     _modulize_train_flags(gm, train_graph)
     return gm
+
+
+def _guard_static_input_sizes(graph: torch.fx.Graph) -> None:
+    """Assert, in the graph, every input size the export specialised to a number.
+
+    An exported graph holds only for the input sizes it was traced with, except the ones that stayed
+    symbolic (a dynamic batch): ``h / math.sqrt(h.shape[0])`` bakes the batch size in as a constant. The
+    ExportedProgram's module checks its inputs with a hook and a guards submodule, neither of which a
+    plain GraphModule keeps; these ``_assert_scalar`` nodes (plain ATen, kept by deepcopy, pickling and
+    re-export) make a call with other sizes fail with the reason instead of computing something else.
+    """
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if not placeholders:
+        return
+    anchor = placeholders[-1]
+    for node in placeholders:
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        for axis, size in enumerate(val.shape):
+            if not is_concrete_int(size):
+                continue  # symbolic: the graph holds for other sizes
+            size = int(size)
+            message = (
+                f"r2r_fx: this graph was exported for inputs with {node.name}.shape[{axis}] == {size} "
+                "(torch.export specialised that size); capture the model again with inputs of the sizes to be used"
+            )
+            with graph.inserting_after(anchor):
+                got = graph.call_function(_aten.sym_size.int, (node, axis))
+            with graph.inserting_after(got):
+                same = graph.call_function(operator.eq, (got, size))
+            with graph.inserting_after(same):
+                anchor = graph.call_function(_aten._assert_scalar.default, (same, message))
+            got.meta["val"], same.meta["val"] = size, True
 
 
 # ATen calls whose behaviour follows a train flag: (position of the flag, position of p for dropouts)

@@ -39,9 +39,13 @@ def dynamic_axes_candidates(inputs: Sequence[Any]) -> list[tuple[tuple[tuple[int
 
 
 def expand_for_export(inputs: Sequence[Any], axes: Sequence[tuple[int, ...] | None]) -> tuple[Any, ...]:
-    """``inputs`` with every size-1 dynamic axis repeated to 2 (torch.export specialises sizes 0 and 1)."""
+    """Copies of ``inputs`` with every size-1 dynamic axis repeated to 2 (torch.export specialises sizes 0
+    and 1). Copies, because torch.export marks the tensors it was given as dynamic, and a failed attempt's
+    marks would otherwise carry over to the next, static one."""
     out = []
     for t, ax in zip(inputs, axes):
+        if isinstance(t, torch.Tensor):
+            t = t.clone()
         for a in ax or ():
             if t.shape[a] == 1:
                 t = torch.cat([t, t], dim=a)

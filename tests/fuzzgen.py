@@ -1159,13 +1159,18 @@ def _leaves(tree: Any) -> list[torch.Tensor]:
     return []
 
 
-def compare_outputs(reference: Any, candidate: Any) -> tuple[float, str]:
-    """Worst relative error ``max|d| / max|y|`` over output leaves, computed in float64; inf on a shape change."""
+def compare_outputs(reference: Any, candidate: Any, noise: Any = None) -> tuple[float, str]:
+    """Worst relative error ``max|d| / max|y|`` over output leaves, computed in float64; inf on a shape change.
+
+    ``noise``: the eager model's float32 outputs when ``reference`` is its float64 run; a leaf's scale is
+    then the larger of ``max|y|`` and ``max|y32 - y|``, so an output that is float32 rounding noise (a
+    normalisation of a constant) is judged against the size of that noise, not against itself."""
     ref, cand = _leaves(reference), _leaves(candidate)
+    floors = _leaves(noise) if noise is not None else [None] * len(ref)
     if len(ref) != len(cand):
         return math.inf, f"{len(cand)} output leaves instead of {len(ref)}"
     worst, where = 0.0, ""
-    for i, (a, b) in enumerate(zip(ref, cand)):
+    for i, (a, b, f) in enumerate(zip(ref, cand, floors)):
         if a.shape != b.shape:
             return math.inf, f"output {i} has shape {tuple(b.shape)} instead of {tuple(a.shape)}"
         a64, b64 = a.detach().double(), b.detach().double()
@@ -1174,16 +1179,25 @@ def compare_outputs(reference: Any, candidate: Any) -> tuple[float, str]:
         if not torch.isfinite(b64).all() and torch.isfinite(a64).all():
             return math.inf, f"output {i} has non-finite values"
         scale = float(a64.abs().max())
+        if f is not None and f.shape == a.shape:
+            scale = max(scale, float((f.detach().double() - a64).abs().max()))
         err = float((a64 - b64).abs().max()) / (scale if scale > 0 else 1.0)
         if not err <= worst:
             worst, where = err, f"output {i}"
     return worst, where
 
 
-def _zero_dropout(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd):
-            m.p = 0.0
+def _zero_dropout(model: nn.Module) -> list[tuple[nn.Module, float]]:
+    """Set every dropout layer's rate to 0; returns the old rates for :func:`_restore_dropout`."""
+    saved = [(m, m.p) for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    for m, _ in saved:
+        m.p = 0.0
+    return saved
+
+
+def _restore_dropout(saved: list[tuple[nn.Module, float]]) -> None:
+    for m, p in saved:
+        m.p = p
 
 
 def _run(model: nn.Module, inputs: tuple[Any, ...], train: bool, grad: bool = False) -> Any:
@@ -1344,10 +1358,13 @@ def _evaluate(
     program: Program,
     compare: bool,
     reference: _Reference | None = None,
+    eval_only: str | None = None,
 ) -> tuple[str, str, float | None]:
     """(outcome, detail, error) of a grown model against the eager original (never modified).
 
-    ``grown`` is run as it is (eval, train, backward) and changes (running statistics, gradients)."""
+    ``grown`` is run as it is (eval, train, backward) and changes (running statistics, gradients).
+    ``eval_only``: the reason capture marked the graph eval-only (``gm.meta["r2r_eval_only"]``); the library
+    said so, so a train-mode difference is a refusal, not a wrong result."""
     reference = reference or _Reference(original, inputs)
     tol = TOL[program.torch_dtype]
     worst: float | None = 0.0
@@ -1364,15 +1381,23 @@ def _evaluate(
             except Exception as exc:  # noqa: BLE001
                 return "broken", f"grown model raises in {mode} mode: {_short(exc)}", None
             if compare and reference.random_in_train() != random_grown:
-                return "wrong", "train mode: grown model's randomness differs from eager (dropout lost?)", None
+                detail = "train mode: grown model's randomness differs from eager (dropout lost?)"
+                if eval_only:
+                    return "refused", f"eval-only capture ({eval_only}); {detail}", None
+                return "wrong", detail, None
             continue
+        rates = []
         if train:
-            _zero_dropout(grown)
+            rates = _zero_dropout(grown)
             before = [b.clone() for b in grown.buffers()]
         try:
             y = _run(grown, inputs, train)
         except Exception as exc:  # noqa: BLE001
             return "broken", f"grown model raises in {mode} mode: {_short(exc)}", None
+        finally:
+            # the backward run below uses the real rates: a rate-0 dropout returns its input itself, so an
+            # in-place op after it would fail in the eager model too
+            _restore_dropout(rates)
         err, where = compare_outputs(y_ref, y)
         if math.isinf(err):
             return "wrong", f"{mode} mode: {where}", err
@@ -1382,7 +1407,10 @@ def _evaluate(
                 err = min(err, err64)
                 continue
         if compare and not err <= tol:
-            return "wrong", f"{mode} mode: relative error {err:.3g} at {where} (tolerance {tol:g})", err
+            detail = f"{mode} mode: relative error {err:.3g} at {where} (tolerance {tol:g})"
+            if train and eval_only:
+                return "refused", f"eval-only capture ({eval_only}); {detail}", err
+            return "wrong", detail, err
         worst = max(worst or 0.0, err)
     # backward in train mode: must run and give finite gradients
     try:
@@ -1411,7 +1439,9 @@ def _recheck_f64(
         cand = cand.double()
         if train:
             _zero_dropout(cand)
-        err, _ = compare_outputs(reference.output(train, f64=True), _run(cand, _double(inputs), train))
+        err, _ = compare_outputs(
+            reference.output(train, f64=True), _run(cand, _double(inputs), train), noise=reference.output(train)
+        )
         return err
     except Exception:  # noqa: BLE001 - a graph with float32 baked in cannot be re-run in float64
         return None
@@ -1512,6 +1542,9 @@ def check_program(program: Program, via: str, *, points: int | None = None, only
         report.batch = alt
     except Exception:  # noqa: BLE001
         inputs = make_inputs(program.batch, 123)
+    eval_only = gm.meta.get("r2r_eval_only")
+    if eval_only:
+        report.notes.append(f"capture marked the graph eval-only: {eval_only}")
     train_differs = False
     if not program.random_train:
         ref_t, gm_t = copy.deepcopy(original), copy.deepcopy(gm)
@@ -1552,7 +1585,7 @@ def check_program(program: Program, via: str, *, points: int | None = None, only
             report.results.append(CheckResult(label, call, "internal", detail, None, time.perf_counter() - t0))
             continue
         compare = "/random/" not in label
-        outcome, detail, err = _evaluate(original, grown, inputs, program, compare, reference)
+        outcome, detail, err = _evaluate(original, grown, inputs, program, compare, reference, eval_only)
         if outcome == "wrong" and detail.startswith("train mode") and train_differs:
             detail += " [the captured graph already differs from eager in train mode]"
         report.results.append(CheckResult(label, call, outcome, detail, err, time.perf_counter() - t0))

@@ -31,7 +31,9 @@ def files(tmp_path):
     torch.save(model, tmp_path / "model.pt")
     torch.save(model.state_dict(), tmp_path / "weights.pt")
     torch.save((x,), tmp_path / "inputs.pt")
-    torch.export.save(torch.export.export(model, (x,)), tmp_path / "model.pt2")
+    batch = {0: torch.export.Dim("batch")}
+    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=(batch,)), tmp_path / "model.pt2")
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "static.pt2")
     (tmp_path / "truncated.pt").write_bytes((tmp_path / "model.pt").read_bytes()[:200])
     (tmp_path / "afile").write_text("not a folder")
     return tmp_path
@@ -65,6 +67,19 @@ def test_pt2_widen_deepen_onnx_and_report(files):
         grown = torch.export.load(files / "model.grown.pt2").module()(x)
     assert (onnx_out - expected).abs().max() <= 1e-4 * expected.abs().max()
     assert (grown - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_a_static_program_grows_into_a_static_one(files):
+    """A .pt2 exported without dynamic shapes holds only for its example's sizes (its module refuses
+    others): the grown program and the ONNX file keep that, and another batch is refused, not guessed."""
+    proc = run("static.pt2", "--widen", "2", "--onnx", "grown.onnx", cwd=files)
+    assert proc.returncode == 0, proc.stderr
+    assert "dynamic axes    none" in proc.stdout
+    x = torch.randn(3, 3, 16, 16)
+    with pytest.raises(Exception, match=r"\[0\] == 2"):  # noqa: B017 - torch's guard error
+        torch.export.load(files / "static.grown.pt2").module()(x)
+    with pytest.raises(Exception):  # noqa: B017 - onnxruntime's own error for a wrong input shape
+        r2r_fx.run_onnx(files / "grown.onnx", (x,))
 
 
 def test_pickle_needs_trust(files):

@@ -517,6 +517,42 @@ def test_the_safety_net_checks_train_mode_where_there_are_batch_statistics():
         check_preserved("fold", before, after)
 
 
+class _NormOfAConstant(nn.Module):
+    """The output is a train-mode BatchNorm of a per-channel constant: mathematically 0, in practice
+    float32 rounding noise divided by sqrt(eps) (found by the fuzzer through the checker)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc, self.bn = nn.Linear(4, 6), nn.Linear(6, 8), nn.BatchNorm1d(8, affine=False)
+
+    def forward(self, x):
+        return self.bn(self.fc(torch.relu(self.fc1(x * 0))))
+
+
+class _ShiftedInTrain(nn.BatchNorm1d):
+    def forward(self, x):
+        return super().forward(x) + (1e-4 if self.training else 0.0)
+
+
+def test_the_safety_net_measures_a_noise_output_against_its_noise():
+    """Net2Net's split columns change the rounding of a constant; the safety net used to refuse that
+    (train-mode error 0.59). A real change of such an output is still caught."""
+    from r2r_fx.verify import check_preserved
+
+    torch.manual_seed(0)
+    gm = r2r_fx.capture(_NormOfAConstant(), (torch.randn(5, 4),))
+    x = torch.randn(7, 4)
+    for method in ("r2r", "net2net", "netmorph"):
+        grown = r2r_fx.widen(gm, factor=3.5, method=method)
+        report = r2r_fx.verify(gm, grown, (x,), onnx=False)
+        assert report.ok, report.notes
+    changed = copy.deepcopy(gm)
+    changed.bn.__class__ = _ShiftedInTrain  # 1e-4 in train mode: tiny, but a thousand times the noise
+    with pytest.raises(r2r_fx.NotPreservedError, match="train mode"):
+        check_preserved("change", gm, changed)
+    assert not r2r_fx.verify(gm, changed, (x,), onnx=False).ok
+
+
 # ---------------------------------------------------------------- found by the fuzzer
 
 
@@ -727,3 +763,81 @@ class _SplitThenFlatten(nn.Module):
 @pytest.mark.parametrize("via", ["symbolic_trace", "export"])
 def test_a_merged_axis_that_is_not_the_width_keeps_its_size(via):
     grown_or_refused(_SplitThenFlatten(), torch.randn(3, 4, 4), widen(), via=via)
+
+
+class _BatchAsNumber(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return self.c(x) / math.sqrt(x.shape[0])
+
+
+def test_export_keeps_the_sizes_it_specialised_as_guards():
+    """``math.sqrt(x.shape[0])`` makes export bake the batch size in: the captured graph and every grown
+    model must refuse another batch size (they computed something else silently), not only the eager one."""
+    model = _BatchAsNumber()
+    gm = r2r_fx.capture(model, (torch.randn(2, 6, 5, 4),), via="export")
+    grown = r2r_fx.widen(gm, check=False)
+    x2, x4 = torch.randn(2, 6, 5, 4), torch.randn(4, 6, 5, 4)
+    for candidate in (gm, grown, copy.deepcopy(grown)):
+        with torch.no_grad():
+            assert _rel([model(x2)], [candidate(x2)]) <= RTOL
+        with pytest.raises(RuntimeError, match=r"exported for inputs with x\.shape\[0\] == 2"):
+            candidate(x4)
+    dynamic = r2r_fx.capture(nn.Conv2d(6, 4, 1), (torch.randn(2, 6, 5, 4),), via="export")
+    assert dynamic(x4).shape == (4, 4, 5, 4)  # a batch export kept symbolic is not guarded
+
+
+class _InplaceOnASplitOfTheInput(nn.Module):
+    """Nothing before ``h`` requires grad, and ``q.relu_()`` writes an output of split in place: with a
+    block upstream that write must be tracked by autograd, which refuses it for multi-output views."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s1, self.s2, self.o = nn.Conv2d(1, 4, 1), nn.Conv2d(4, 1, 1), nn.Conv2d(1, 2, 1)
+
+    def forward(self, x):
+        v = torch.split(x, 2, dim=1)[-1]
+        h = torch.cat([v, v], dim=2)
+        p, q = h.split([11, 1], dim=2)
+        q.relu_()
+        p = p * torch.sigmoid(self.s2(torch.relu(self.s1(p.mean((2, 3), keepdim=True)))))
+        return self.o(p - q)
+
+
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+def test_deepen_refuses_points_that_would_make_an_untracked_write_tracked(via):
+    torch.manual_seed(0)
+    model, x = _InplaceOnASplitOfTheInput(), torch.randn(2, 3, 6, 6)
+    model(x).sum().backward()  # the eager model trains
+    gm = r2r_fx.capture(model, (x,), via=via)
+    points = r2r_fx.insertion_points(gm)
+    assert points and "cat" not in {p.node for p in points}
+    with pytest.raises(r2r_fx.GrowthError, match="nothing before cat requires grad"):
+        r2r_fx.deepen(gm, at=["cat"], check=False)
+    for point in points:
+        for method in ("r2r", "netmorph"):
+            grown = r2r_fx.deepen(gm, at=[point.node], method=method, seed=0, check=False).train()
+            grown(x).sum().backward()
+            with torch.no_grad():
+                assert _rel([model.eval()(x)], [grown.eval()(x)]) <= RTOL
+
+
+def test_an_export_that_loses_train_mode_behaviour_is_marked_eval_only():
+    """Spectral norm's power iteration runs per train-mode call in eager; the exported graph does not
+    keep it, so capture says the graph is eval-only (and verify and the fuzzer treat it so)."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv1d(2, 2, 3, padding=1, groups=2)
+            self.s = nn.utils.parametrizations.spectral_norm(nn.Linear(8, 8))
+
+        def forward(self, x):
+            return self.s(self.c(x.unbind(3)[-1].narrow(1, 6, 2)))
+
+    torch.manual_seed(88)
+    gm = r2r_fx.capture(Model(), (torch.randn(5, 8, 8, 4),), via="export")
+    assert "differs from the model in train mode" in gm.meta.get("r2r_eval_only", "")

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import copy
 import warnings
+from types import SimpleNamespace
 
 import fuzzgen
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import r2r_fx
@@ -23,6 +25,7 @@ __all__: list[str] = []
 CHUNKS = 12
 PER_CHUNK = 20  # 240 graphs
 SHOWN = 3  # failing models whose source goes into the message
+_FLOAT32 = SimpleNamespace(torch_dtype=torch.float32, random_train=False)  # what _evaluate reads of a Program
 
 
 @pytest.fixture(autouse=True)
@@ -115,3 +118,56 @@ def test_repro_is_standalone() -> None:
     exec(compile(source, "<repro>", "exec"), ns)
     model = ns["make_model"]()
     assert isinstance(model, nn.Module) and r2r_fx.capture(model, ns["make_inputs"]()) is not None
+
+
+class _ShiftedInTrain(nn.BatchNorm3d):
+    def forward(self, x):
+        return super().forward(x) + (1e-4 if self.training else 0.0)
+
+
+def test_checker_measures_a_noise_output_against_its_noise() -> None:
+    """Seed 950088: the output is a train-mode BatchNorm of a constant (float32 rounding noise). Widening
+    changes the noise; the float64 re-check must judge it against the noise's size, and still flag a real change."""
+    program = fuzzgen.generate(950088)
+    report = fuzzgen.check_program(program, "export", only="widen/net2net/extra")
+    assert [r.outcome for r in report.results if r.transform == "widen/net2net/extra"] == ["preserved"]
+    model, make_inputs = program.build()
+    changed = copy.deepcopy(model)
+    changed.m22.__class__ = _ShiftedInTrain  # 1e-4 in train mode: tiny, but a thousand times the noise
+    outcome, detail, _ = fuzzgen._evaluate(model, changed, make_inputs(3, 5), program, True)
+    assert outcome == "wrong" and "train mode" in detail, detail
+
+
+class _DropoutThenInplace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.drop = nn.Linear(4, 4), nn.Dropout(0.5)
+
+    def forward(self, x):
+        return torch.relu_(self.drop(self.fc(x)))
+
+
+def test_checker_keeps_dropout_rates_for_the_backward_run() -> None:
+    """A rate-0 dropout returns its input itself, so the in-place op after it fails in backward; the
+    checker zeroes rates only for the value comparison."""
+    model = _DropoutThenInplace()
+    outcome, detail, _ = fuzzgen._evaluate(model, copy.deepcopy(model), (torch.randn(3, 4),), _FLOAT32, True)
+    assert outcome == "preserved", detail
+    assert model.drop.p == 0.5
+
+
+class _FrozenStatistics(nn.BatchNorm1d):
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+def test_checker_counts_train_differences_of_an_eval_only_capture_as_refusals() -> None:
+    """Capture marks graphs it can only hold in eval mode (``gm.meta["r2r_eval_only"]``): a train-mode
+    difference there was announced, so it is a refusal; unannounced, it is wrong."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    frozen = copy.deepcopy(model)
+    frozen[1].__class__ = _FrozenStatistics
+    inputs = (torch.randn(6, 4),)
+    assert fuzzgen._evaluate(model, frozen, inputs, _FLOAT32, True)[0] == "wrong"
+    outcome, detail, _ = fuzzgen._evaluate(model, frozen, inputs, _FLOAT32, True, eval_only="a reason")
+    assert outcome == "refused" and "a reason" in detail
