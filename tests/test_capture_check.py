@@ -11,6 +11,7 @@ import operator
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import r2r_fx
@@ -175,3 +176,17 @@ def test_capture_leaves_running_statistics_alone():
     for via in ("symbolic_trace", "export"):
         r2r_fx.capture(model, (torch.randn(2, 4, 6, 6),), via=via)
     assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+
+
+class _ChainedDropouts(nn.Module):
+    def forward(self, x):
+        return F.dropout(F.dropout(x * x, 0.1, self.training), 0.0, self.training).mean(1)
+
+
+def test_chained_functional_dropouts_become_layers():
+    """The second dropout's input is the first one, which is replaced first (found by the fuzzer)."""
+    model, x = _ChainedDropouts(), torch.randn(3, 4)
+    gm = r2r_fx.capture(model, (x,), via="symbolic_trace")
+    assert "r2r_eval_only" not in gm.meta
+    assert sum(isinstance(m, nn.Dropout) for m in gm.modules()) == 2
+    assert torch.equal(gm.eval()(x), model.eval()(x))
