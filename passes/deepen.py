@@ -35,7 +35,8 @@ from r2r_fx.analysis import Analysis, analyze, hidden_weights
 from r2r_fx.capture import example_inputs_of, record_shapes
 from r2r_fx.errors import GrowthError
 from r2r_fx.methods import Method
-from r2r_fx.passbase import Pass, PassResult, append_record, copy_graph_module, make_generator
+from r2r_fx.passbase import Pass, PassResult, copy_graph_module, make_generator
+from r2r_fx.record import BlockInsert, GrowthRecord, SkippedPoint, append_record
 from r2r_fx.rules import shape_of, tensor_shapes
 
 __all__ = ["DEEPEN_METHODS", "DeepenPass", "InsertionPoint", "deepen", "identity_layer", "insertion_points"]
@@ -328,7 +329,7 @@ class DeepenPass(Pass):
             if refusal:
                 if self.at is not None:
                     raise GrowthError(f"{point.node!r}: {refusal}")
-                skipped.append({"at": point.node, "reason": refusal})
+                skipped.append(SkippedPoint(point.node, refusal))
                 continue
             std = _weight_std(grown, x)
             for _ in range(self.count):
@@ -346,30 +347,31 @@ class DeepenPass(Pass):
                     branches = [layers]
                     x = _insert(grown, x, prefix, branches, residual=False, parametric=self.method == "netmorph")
                 blocks.append(
-                    {
-                        "at": point.node,
-                        "kind": point.kind,
-                        "width": point.width,
-                        "hidden": hidden,
-                        "module": prefix,
-                        "output_node": x.name,
-                        "params": sum(p.numel() for b in branches for m in b.values() for p in m.parameters()),
-                    }
+                    BlockInsert(
+                        at=point.node,
+                        kind=point.kind,
+                        width=point.width,
+                        hidden=hidden,
+                        module=prefix,
+                        output_node=x.name,
+                        params=sum(p.numel() for b in branches for m in b.values() for p in m.parameters()),
+                    )
                 )
                 index += 1
         grown.graph.lint()
         grown.recompile()
         record_shapes(grown, example_inputs_of(grown))  # a real run: meta kernels can differ in strides, or fail
-        record = {
-            "op": "deepen",
-            "method": self.method,
-            "exact": self.method != "random",
-            "blocks": blocks,
-            "skipped": skipped,
-            "new_params": [
-                f"{b['module']}.{n}" for b in blocks for n, _ in grown.get_submodule(b["module"]).named_parameters()
-            ],
-        }
+        record = GrowthRecord(
+            "deepen",
+            self.method,
+            self.method != "random",
+            blocks=tuple(blocks),
+            skipped=tuple(skipped),
+            new_params=tuple(
+                f"{b.module}.{n}" for b in blocks for n, _ in grown.get_submodule(b.module).named_parameters()
+            ),
+            options={"count": self.count, "at": list(self.at) if self.at is not None else None},
+        )
         append_record(grown, record)
         return PassResult(grown, bool(blocks), record)
 

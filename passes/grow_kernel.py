@@ -19,9 +19,10 @@ from torch import nn
 
 from r2r_fx.analysis import hidden_weights
 from r2r_fx.errors import GrowthError
-from r2r_fx.passbase import Pass, PassResult, append_record, copy_graph_module
+from r2r_fx.passbase import Pass, PassResult, copy_graph_module
+from r2r_fx.record import AxisChange, GrowthRecord, append_record, replace_param
 from r2r_fx.rules import shape_of
-from r2r_fx.surgery import get_tensor, set_tensor
+from r2r_fx.surgery import get_tensor
 
 __all__ = ["GrowKernelPass", "grow_kernel"]
 
@@ -71,31 +72,20 @@ class GrowKernelPass(Pass):
         for module in modules:
             _check_module(module, grown, extra)
         names = [n for n, p in grown.named_parameters(remove_duplicate=False) if p is weight]
-        new_weight = set_tensor(grown, weight_name, _pad_kernel(weight, size).contiguous(), names)
+        axes = {2 + i: AxisChange("kernel", ((e, 0, k),)) for i, (e, k) in enumerate(zip(extra, old))}
+        changes = replace_param(grown, weight_name, _pad_kernel(weight, size).contiguous(), names, axes)
         for module in modules:
             _grow_module(module, size, extra)
         for node in calls:
             _grow_call(node, dims, extra)
         grown.recompile()
-        record = {
-            "op": "grow_kernel",
-            "method": "netmorph",
-            "exact": True,
-            "node": self.node,
-            "kernel_before": list(old),
-            "kernel_after": list(size),
-            "params": [
-                {
-                    "param": name,
-                    "shape_before": list(weight.shape),
-                    "shape_after": list(new_weight.shape),
-                    "axes": {
-                        2 + i: {"role": "kernel", "old_runs": [[e, 0, k]]} for i, (e, k) in enumerate(zip(extra, old))
-                    },
-                }
-                for name in names or [weight_name]
-            ],
-        }
+        record = GrowthRecord(
+            "grow_kernel",
+            "netmorph",
+            True,
+            params=tuple(changes),
+            options={"node": self.node, "kernel_before": list(old), "kernel_after": list(size)},
+        )
         append_record(grown, record)
         return PassResult(grown, size != old, record)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 import torch.fx
@@ -23,8 +22,9 @@ import torch.fx
 from r2r_fx.analysis import Analysis, analyze
 from r2r_fx.errors import GrowthError
 from r2r_fx.methods import Method, get_method
-from r2r_fx.passbase import Pass, PassResult, append_record, copy_graph_module, make_generator
-from r2r_fx.surgery import axis_index, channel_sources, fix_widths, get_tensor, set_tensor, update_shapes
+from r2r_fx.passbase import Pass, PassResult, copy_graph_module, make_generator
+from r2r_fx.record import AxisChange, GroupChange, GrowthRecord, ParamChange, append_record, replace_param
+from r2r_fx.surgery import axis_index, channel_sources, fix_widths, get_tensor, update_shapes
 
 __all__ = ["WidenPass", "plan_extras", "widen"]
 
@@ -38,7 +38,7 @@ def plan_extras(
     extra: int | None,
     groups: Iterable[int | str] | None,
     method: Method | None = None,
-) -> tuple[dict[int, int], list[dict[str, Any]]]:
+) -> tuple[dict[int, int], list[GroupChange]]:
     """Channels to add per atom, and a report line per width group (widened or skipped, with reason)."""
     if (factor is None) == (extra is None):
         raise GrowthError("give exactly one of factor= or extra=")
@@ -48,7 +48,7 @@ def plan_extras(
         raise GrowthError(f"extra must be >= 0, got {extra}")
     chosen = _select(analysis, groups)
     extras: dict[int, int] = {}
-    report: list[dict[str, Any]] = []
+    report: list[GroupChange] = []
     for g in analysis.groups:
         entry = {
             "id": g.id,
@@ -74,7 +74,7 @@ def plan_extras(
                 entry.update(status="widened", reason="", width_after=g.width + sum(per_atom.values()))
             else:
                 entry["reason"] = "nothing to add"
-        report.append(entry)
+        report.append(GroupChange(**{**entry, "producers": tuple(g.producers), "consumers": tuple(g.consumers)}))
     return extras, report
 
 
@@ -101,7 +101,7 @@ def _select(analysis: Analysis, groups: Iterable[int | str] | None) -> set[int]:
 
 def grow_parameters(
     gm: torch.fx.GraphModule, analysis: Analysis, extras: dict[int, int], method: Method, generator: torch.Generator
-) -> list[dict[str, Any]]:
+) -> list[ParamChange]:
     """Grow every bound parameter whose layout gains channels; returns what changed per parameter."""
     changes = []
     sources = channel_sources(extras, analysis.atom_width, generator)
@@ -115,12 +115,8 @@ def grow_parameters(
         old = get_tensor(gm, param)
         with torch.no_grad():
             new = method.grow(old, plan, generator)
-        set_tensor(gm, param, new, analysis.aliases(param))
-        axes_record = {axis: {"role": role, "old_runs": [list(r) for r in idx.runs]} for axis, idx, role in plan}
-        for name in analysis.aliases(param):  # a tied tensor is recorded under each of its names
-            changes.append(
-                {"param": name, "shape_before": list(old.shape), "shape_after": list(new.shape), "axes": axes_record}
-            )
+        axes = {axis: AxisChange(role, tuple(tuple(r) for r in idx.runs)) for axis, idx, role in plan}
+        changes += replace_param(gm, param, new, analysis.aliases(param), axes)  # recorded under each tied name
     return changes
 
 
@@ -162,15 +158,14 @@ class WidenPass(Pass):
         changes = grow_parameters(grown, analysis, extras, self.method, generator)
         fix_widths(grown, analysis, extras)
         update_shapes(grown, analysis, extras)
-        record = {
-            "op": "widen",
-            "method": self.method.name,
-            "exact": self.method.exact,
-            "factor": self.factor,
-            "extra": self.extra,
-            "groups": report,
-            "params": changes,
-        }
+        record = GrowthRecord(
+            "widen",
+            self.method.name,
+            self.method.exact,
+            params=tuple(changes),
+            groups=tuple(report),
+            options={"factor": self.factor, "extra": self.extra},
+        )
         append_record(grown, record)
         return PassResult(grown, bool(changes), record)
 

@@ -11,6 +11,7 @@ from r2r_fx.optim import carry_optimizer, carry_scheduler
 from r2r_fx.passes.deepen import DeepenPass, InsertionPoint, deepen, insertion_points
 from r2r_fx.passes.grow_kernel import GrowKernelPass, grow_kernel
 from r2r_fx.passes.widen import WidenPass, widen
+from r2r_fx.record import GrowthRecord, growth_history
 from r2r_fx.verify import VerifyReport, verify
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "R2RError",
     "DeepenPass",
     "GrowKernelPass",
+    "GrowthRecord",
     "InsertionPoint",
     "VerifyReport",
     "WidenPass",
@@ -31,6 +33,7 @@ __all__ = [
     "deepen",
     "export_onnx",
     "grow_kernel",
+    "growth_history",
     "insertion_points",
     "run_onnx",
     "verify",

@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.passes.shape_prop import ShapeProp
 
 from r2r_fx.errors import CaptureError

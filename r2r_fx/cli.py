@@ -33,10 +33,13 @@ import traceback
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from r2r_fx.record import GrowthRecord
 
 __all__ = ["main"]
 
@@ -956,7 +959,7 @@ def _estimate(
         grown = math.prod(shape)
         numel += (grown - t.numel()) if id(t) in params else 0
         nbytes += (grown - t.numel()) * t.element_size()
-    ratio = max([g["width_after"] / g["width_before"] for g in report if g["width_before"]] or [1.0])
+    ratio = max([g.width_after / g.width_before for g in report if g.width_before] or [1.0])
     blocks = 0
     if deepen is not None:
         count, at = deepen
@@ -981,7 +984,7 @@ def _estimate(
         "memory_needed": need,
         "memory_available": _available_memory(),
         "groups": report,
-        "widened": sum(1 for g in report if g["status"] == "widened"),
+        "widened": sum(1 for g in report if g.status == "widened"),
     }
 
 
@@ -989,12 +992,12 @@ def _refuse_no_op(estimate: dict[str, Any], groups: list[int | str] | None, wide
     if not widen:
         return
     report = estimate["groups"]
-    frozen = [g for g in report if g["id"] in (groups or []) and g["status"] != "widened"]
+    frozen = [g for g in report if g.id in (groups or []) and g.status != "widened"]
     if frozen:
         g = frozen[0]
-        raise UsageError(f"--groups {g['id']}: width group {g['id']} cannot be widened ({g['reason'] or 'frozen'})")
+        raise UsageError(f"--groups {g.id}: width group {g.id} cannot be widened ({g.reason or 'frozen'})")
     if not estimate["widened"]:
-        reasons = sorted({g["reason"] for g in report if g["reason"]})
+        reasons = sorted({g.reason for g in report if g.reason})
         raise UsageError(
             "--widen would change nothing: no selected width group can be widened"
             + (f" ({'; '.join(reasons[:4])})" if reasons else "")
@@ -1136,7 +1139,7 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     import r2r_fx
-    from r2r_fx.passbase import records_of
+    from r2r_fx.record import growth_history
 
     widen_kw, groups = _check_arguments(args)
     output = args.output if args.output is not None else _default_output(args.model)
@@ -1183,7 +1186,7 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # GrowthError is one too: a pass refusing its arguments
         raise UsageError(_one_line(exc)) from exc
     timings["rewrite"] = time.perf_counter() - t
-    report = _report(args, name, model, grown, timings, records_of(grown))
+    report = _report(args, name, model, grown, timings, growth_history(grown))
     if deepen is not None and not report["blocks_inserted"]:
         raise UsageError("--deepen would change nothing: " + "; ".join(report["deepen_skipped"][:3] or ["no block"]))
     ok = True
@@ -1209,7 +1212,7 @@ def _run(args: argparse.Namespace) -> int:
             report["dynamic_axes"] = "as captured"
         else:
             program, dynamic = _export_program(grown, inputs)
-            staged.add(output, _write_program(program, records_of(grown)))
+            staged.add(output, _write_program(program, [r.to_json() for r in growth_history(grown)]))
             report["dynamic_axes"] = dynamic
         if onnx_tmp:
             if not os.path.exists(onnx_tmp):
@@ -1290,7 +1293,7 @@ def _report(
     model: nn.Module,
     grown: torch.fx.GraphModule,
     timings: dict[str, float],
-    records: list[dict[str, Any]],
+    records: list[GrowthRecord],
 ) -> dict[str, Any]:
     report: dict[str, Any] = {
         "model": name,
@@ -1305,15 +1308,15 @@ def _report(
         "timings_s": timings,
     }
     for entry in records:
-        if entry["op"] == "widen":
+        if entry.op == "widen":
             report["groups"] = [
-                {k: g[k] for k in ("id", "width_before", "width_after", "status", "reason")} for g in entry["groups"]
-            ]
-        elif entry["op"] == "deepen":
-            report["blocks_inserted"] += [
-                {"at": b["at"], "kind": b["kind"], "params": b["params"]} for b in entry["blocks"]
-            ]
-            report["deepen_skipped"] += [f"{s['at']}: {s['reason']}" for s in entry.get("skipped", [])]
+                {"id": g.id, "width_before": g.width_before, "width_after": g.width_after, "status": g.status,
+                 "reason": g.reason}
+                for g in entry.groups
+            ]  # fmt: skip
+        elif entry.op == "deepen":
+            report["blocks_inserted"] += [{"at": b.at, "kind": b.kind, "params": b.params} for b in entry.blocks]
+            report["deepen_skipped"] += [f"{s.at}: {s.reason}" for s in entry.skipped]
     return report
 
 
@@ -1347,8 +1350,8 @@ def _print_plan(
     if estimate is not None:
         _say(args, "estimate of the growth asked for:")
         for g in estimate["groups"]:
-            if g["status"] == "widened":
-                _say(args, f"  group {g['id']:>3}: width {g['width_before']} -> {g['width_after']}")
+            if g.status == "widened":
+                _say(args, f"  group {g.id:>3}: width {g.width_before} -> {g.width_after}")
         fits = "fits" if estimate["memory_needed"] <= estimate["memory_available"] else "does NOT fit (refused)"
         _say(
             args,

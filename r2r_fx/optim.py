@@ -1,7 +1,7 @@
 """Carry an optimizer across a growth step: same class and hyper-parameters, state kept for the old
 entries of every parameter and started fresh (zeros) for the new ones.
 
-The grown model's record (``r2r_record``) says, per grown parameter and axis, where the old entries
+The grown model's growth record (:mod:`r2r_fx.record`) says, per grown parameter and axis, where the old entries
 went; per-parameter state tensors of the parameter's shape (SGD momentum, Adam's ``exp_avg`` and
 ``exp_avg_sq``) are grown the same way, other state (Adam's ``step``) is copied. Parameters that did
 not exist before (inserted blocks) join the first parameter group with fresh state.
@@ -10,29 +10,24 @@ not exist before (inserted blocks) join the first parameter group with fresh sta
 from __future__ import annotations
 
 import inspect
-import logging
 from typing import Any
 
 import torch
 from torch import nn
 
-from r2r_fx.passbase import records_of
-from r2r_fx.record import old_positions
+from r2r_fx.record import ParamChange, old_positions, param_changes
 
 __all__ = ["carry_optimizer", "carry_scheduler"]
 
-logger = logging.getLogger(__name__)
 
-
-def _grow_like(state: torch.Tensor, changes: list[dict[str, Any]]) -> torch.Tensor:
+def _grow_like(state: torch.Tensor, changes: list[ParamChange]) -> torch.Tensor:
     for change in changes:
-        if list(state.shape) != change["shape_before"]:
-            raise ValueError(f"state of shape {list(state.shape)} does not match the recorded {change['shape_before']}")
-        target = torch.zeros(change["shape_after"], dtype=state.dtype, device=state.device)
+        if tuple(state.shape) != change.shape_before:
+            raise ValueError(f"state of shape {tuple(state.shape)} does not match the recorded {change.shape_before}")
+        target = torch.zeros(change.shape_after, dtype=state.dtype, device=state.device)
         index: list[Any] = [slice(None)] * state.dim()
-        for axis, info in sorted(change["axes"].items(), key=lambda kv: int(kv[0])):
-            positions = old_positions(info["old_runs"]).to(state.device)
-            index[int(axis)] = positions
+        for axis, info in sorted(change.axes.items()):
+            index[axis] = old_positions(info.old_runs).to(state.device)
         # advanced indexing on several axes at once needs broadcastable index tensors
         tensors = [i for i in index if isinstance(i, torch.Tensor)]
         if len(tensors) == 1:
@@ -58,10 +53,7 @@ def carry_optimizer(
     new_params = dict(new_model.named_parameters(remove_duplicate=False))
     sources = getattr(new_model, "meta", {}).get("r2r_param_sources", {})
     by_old_name = {sources.get(n, n): n for n in new_params}
-    changes: dict[str, list[dict[str, Any]]] = {}
-    for entry in records_of(new_model):
-        for change in entry.get("params", []):
-            changes.setdefault(change["param"], []).append(change)
+    changes = param_changes(new_model)
     groups, used = [], set()
     mapping: dict[int, nn.Parameter] = {}
     for group in optimizer.param_groups:

@@ -1,40 +1,34 @@
-"""Pass infrastructure: a pass is a class with ``call(gm) -> PassResult``; a manager runs several.
+"""Pass infrastructure: a pass is a class with ``call(gm) -> PassResult``.
 
 Passes never mutate their input: they deep-copy the GraphModule and return the grown copy. What a
-pass changed is appended to ``gm.meta["r2r_record"]`` (plain Python data, so it survives deepcopy
-and pickling) and also returned in ``PassResult.record``.
+pass changed is a :class:`~r2r_fx.record.GrowthRecord`, appended to the grown model's history
+(``r2r_fx.record``) and also returned in ``PassResult.record``.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.fx
 
+from r2r_fx.record import GrowthRecord
+
 __all__ = [
     "Pass",
-    "PassError",
-    "PassManager",
     "PassResult",
-    "append_record",
     "copy_graph_module",
     "make_generator",
-    "records_of",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
 class PassResult:
     model: torch.fx.GraphModule
     modified: bool
-    record: dict[str, Any] = field(default_factory=dict)
+    record: GrowthRecord | None = None
 
 
 class Pass:
@@ -53,7 +47,7 @@ class Pass:
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         result = self.transform(gm)
-        exact = result.record.get("exact", True)  # True, False or "eval" (exact in eval mode only)
+        exact = result.record.exact if result.record is not None else True  # True, False or "eval"
         if self.check and result.modified and exact:
             from r2r_fx.verify import check_preserved
 
@@ -62,27 +56,6 @@ class Pass:
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         return self.call(gm)
-
-
-class PassError(RuntimeError):
-    """A pass failed; the message names it and the passes that ran before it."""
-
-
-class PassManager:
-    def __init__(self, passes: Sequence[Pass]) -> None:
-        self.passes = list(passes)
-
-    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
-        done: list[str] = []
-        modified = False
-        for p in self.passes:
-            try:
-                result = p.call(gm)
-            except Exception as exc:
-                raise PassError(f"pass {p.name} failed after {done or 'no passes'}: {exc}") from exc
-            gm, modified = result.model, modified or result.modified
-            done.append(p.name)
-        return PassResult(gm, modified, {"passes": done})
 
 
 def copy_graph_module(gm: torch.fx.GraphModule, skip: Sequence[torch.Tensor] = ()) -> torch.fx.GraphModule:
@@ -99,20 +72,3 @@ def make_generator(seed: int | None) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
     return generator
-
-
-def append_record(gm: torch.fx.GraphModule, entry: dict[str, Any]) -> None:
-    """Append to ``gm.meta["r2r_record"]``, mirrored in the plain attribute ``gm.r2r_record``:
-    ``torch.save`` / ``torch.load`` of a GraphModule drops ``meta`` but keeps extra attributes."""
-    records = list(records_of(gm)) + [entry]
-    gm.meta["r2r_record"] = records
-    gm.r2r_record = records
-
-
-def records_of(gm: torch.nn.Module) -> list[dict[str, Any]]:
-    """The growth record of a model, also after a pickle round trip (which empties ``meta``)."""
-    meta = getattr(gm, "meta", None) or {}
-    records = meta.get("r2r_record") or getattr(gm, "r2r_record", None) or []
-    if records and isinstance(meta, dict) and "r2r_record" not in meta and hasattr(gm, "meta"):
-        gm.meta["r2r_record"] = list(records)
-    return list(records)

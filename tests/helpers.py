@@ -85,10 +85,9 @@ def assert_new_weights_train(grown: nn.Module, inputs: Any) -> None:
         grad = params[name].grad
         assert grad is not None, f"{name}: no gradient"
         assert grad[new_entry_mask(change)].ne(0).any(), f"{name}: no new entry gets a gradient"
-        for axis, info in change["axes"].items():
-            axis = int(axis)
+        for axis, info in change.axes.items():
             is_new = torch.ones(grad.shape[axis], dtype=torch.bool)
-            is_new[old_positions(info["old_runs"])] = False
+            is_new[old_positions(info.old_runs)] = False
             for kind, which in (("new", is_new), ("old", ~is_new)):
                 hit = _reached(grad, axis, which)
                 reached[kind][0] += int(hit.sum())

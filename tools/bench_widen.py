@@ -8,7 +8,7 @@ repetitions, alternating the two measurements; medians reported):
   model, growing every parameter, fixing module attributes and shape arguments, recompile, and the
   shape-recording run of the grown model).
 * **floor**: allocating and uniformly filling (``torch.rand``) one tensor per parameter of the grown
-  model, with exactly its shape: ``shape_after`` from ``record["params"]`` for grown parameters, the
+  model, with exactly its shape: ``shape_after`` from ``record.params`` for grown parameters, the
   unchanged shape for the others. No widening method can produce the grown parameters for less.
 
 The project target is ``widen / floor <= 2``. The script also re-runs the pass's steps one by one (see
@@ -47,15 +47,16 @@ from r2r_fx.analysis import analyze  # noqa: E402
 from r2r_fx.methods import get_method  # noqa: E402
 from r2r_fx.passbase import copy_graph_module  # noqa: E402
 from r2r_fx.passes.widen import grow_parameters, plan_extras  # noqa: E402
+from r2r_fx.record import GrowthRecord  # noqa: E402
 from r2r_fx.surgery import fix_widths, get_tensor, update_shapes  # noqa: E402
 
 MODELS = ("resnet50", "vit_b_16")
 FACTOR = 2.0
 
 
-def grown_shapes(gm: torch.fx.GraphModule, record: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+def grown_shapes(gm: torch.fx.GraphModule, record: GrowthRecord) -> dict[str, tuple[int, ...]]:
     """Every parameter of the grown model with its grown shape (unchanged ones keep theirs)."""
-    after = {entry["param"]: tuple(entry["shape_after"]) for entry in record["params"]}
+    after = {change.param: change.shape_after for change in record.params}
     shapes = {name: tuple(p.shape) for name, p in gm.named_parameters()}
     shapes.update({name: shape for name, shape in after.items() if name in shapes})
     return shapes
@@ -123,7 +124,7 @@ def bench(name: str, repeats: int, profile: bool) -> float:
         raise SystemExit(f"{name}: record['params'] disagrees with the grown model on {mismatched[:5]}")
     n_before = sum(p.numel() for p in gm.parameters())
     n_after = sum(p.numel() for p in grown_params.values())
-    grown_count = sum(1 for e in result.record["params"] if e["param"] in shapes)
+    grown_count = sum(1 for change in result.record.params if change.param in shapes)
     del result, grown_params
     shape_list = list(shapes.values())
     floor(shape_list)  # warm-up

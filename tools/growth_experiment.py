@@ -112,16 +112,15 @@ def new_filter_similarity(model: nn.Module) -> float | None:
     |cosine| with any other filter of the layer (old or new), averaged. 1 = an exact copy survives."""
     changes = param_changes(model)
 
-    def rows_axis(name: str) -> dict[str, Any] | None:
-        axes = changes[name][-1]["axes"]
-        return axes.get(0, axes.get("0"))
+    def rows_axis(name: str) -> Any:
+        return changes[name][-1].axes.get(0)
 
     name = next((n for n in changes if n.startswith("stem") and n.endswith("weight") and rows_axis(n)), None)
     if name is None:
         return None
     weight = dict(model.named_parameters())[name].detach()
     is_new = torch.ones(weight.shape[0], dtype=torch.bool)
-    is_new[old_positions(rows_axis(name)["old_runs"])] = False
+    is_new[old_positions(rows_axis(name).old_runs)] = False
     filters = nn.functional.normalize(weight.flatten(1), dim=1)
     cos = (filters[is_new] @ filters.T).abs()
     cos[torch.arange(cos.shape[0]), is_new.nonzero().flatten()] = 0.0  # a filter is not redundant with itself

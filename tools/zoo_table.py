@@ -66,7 +66,7 @@ def _widen_columns(row: dict[str, Any], gm: Any, inputs: Any, onnx: bool, method
     result = r2r_fx.WidenPass(factor=2.0, seed=0, method=method).call(gm)
     row["widen_s"] = time.perf_counter() - t
     grown = result.model
-    row["widened"] = sum(g["status"] == "widened" for g in result.record["groups"])
+    row["widened"] = sum(g.status == "widened" for g in result.record.groups)
     row["params_widened"] = sum(p.numel() for p in grown.parameters())
     t = time.perf_counter()
     report = r2r_fx.verify(gm, grown, inputs, onnx=onnx)
@@ -86,11 +86,12 @@ def _widen_columns(row: dict[str, Any], gm: Any, inputs: Any, onnx: bool, method
 
 def _deepen_columns(row: dict[str, Any], gm: Any, inputs: Any, onnx: bool, method: str) -> None:
     import r2r_fx
+    from r2r_fx.record import growth_history
 
     t = time.perf_counter()
     deep = r2r_fx.deepen(gm, seed=0, method=method)
     row["deepen_s"] = time.perf_counter() - t
-    row["blocks"] = sum(len(r.get("blocks", [])) for r in deep.meta.get("r2r_record", []))
+    row["blocks"] = sum(len(r.blocks) for r in growth_history(deep))
     row["params_deepened"] = sum(p.numel() for p in deep.parameters())
     dreport = r2r_fx.verify(gm, deep, inputs, onnx=onnx)
     row.update(

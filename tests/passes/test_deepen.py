@@ -21,9 +21,9 @@ def test_deepen_one_block_per_stage_preserves_function(name, via):
     points = r2r_fx.insertion_points(gm)
     defaults = [p for p in points if p.default]
     result = r2r_fx.DeepenPass(seed=0).call(gm)
-    blocks = result.record["blocks"]
-    assert [b["at"] for b in blocks] == [p.node for p in defaults] and blocks
-    assert parameter_count(result.model) == parameter_count(gm) + sum(b["params"] for b in blocks)
+    blocks = result.record.blocks
+    assert [b.at for b in blocks] == [p.node for p in defaults] and blocks
+    assert parameter_count(result.model) == parameter_count(gm) + sum(b.params for b in blocks)
     assert all(type(m).__module__.startswith("torch.") for m in result.model.modules())
     assert_function_preserved(model, result.model, inputs)
 

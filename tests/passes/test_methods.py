@@ -19,8 +19,8 @@ EXACT = ["net2net", "netmorph"]
 def test_exact_methods_preserve_function(name, method):
     model, inputs, gm = captured(name)
     result = r2r_fx.WidenPass(factor=2.0, seed=0, method=method).call(gm)
-    assert result.record["method"] == method and result.record["exact"]
-    assert any(g["status"] == "widened" for g in result.record["groups"])
+    assert result.record.method == method and result.record.exact
+    assert any(g.status == "widened" for g in result.record.groups)
     assert_function_preserved(model, result.model, inputs, onnx=name in ("resnet", "densenet", "vit"))
 
 
@@ -34,7 +34,7 @@ def test_exact_methods_on_the_aten_graph(name, method):
 def test_random_pad_is_reported_as_not_preserving():
     model, inputs, gm = captured("resnet")
     result = r2r_fx.WidenPass(factor=2.0, seed=0, method="random").call(gm)
-    assert not result.record["exact"]
+    assert not result.record.exact
     report = r2r_fx.verify(model, result.model, inputs, onnx=False)
     assert not report.ok and report.max_rel_error > 1e-2
 
@@ -42,15 +42,15 @@ def test_random_pad_is_reported_as_not_preserving():
 def test_net2net_noise_breaks_exactness_and_says_so():
     model, inputs, gm = captured("vgg")
     result = r2r_fx.WidenPass(factor=2.0, seed=0, method="net2net", noise=0.1).call(gm)
-    assert not result.record["exact"]
+    assert not result.record.exact
     assert not r2r_fx.verify(model, result.model, inputs, onnx=False).ok
 
 
 def test_net2net_refuses_grouped_convolutions_with_a_reason():
     _, _, gm = captured("grouped")
     record = r2r_fx.WidenPass(factor=2.0, seed=0, method="net2net").call(gm).record
-    grouped = next(g for g in record["groups"] if g["width_before"] == 16)
-    assert grouped["status"] == "skipped" and "whole-group copies" in grouped["reason"]
+    grouped = next(g for g in record.groups if g.width_before == 16)
+    assert grouped.status == "skipped" and "whole-group copies" in grouped.reason
 
 
 def _new_row_gradients(method: str) -> list[float]:
@@ -61,7 +61,7 @@ def _new_row_gradients(method: str) -> list[float]:
     weight = grown.get_submodule("fc1").weight
     change = param_changes(grown)["fc1.weight"][-1]
     is_new = torch.ones(weight.shape[0], dtype=torch.bool)
-    is_new[old_positions(change["axes"][0]["old_runs"])] = False
+    is_new[old_positions(change.axes[0].old_runs)] = False
     return weight.grad[is_new].abs().sum(dim=1).tolist()
 
 
@@ -99,7 +99,7 @@ def test_net2net_copies_are_symmetric_without_noise():
 def test_netmorph_deepen_is_exact_in_eval_and_train(name, via):
     model, inputs, gm = captured(name, via)
     result = r2r_fx.DeepenPass(seed=0, method="netmorph").call(gm)
-    assert result.record["blocks"] and not result.record["skipped"]
+    assert result.record.blocks and not result.record.skipped
     assert_function_preserved(model, result.model, inputs, onnx=name == "resnet")
     alpha = [p for n, p in result.model.named_parameters() if n.endswith("alpha")]
     assert alpha and all(float(a) == 1.0 for a in alpha)
@@ -110,8 +110,8 @@ def test_net2net_deepen_exact_in_eval_after_relu(name):
     """Wherever a stage ends in a ReLU the identity layer goes in; other points are skipped with the reason."""
     model, inputs, gm = captured(name)
     result = r2r_fx.DeepenPass(seed=0, method="net2net").call(gm)
-    assert result.record["blocks"] or result.record["skipped"]
-    assert all("idempotent activation" in s["reason"] for s in result.record["skipped"])
+    assert result.record.blocks or result.record.skipped
+    assert all("idempotent activation" in s.reason for s in result.record.skipped)
     report = r2r_fx.verify(model, result.model, inputs, onnx=name in ("resnet", "vgg"), train=False)
     assert report.eval_rel_error <= 1e-5
     assert report.onnx_max_rel_error is None or report.onnx_max_rel_error <= 1e-4
@@ -128,9 +128,9 @@ def test_net2net_deepen_is_preserving_in_train_mode_too():
 def test_net2net_deepen_refuses_non_idempotent_activations():
     _, _, gm = captured("vit")  # GELU MLPs and LayerNorm outputs: no ReLU point
     result = r2r_fx.DeepenPass(seed=0, method="net2net").call(gm)
-    assert not result.record["blocks"] and result.record["skipped"]
-    assert all("idempotent activation" in s["reason"] for s in result.record["skipped"])
-    point = result.record["skipped"][0]["at"]
+    assert not result.record.blocks and result.record.skipped
+    assert all("idempotent activation" in s.reason for s in result.record.skipped)
+    point = result.record.skipped[0].at
     with pytest.raises(ValueError, match="needs an idempotent activation"):
         r2r_fx.deepen(gm, at=point, method="net2net")
 
@@ -138,7 +138,7 @@ def test_net2net_deepen_refuses_non_idempotent_activations():
 def test_random_deepen_is_not_preserving():
     model, inputs, gm = captured("resnet")
     result = r2r_fx.DeepenPass(seed=0, method="random").call(gm)
-    assert not result.record["exact"]
+    assert not result.record.exact
     assert not r2r_fx.verify(model, result.model, inputs, onnx=False).ok
 
 
@@ -147,7 +147,7 @@ def test_grow_kernel_keeps_function_and_shapes(via, node):
     model, inputs, gm = captured("resnet", via)
     grown = r2r_fx.grow_kernel(gm, node, 5)
     record = grown.meta["r2r_record"][-1]
-    assert record["kernel_before"] == [3, 3] and record["kernel_after"] == [5, 5]
+    assert record["options"]["kernel_before"] == [3, 3] and record["options"]["kernel_after"] == [5, 5]
     assert_function_preserved(model, grown, inputs, onnx=True)
     assert_function_preserved(model, r2r_fx.widen(grown, factor=2.0, seed=0), inputs, onnx=False)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import pickle
 
 import pytest
@@ -11,8 +12,8 @@ import torch
 from torch import nn
 
 import r2r_fx
-from r2r_fx.passbase import records_of
 from r2r_fx.passes.widen import WidenPass
+from r2r_fx.record import GrowthRecord, growth_history
 
 from helpers import assert_function_preserved, assert_new_weights_train, captured, parameter_count
 from zoo import ZOO
@@ -27,10 +28,10 @@ def test_widen_preserves_function(name, via):
     result = WidenPass(factor=2.0, seed=0).call(gm)
     grown = result.model
     widenable = [g for g in r2r_fx.width_groups(gm) if g.widenable]
-    widened = [g for g in result.record["groups"] if g["status"] == "widened"]
+    widened = [g for g in result.record.groups if g.status == "widened"]
     assert widened and len(widened) == len(widenable)
     for g in widened:
-        assert g["width_after"] == 2 * g["width_before"] or g["width_after"] > 2 * g["width_before"] - 2
+        assert g.width_after == 2 * g.width_before or g.width_after > 2 * g.width_before - 2
     assert parameter_count(grown) > parameter_count(gm)
     assert_function_preserved(model, grown, inputs)
 
@@ -74,20 +75,20 @@ def test_input_graph_module_untouched():
 def test_select_groups_by_producer_name_and_extra():
     model, inputs, gm = captured("resnet")
     grown = WidenPass(extra=4, groups=["layer1_conv1"], seed=0).call(gm)
-    widened = [g for g in grown.record["groups"] if g["status"] == "widened"]
-    assert len(widened) == 1 and widened[0]["width_after"] == widened[0]["width_before"] + 4
+    widened = [g for g in grown.record.groups if g.status == "widened"]
+    assert len(widened) == 1 and widened[0].width_after == widened[0].width_before + 4
     assert grown.model.get_submodule("layer1.conv1").out_channels == 12
     by_target = WidenPass(extra=4, groups=["layer1.conv1"], seed=0).call(gm).record
-    assert [g["id"] for g in by_target["groups"] if g["status"] == "widened"] == [widened[0]["id"]]
+    assert [g.id for g in by_target.groups if g.status == "widened"] == [widened[0].id]
     assert_function_preserved(model, grown.model, inputs, onnx=False)
 
 
 def test_widths_round_to_what_the_maths_needs():
     _, _, gm = captured("grouped")
     record = WidenPass(extra=1, seed=0).call(gm).record
-    by_width = {g["width_before"]: g for g in record["groups"] if g["status"] == "widened"}
-    assert by_width[32]["width_after"] == 34  # pairs
-    assert by_width[16]["width_after"] == 24  # groups of 4 channels, an even number of them
+    by_width = {g.width_before: g for g in record.groups if g.status == "widened"}
+    assert by_width[32].width_after == 34  # pairs
+    assert by_width[16].width_after == 24  # groups of 4 channels, an even number of them
 
 
 def test_unknown_group_is_a_clear_error():
@@ -119,8 +120,10 @@ def test_record_survives_deepcopy_and_pickle():
     torch.save(grown, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
-    assert records_of(loaded) == record  # torch.load empties GraphModule.meta; records_of restores it
-    assert loaded.meta["r2r_record"] == record
+    assert [r.to_json() for r in growth_history(loaded)] == record  # torch.load empties GraphModule.meta
+    assert growth_history(loaded) == growth_history(grown)
+    assert json.loads(json.dumps(record)) == record  # plain JSON data
+    assert GrowthRecord.from_json(record[0]) == growth_history(grown)[0]
     pickle.dumps(record)
     torch.testing.assert_close(loaded(*inputs), grown(*inputs))
 
