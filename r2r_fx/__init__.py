@@ -12,6 +12,7 @@ from r2r_fx.passes.deepen import DeepenPass, InsertionPoint, deepen, insertion_p
 from r2r_fx.passes.grow_kernel import GrowKernelPass, grow_kernel
 from r2r_fx.passes.widen import WidenPass, widen
 from r2r_fx.record import GrowthRecord, growth_history
+from r2r_fx.rules import register_layer
 from r2r_fx.verify import VerifyReport, verify
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "grow_kernel",
     "growth_history",
     "insertion_points",
+    "register_layer",
     "run_onnx",
     "verify",
     "widen",

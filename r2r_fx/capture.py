@@ -38,7 +38,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.passes.shape_prop import ShapeProp
 
 from r2r_fx.errors import CaptureError
-from r2r_fx.rules import is_stochastic_depth
+from r2r_fx.rules import LAYERS, is_stochastic_depth
 from r2r_fx.tree import fresh_inputs, max_errors
 
 __all__ = [
@@ -302,7 +302,9 @@ class _Tracer(torch.fx.Tracer):
     """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_stochastic_depth(m) or super().is_leaf_module(m, module_qualified_name)
+        if is_stochastic_depth(m) or type(m) in LAYERS:  # not subclasses: their forward may differ
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
 
     def create_arg(self, a: Any) -> Any:
         kind = type(a)

@@ -27,7 +27,19 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RULES", "Couplings", "param_name", "register_rule", "rule_for", "shape_of", "tensor_shapes"]
+__all__ = [
+    "RULES",
+    "Couplings",
+    "conv_layer",
+    "fix_for",
+    "linear_layer",
+    "param_name",
+    "register_layer",
+    "register_rule",
+    "rule_for",
+    "shape_of",
+    "tensor_shapes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +73,39 @@ def register_rule(*keys: Any) -> Callable[[Rule], Rule]:
         return rule
 
     return wrap
+
+
+WidthOf = Callable[[Slot], "int | None"]  # the grown width of a slot (None: not a tracked width)
+Fix = Callable[[nn.Module, torch.fx.Node, WidthOf], None]
+FIXES: dict[type, Fix] = {}
+LAYERS: set[type] = set()  # layer classes capture keeps as one call (registered with register_layer)
+
+
+def register_layer(cls: type, couple: Rule, fix: Fix | None = None, *, keep_as_call: bool = True) -> type:
+    """One layer type, in one place: ``couple(c, node, gm)`` tells the analysis which channel axes the
+    layer couples and which of its parameter axes index them (a rule, as for ops: ``c.bind``,
+    ``c.same``, ``c.freeze``); ``fix(module, node, width_of)`` brings the layer's own width attributes
+    in line after its parameters grew (``width_of((node_name, axis))`` is a slot's new width).
+
+    With ``keep_as_call`` (the default) ``capture`` records the layer as one ``call_module`` instead
+    of tracing through its ``forward``, so the rule sees the layer itself; subclasses are traced
+    through unless registered themselves (their ``forward`` may do more). A layer whose weights are
+    computed (parametrizations, hooks) is still frozen.
+    """
+    RULES[cls] = couple
+    if fix is not None:
+        FIXES[cls] = fix
+    if keep_as_call:
+        LAYERS.add(cls)
+    return cls
+
+
+def fix_for(module: nn.Module) -> Fix | None:
+    """The width-attribute fix-up registered for ``module``'s class (or a base class), or None."""
+    for cls in type(module).__mro__:
+        if cls in FIXES:
+            return FIXES[cls]
+    return None
 
 
 def rule_for(
@@ -335,12 +380,18 @@ register_rule(
 )(_pointwise)
 
 
-@register_rule(nn.PReLU)
 def _prelu(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     module = c.module(str(node.target))
     _pointwise(c, node, gm)
     if module.weight.numel() > 1:
         c.bind(f"{node.target}.weight", 0, (node.name, 1), "channel", node)
+
+
+def _fix_prelu(m: nn.Module, node: torch.fx.Node, width_of: WidthOf) -> None:
+    m.num_parameters = m.weight.numel()
+
+
+register_layer(nn.PReLU, _prelu, _fix_prelu)
 
 
 @register_rule(
@@ -527,7 +578,6 @@ def _conv(
         c.bind(bias, 0, out_slot, "channel", node)
 
 
-@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 def _conv_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     m = c.module(str(node.target))
     bias = f"{node.target}.bias" if m.bias is not None else None
@@ -542,6 +592,44 @@ def _conv_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) ->
         tuple(m.weight.shape),
         type(m).__name__,
     )
+
+
+def conv_layer(
+    c: Couplings, node: torch.fx.Node, *, weight: str = "weight", bias: str | None = "bias", groups: int = 1,
+    transposed: bool = False,
+) -> None:  # fmt: skip
+    """Couplings of a layer that is a convolution of its input with its parameters ``weight`` (``(out,
+    in/groups, *kernel)``, or ``(in, out/groups, *kernel)`` when ``transposed``) and ``bias``: for
+    handlers of users' layers (:func:`register_layer`). A missing ``bias`` attribute is no bias."""
+    m = c.module(str(node.target))
+    w = getattr(m, weight)
+    b = f"{node.target}.{bias}" if bias is not None and getattr(m, bias, None) is not None else None
+    _conv(c, node, node.args[0], f"{node.target}.{weight}", b, groups, transposed, tuple(w.shape), type(m).__name__)
+
+
+def linear_layer(c: Couplings, node: torch.fx.Node, *, weight: str = "weight", bias: str | None = "bias") -> None:
+    """Couplings of a layer that is ``x @ weight.T + bias`` over the input's last axis (``weight``:
+    ``(out, in)``): for handlers of users' layers (:func:`register_layer`)."""
+    m = c.module(str(node.target))
+    b = f"{node.target}.{bias}" if bias is not None and getattr(m, bias, None) is not None else None
+    _linear(c, node, node.args[0], f"{node.target}.{weight}", b)
+
+
+def _fix_conv(m: nn.Module, node: torch.fx.Node, width_of: WidthOf) -> None:
+    w = m.weight
+    if m.transposed:
+        m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
+        return
+    m.out_channels = w.shape[0]
+    x = node.args[0] if node.args else None
+    in_w = width_of((x.name, 1)) if isinstance(x, torch.fx.Node) and shape_of(x) else None
+    if in_w is not None:
+        m.groups = max(1, in_w // w.shape[1])
+        m.in_channels = w.shape[1] * m.groups
+
+
+for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_layer(_cls, _conv_module, _fix_conv)
 
 
 def _weight_arg(c: Couplings, node: torch.fx.Node, arg: Any) -> str | None:
@@ -590,10 +678,16 @@ def _linear(c: Couplings, node: torch.fx.Node, x: torch.fx.Node, weight: str | N
         c.bind(bias, 0, (node.name, last), "channel", node)
 
 
-@register_rule(nn.Linear)
 def _linear_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     m = c.module(str(node.target))
     _linear(c, node, node.args[0], f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None)
+
+
+def _fix_linear(m: nn.Module, node: torch.fx.Node, width_of: WidthOf) -> None:
+    m.in_features, m.out_features = m.weight.shape[1], m.weight.shape[0]
+
+
+register_layer(nn.Linear, _linear_module, _fix_linear)
 
 
 @register_rule(F.linear, aten.linear)
@@ -614,9 +708,15 @@ def _embedding(c: Couplings, node: torch.fx.Node, ids: torch.fx.Node, weight: st
         c.freeze((node.name, len(out) - 1), f"embedding {node.name} renormalises its rows (max_norm)")
 
 
-@register_rule(nn.Embedding)
 def _embedding_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     _embedding(c, node, node.args[0], f"{node.target}.weight", c.module(str(node.target)).max_norm)
+
+
+def _fix_embedding(m: nn.Module, node: torch.fx.Node, width_of: WidthOf) -> None:
+    m.embedding_dim = m.weight.shape[1]
+
+
+register_layer(nn.Embedding, _embedding_module, _fix_embedding)
 
 
 @register_rule(aten.embedding)
@@ -646,7 +746,6 @@ def _channel_norm(
         c.granularity((node.name, 1), group_size, node)
 
 
-@register_rule(nn.modules.batchnorm._NormBase, nn.GroupNorm)
 def _norm_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     m = c.module(str(node.target))
     shape = shape_of(node.args[0])
@@ -661,6 +760,22 @@ def _norm_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) ->
     params = [f"{node.target}.{n}" if getattr(m, n, None) is not None else None for n in names]
     group = m.num_channels // m.num_groups if isinstance(m, nn.GroupNorm) else 1
     _channel_norm(c, node, node.args[0], params, group)
+
+
+def _fix_norm(m: nn.Module, node: torch.fx.Node, width_of: WidthOf) -> None:
+    x = node.args[0] if node.args else None
+    in_w = width_of((x.name, 1)) if isinstance(x, torch.fx.Node) and shape_of(x) else None
+    if in_w is None:
+        return
+    if isinstance(m, nn.GroupNorm):
+        per_group = m.num_channels // m.num_groups
+        m.num_channels, m.num_groups = in_w, in_w // per_group
+    else:
+        m.num_features = in_w
+
+
+register_layer(nn.modules.batchnorm._NormBase, _norm_module, _fix_norm)
+register_layer(nn.GroupNorm, _norm_module, _fix_norm)
 
 
 @register_rule(
@@ -1261,7 +1376,6 @@ register_rule(
     torch.unsqueeze,
     torch.unflatten,
     nn.Flatten,
-    nn.Unflatten,
     "method:view_as",
     "method:reshape_as",
     *(
@@ -1279,6 +1393,16 @@ register_rule(
         )
     ),
 )(_reshape)
+
+
+def _fix_unflatten(m: nn.Module, node: torch.fx.Node, width_of: WidthOf) -> None:
+    out = shape_of(node)
+    if out is not None:
+        dim = m.dim if m.dim >= 0 else len(out) + m.dim
+        m.unflattened_size = tuple(width_of((node.name, dim + i)) or s for i, s in enumerate(m.unflattened_size))
+
+
+register_layer(nn.Unflatten, _reshape, _fix_unflatten)
 
 
 @register_rule("method:expand", aten.expand, "method:expand_as")

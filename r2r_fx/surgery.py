@@ -21,7 +21,7 @@ import torch.fx
 from torch import nn
 
 from r2r_fx.analysis import Analysis, Layout, hidden_weights
-from r2r_fx.rules import expand_ellipsis, shape_of, tensor_shapes
+from r2r_fx.rules import expand_ellipsis, fix_for, shape_of, tensor_shapes
 
 __all__ = [
     "channel_sources",
@@ -163,35 +163,12 @@ def fix_widths(gm: torch.fx.GraphModule, analysis: Analysis, extras: Mapping[int
 
 
 def _fix_module(m: nn.Module, node: torch.fx.Node, width) -> None:
+    """The layer's width attributes, through the fix-up registered with its handler (``register_layer``)."""
     if hidden_weights(m):
         return  # frozen by the analysis; reading its weight would compute it (and step spectral norm)
-    x = node.args[0] if node.args else None
-    in_w = width((x.name, 1)) if isinstance(x, torch.fx.Node) and shape_of(x) else None
-    if isinstance(m, nn.modules.conv._ConvNd):
-        w = m.weight
-        if m.transposed:
-            m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
-        else:
-            m.out_channels = w.shape[0]
-            if in_w is not None:
-                m.groups = max(1, in_w // w.shape[1])
-                m.in_channels = w.shape[1] * m.groups
-    elif isinstance(m, nn.Linear):
-        m.in_features, m.out_features = m.weight.shape[1], m.weight.shape[0]
-    elif isinstance(m, nn.Embedding):
-        m.embedding_dim = m.weight.shape[1]
-    elif isinstance(m, nn.GroupNorm) and in_w is not None:
-        per_group = m.num_channels // m.num_groups
-        m.num_channels, m.num_groups = in_w, in_w // per_group
-    elif isinstance(m, nn.modules.batchnorm._NormBase) and in_w is not None:
-        m.num_features = in_w
-    elif isinstance(m, nn.PReLU):
-        m.num_parameters = m.weight.numel()
-    elif isinstance(m, nn.Unflatten):
-        out = shape_of(node)
-        if out is not None:
-            dim = m.dim if m.dim >= 0 else len(out) + m.dim
-            m.unflattened_size = tuple(width((node.name, dim + i)) or s for i, s in enumerate(m.unflattened_size))
+    fix = fix_for(m)
+    if fix is not None:
+        fix(m, node, width)
 
 
 _SHAPE_ARG_OPS = {
