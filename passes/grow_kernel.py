@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r2r_fx.analysis import hidden_weights
+from r2r_fx.compat import aten
 from r2r_fx.errors import GrowthError
 from r2r_fx.passbase import Pass, PassResult, copy_graph_module
 from r2r_fx.record import AxisChange, GrowthRecord, append_record, replace_param
@@ -27,7 +28,6 @@ from r2r_fx.surgery import get_tensor
 __all__ = ["GrowKernelPass", "grow_kernel"]
 
 logger = logging.getLogger(__name__)
-aten = torch.ops.aten
 _ATEN_CONVS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
 
 

@@ -25,9 +25,10 @@ import torch
 import torch.fx
 from torch import nn
 
+from r2r_fx.compat import OpOverload
+
 __all__ = ["unsafe_points", "written_later"]
 
-aten = torch.ops.aten
 
 # Ops that may return (a view of) their first input, by name (tensor methods, torch functions).
 _VIEWS = {
@@ -56,14 +57,14 @@ def _writes_first_input(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
         return False
     if node.target is operator.setitem or node.kwargs.get("inplace") is True:
         return True
-    if node.op == "call_function" and callable(node.target) and not isinstance(node.target, torch._ops.OpOverload):
+    if node.op == "call_function" and callable(node.target) and not isinstance(node.target, OpOverload):
         try:  # ``F.relu(x, True)``: the flag given by position
             bound = inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments
         except (TypeError, ValueError):
             bound = {}
         if bound.get("inplace") is True:
             return True
-    if isinstance(node.target, torch._ops.OpOverload):
+    if isinstance(node.target, OpOverload):
         args = node.target._schema.arguments
         return bool(args and args[0].alias_info is not None and args[0].alias_info.is_write)
     name = _name(node)
@@ -75,7 +76,7 @@ def _may_alias_first_input(node: torch.fx.Node, gm: torch.fx.GraphModule) -> boo
         return isinstance(gm.get_submodule(str(node.target)), _VIEW_MODULES)
     if node.op not in ("call_function", "call_method"):
         return False
-    if isinstance(node.target, torch._ops.OpOverload):
+    if isinstance(node.target, OpOverload):
         returns = node.target._schema.returns
         if any(r.alias_info is not None for r in returns):
             return True

@@ -30,6 +30,7 @@ import torch.fx
 import torch.nn.utils.parametrize
 
 from r2r_fx import rules as _rules
+from r2r_fx.compat import OpOverload
 from r2r_fx.rules import Slot, freeze_all, rule_for, tensor_shapes
 
 __all__ = ["Analysis", "Binding", "Layout", "WidthGroup", "analyze", "hidden_weights", "width_groups"]
@@ -534,7 +535,7 @@ def _describe(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
     if node.op == "call_method":
         return f".{node.target}() ({node.name})"
     target = node.target
-    name = str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
+    name = str(target) if isinstance(target, OpOverload) else getattr(target, "__name__", str(target))
     return f"{name} ({node.name})"
 
 

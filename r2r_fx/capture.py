@@ -34,9 +34,10 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.passes.shape_prop import ShapeProp
 
+from r2r_fx.compat import aten as _aten
+from r2r_fx.compat import is_concrete_int
 from r2r_fx.errors import CaptureError
 from r2r_fx.rules import LAYERS, is_stochastic_depth
 from r2r_fx.tree import fresh_inputs, max_errors
@@ -54,7 +55,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _CAPTURE_RTOL = 1e-5
-_aten = torch.ops.aten
 
 
 @contextlib.contextmanager

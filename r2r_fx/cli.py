@@ -550,7 +550,9 @@ _OPERATOR_FUNCTIONS = frozenset(
 
 def _is_operator(target: Any, sym_ops: Any) -> bool:
     """A registered operator (ATen, custom, higher-order), a symbolic-shape op, or a pure operator/math function."""
-    if isinstance(target, (str, torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch._ops.HigherOrderOperator)):
+    from r2r_fx.compat import HigherOrderOperator, OpOverload, OpOverloadPacket
+
+    if isinstance(target, (str, OpOverload, OpOverloadPacket, HigherOrderOperator)):
         return True  # a string stays unresolved: torch's reader refuses it itself
     try:
         if target in sym_ops or target in _OPERATOR_FUNCTIONS:

@@ -27,6 +27,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from r2r_fx.compat import OpOverload, aten
+
 __all__ = [
     "RULES",
     "Couplings",
@@ -44,7 +46,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Slot = tuple[str, int]
-aten = torch.ops.aten
 
 
 class Couplings(Protocol):
@@ -129,7 +130,7 @@ def rule_for(
         return RULES.get(f"method:{node.target}")
     if node.op == "call_function":
         target = node.target
-        if isinstance(target, torch._ops.OpOverload):
+        if isinstance(target, OpOverload):
             return RULES.get(target.overloadpacket)
         rule = RULES.get(target)
         if rule is None and getattr(target, "__name__", None) == "stochastic_depth":
@@ -658,7 +659,7 @@ def _conv_function(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) 
 def _convolution(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     w = _arg(node, 1, "weight")
     weight, bias = _weight_arg(c, node, w), _weight_arg(c, node, _arg(node, 2, "bias"))
-    if isinstance(node.target, torch._ops.OpOverload) and node.target.overloadpacket == aten.convolution:
+    if isinstance(node.target, OpOverload) and node.target.overloadpacket == aten.convolution:
         transposed, groups = node.args[6], node.args[8]
     else:
         transposed, groups = True, _arg(node, 6, "groups", 1)
@@ -1109,27 +1110,13 @@ def _cat(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     c.concat((node.name, dim), parts)
 
 
-@register_rule(
-    torch.split,
-    torch.chunk,
-    torch.tensor_split,
-    "method:split",
-    "method:chunk",
-    aten.split,
-    aten.split_with_sizes,
-    aten.chunk,
-    torch.unbind,
-    "method:unbind",
-    aten.unbind,
-)
-def _split(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+def _split(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule, chunked: bool) -> None:
+    """split / chunk: the pieces are a concatenation along ``dim``; every other axis is shared."""
     x = node.args[0]
     shape = shape_of(x)
     outs = tensor_shapes(node)
-    target = getattr(node.target, "overloadpacket", node.target)
-    name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
-    if shape is None or not outs or "unbind" in str(name) or "tensor_split" in str(name):
-        freeze_all(c, node, f"{name} is not supported")
+    if shape is None or not outs:
+        freeze_all(c, node, f"{_op_name(node, gm)} without static shapes")
         return
     dim = _arg(node, 2, "dim", 0)
     if not isinstance(dim, int):
@@ -1137,8 +1124,8 @@ def _split(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
         return
     dim = _norm_axis(dim, len(shape))
     sizes = [s[dim] for _, s in outs]
-    chunks = _arg(node, 1, "chunks") if "chunk" in str(name) else None
-    equal = chunks is not None or isinstance(_arg(node, 1, "split_size"), int)
+    chunks = _arg(node, 1, "chunks") if chunked else None
+    equal = chunked or isinstance(_arg(node, 1, "split_size"), int)
     if equal and len(set(sizes)) != 1:
         freeze_all(c, node, f"{node.name} splits into unequal parts")
         return
@@ -1150,6 +1137,17 @@ def _split(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
             if a != dim:
                 c.same((x.name, a), (out_name, a))
     c.concat((x.name, dim), [(n, dim) for n, _ in outs], equal=equal)
+
+
+register_rule(torch.split, "method:split", aten.split, aten.split_with_sizes)(
+    lambda c, node, gm: _split(c, node, gm, chunked=False)
+)
+register_rule(torch.chunk, "method:chunk", aten.chunk)(lambda c, node, gm: _split(c, node, gm, chunked=True))
+
+
+@register_rule(torch.tensor_split, torch.unbind, "method:unbind", "method:tensor_split", aten.unbind)
+def _unsupported_split(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    freeze_all(c, node, f"{_op_name(node, gm)} is not supported")
 
 
 @register_rule(operator.getitem)
@@ -1251,49 +1249,55 @@ def _select(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None
     _index_tensor(c, node, x, tuple(items))
 
 
-@register_rule(
-    torch.transpose,
-    "method:transpose",
-    aten.transpose,
-    "method:t",
-    aten.t,
-    torch.t,
-    torch.permute,
-    "method:permute",
-    aten.permute,
-    torch.swapaxes,
-    "method:swapaxes",
-    torch.movedim,
-    "method:movedim",
-)
-def _permute(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
-    x = node.args[0]
-    shape = shape_of(x)
-    if shape is None:
-        freeze_all(c, node, "permutation without a static shape")
-        return
-    rank = len(shape)
-    name = str(getattr(node.target, "overloadpacket", node.target))
+def _permutation(order_of: Callable[[torch.fx.Node, int], list[int]]) -> Rule:
+    """A rule for an op that reorders axes: output axis ``i`` is input axis ``order_of(node, rank)[i]``."""
+
+    def rule(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+        x = node.args[0]
+        shape = shape_of(x)
+        if shape is None:
+            freeze_all(c, node, "permutation without a static shape")
+            return
+        for out_axis, in_axis in enumerate(order_of(node, len(shape))):
+            c.same((x.name, in_axis), (node.name, out_axis))
+
+    return rule
+
+
+def _permute_order(node: torch.fx.Node, rank: int) -> list[int]:
+    dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    return [_norm_axis(d, rank) for d in dims]
+
+
+def _swap_order(node: torch.fx.Node, rank: int) -> list[int]:
     order = list(range(rank))
-    if "permute" in name:
-        dims = node.args[1:] if not isinstance(node.args[1], (list, tuple)) else node.args[1]
-        order = [_norm_axis(d, rank) for d in dims]
-    elif "movedim" in name:
-        src, dst = _norm_axis(node.args[1], rank), _norm_axis(node.args[2], rank)
-        order.pop(src)
-        order.insert(dst, src)
-    elif name.endswith("t") and "transpose" not in name:
-        order = order[::-1]
-    else:
-        a, b = _norm_axis(node.args[1], rank), _norm_axis(node.args[2], rank)
-        order[a], order[b] = order[b], order[a]
-    for out_axis, in_axis in enumerate(order):
-        c.same((x.name, in_axis), (node.name, out_axis))
+    a, b = _norm_axis(node.args[1], rank), _norm_axis(node.args[2], rank)
+    order[a], order[b] = order[b], order[a]
+    return order
+
+
+def _movedim_order(node: torch.fx.Node, rank: int) -> list[int]:
+    src, dst = node.args[1], node.args[2]
+    src = [_norm_axis(d, rank) for d in (src if isinstance(src, (list, tuple)) else [src])]
+    dst = [_norm_axis(d, rank) for d in (dst if isinstance(dst, (list, tuple)) else [dst])]
+    order: list[int | None] = [None] * rank
+    for s_axis, d_axis in zip(src, dst):
+        order[d_axis] = s_axis
+    rest = iter(a for a in range(rank) if a not in src)
+    return [a if a is not None else next(rest) for a in order]
+
+
+register_rule(torch.permute, "method:permute", aten.permute)(_permutation(_permute_order))
+register_rule(torch.transpose, "method:transpose", aten.transpose, torch.swapaxes, "method:swapaxes")(
+    _permutation(_swap_order)
+)
+register_rule(torch.movedim, "method:movedim", aten.movedim)(_permutation(_movedim_order))
+register_rule("method:t", aten.t, torch.t)(_permutation(lambda node, rank: list(range(rank))[::-1]))
 
 
 def _same_as_template(c: Couplings, node: torch.fx.Node) -> None:
     """``x.view_as(y)`` / ``expand_as(y)`` take their shape from ``y`` at run time: couple the two."""
-    if isinstance(node.target, str) and node.target.endswith("_as") and len(node.args) > 1:
+    if node.target in ("view_as", "reshape_as", "expand_as") and len(node.args) > 1:
         template = node.args[1]
         if shape_of(template) is not None and shape_of(template) == shape_of(node):
             _identity(c, template, node.name, len(shape_of(node)))

@@ -35,7 +35,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-aten = torch.ops.aten
 
 
 @dataclass

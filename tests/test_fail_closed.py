@@ -841,3 +841,21 @@ def test_an_export_that_loses_train_mode_behaviour_is_marked_eval_only():
     torch.manual_seed(88)
     gm = r2r_fx.capture(Model(), (torch.randn(5, 8, 8, 4),), via="export")
     assert "differs from the model in train mode" in gm.meta.get("r2r_eval_only", "")
+
+
+class _MovedimBySequences(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.fc, self.head = nn.Conv2d(3, 6, 1), nn.Linear(6, 6), nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        h = torch.movedim(self.c(x), (1, 2), (3, 1))  # n, h, w, c -> channels last, rows second
+        return self.head(torch.movedim(self.fc(h), (3, 1), (1, 2)))
+
+
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+def test_movedim_with_several_axes(via):
+    """``movedim`` with tuples of axes raised a TypeError inside the analysis; the export path did not
+    know ``aten.movedim`` at all."""
+    grown = grown_or_refused(_MovedimBySequences(), torch.randn(2, 3, 4, 5), widen(), via=via)
+    assert grown is not None and widened_groups(grown) == 2  # the conv output and the Linear output
