@@ -18,7 +18,6 @@ the last point of each stage (for a ResNet: after the last residual block of eac
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import operator
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from r2r_fx.aliasing import unsafe_points
 from r2r_fx.analysis import Analysis, analyze, hidden_weights
 from r2r_fx.capture import example_inputs_of, record_shapes
 from r2r_fx.errors import GrowthError
+from r2r_fx.graph import attr_at
 from r2r_fx.methods import Method
 from r2r_fx.passbase import Pass, PassResult, copy_graph_module, make_generator
 from r2r_fx.record import BlockInsert, GrowthRecord, SkippedPoint, append_record
@@ -41,7 +41,6 @@ from r2r_fx.rules import shape_of, tensor_shapes
 
 __all__ = ["DEEPEN_METHODS", "DeepenPass", "InsertionPoint", "deepen", "identity_layer", "insertion_points"]
 
-logger = logging.getLogger(__name__)
 
 _CONV = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
 _BN = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
@@ -167,16 +166,11 @@ def _weight_std(gm: torch.fx.GraphModule, node: torch.fx.Node) -> float | None:
         elif current.op == "call_function":
             for arg in current.args[1:2]:
                 if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
-                    weight = _get(gm, str(arg.target))
+                    weight = attr_at(gm, str(arg.target))
         if isinstance(weight, torch.Tensor) and weight.dim() >= 2 and weight.numel() > 1:
             return float(weight.detach().float().std())
         frontier.extend(current.all_input_nodes)
     return None
-
-
-def _get(gm: nn.Module, target: str) -> Any:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 def _uniform_(tensor: torch.Tensor, std: float, generator: torch.Generator) -> None:
@@ -296,7 +290,6 @@ class DeepenPass(Pass):
         *,
         at: Sequence[str] | str | None = None,
         count: int = 1,
-        block: str = "auto",
         hidden: int | None = None,
         method: str = "r2r",
         seed: int | None = None,
@@ -305,8 +298,6 @@ class DeepenPass(Pass):
         self.check = check
         if count < 1:
             raise GrowthError(f"count must be >= 1, got {count}")
-        if block != "auto":
-            raise GrowthError(f"unknown block {block!r}; only 'auto' (conv-BN-ReLU-conv or Linear-ReLU-Linear)")
         if method not in DEEPEN_METHODS:
             raise GrowthError(f"unknown deepen method {method!r}; choose one of {', '.join(DEEPEN_METHODS)}")
         self.at = [at] if isinstance(at, str) else (list(at) if at is not None else None)
@@ -449,7 +440,6 @@ def deepen(
     *,
     at: Sequence[str] | str | None = None,
     count: int = 1,
-    block: str = "auto",
     hidden: int | None = None,
     method: str = "r2r",
     seed: int | None = None,
@@ -460,5 +450,5 @@ def deepen(
     ``check`` (default on) runs the result against ``gm`` on the capture's example inputs (two
     forwards, four with batch statistics) and raises :class:`~r2r_fx.errors.NotPreservedError` if an
     exact method changed the function."""
-    pass_ = DeepenPass(at=at, count=count, block=block, hidden=hidden, method=method, seed=seed, check=check)
+    pass_ = DeepenPass(at=at, count=count, hidden=hidden, method=method, seed=seed, check=check)
     return pass_.call(gm).model

@@ -8,7 +8,6 @@ zero, so the output (shape and values) is unchanged; the new taps start at zero 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +26,6 @@ from r2r_fx.surgery import get_tensor
 
 __all__ = ["GrowKernelPass", "grow_kernel"]
 
-logger = logging.getLogger(__name__)
 _ATEN_CONVS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
 
 

@@ -12,7 +12,6 @@ whole groups (the group count goes up), GroupNorm likewise.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterable
 
@@ -27,8 +26,6 @@ from r2r_fx.record import AxisChange, GroupChange, GrowthRecord, ParamChange, ap
 from r2r_fx.surgery import axis_index, channel_sources, fix_widths, get_tensor, update_shapes
 
 __all__ = ["WidenPass", "plan_extras", "widen"]
-
-logger = logging.getLogger(__name__)
 
 
 def plan_extras(

@@ -26,6 +26,7 @@ import torch.fx
 from torch import nn
 
 from r2r_fx.compat import OpOverload
+from r2r_fx.graph import attr_at
 
 __all__ = ["unsafe_points", "written_later"]
 
@@ -127,20 +128,13 @@ def _trainable(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
         if any(n in out for n in node.all_input_nodes):
             out.add(node)
         elif node.op == "get_attr":
-            value = _attr(gm, str(node.target))
+            value = attr_at(gm, str(node.target))
             if isinstance(value, torch.Tensor) and value.requires_grad:
                 out.add(node)
         elif node.op == "call_module":
             if any(p.requires_grad for p in gm.get_submodule(str(node.target)).parameters()):
                 out.add(node)
     return out
-
-
-def _attr(gm: torch.fx.GraphModule, target: str) -> Any:
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part, None)
-    return value
 
 
 def grad_starts_before_a_write(gm: torch.fx.GraphModule) -> dict[str, str]:

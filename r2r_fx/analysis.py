@@ -17,7 +17,6 @@ every atom in its layout, and the group records the first reason.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -35,7 +34,6 @@ from r2r_fx.rules import Slot, freeze_all, rule_for, tensor_shapes
 
 __all__ = ["Analysis", "Binding", "Layout", "WidthGroup", "analyze", "hidden_weights", "width_groups"]
 
-logger = logging.getLogger(__name__)
 
 ROLES = ("out", "in", "channel", "data")
 

@@ -39,6 +39,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from r2r_fx.compat import aten as _aten
 from r2r_fx.compat import is_concrete_int
 from r2r_fx.errors import CaptureError
+from r2r_fx.graph import attr_at
 from r2r_fx.rules import LAYERS, is_stochastic_depth
 from r2r_fx.tree import fresh_inputs, max_errors
 
@@ -439,7 +440,7 @@ def _same_op(gm: torch.fx.GraphModule, a: torch.fx.Node, train_gm: torch.fx.Grap
         return False
     if a.op != "get_attr" or a.target == b.target:
         return a.target == b.target
-    x, y = _get_attr(gm, str(a.target)), _get_attr(train_gm, str(b.target))
+    x, y = attr_at(gm, str(a.target)), attr_at(train_gm, str(b.target))
     return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y)
 
 
@@ -712,22 +713,16 @@ def _norm_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module | N
 def _attr_tensor(gm: torch.fx.GraphModule, node: Any) -> torch.Tensor | None:
     if node is None or getattr(node, "op", None) != "get_attr":
         return None
-    return _get_attr(gm, node.target)
+    return attr_at(gm, node.target)
 
 
 def _find_num_batches_tracked(gm: torch.fx.GraphModule, mean_node: torch.fx.Node) -> torch.Tensor | None:
     prefix = str(mean_node.target).rpartition(".")[0]
     name = f"{prefix}.num_batches_tracked" if prefix else "num_batches_tracked"
     try:
-        return _get_attr(gm, name)
+        return attr_at(gm, name)
     except AttributeError:
         return None
-
-
-def _get_attr(gm: nn.Module, target: str) -> Any:
-    owner, _, name = target.rpartition(".")
-    module = gm.get_submodule(owner) if owner else gm
-    return getattr(module, name)
 
 
 def _drop_unused_attributes(gm: torch.fx.GraphModule) -> None:

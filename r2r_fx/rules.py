@@ -16,7 +16,6 @@ graph flavours: module-level (``call_module``, torch functions, tensor methods) 
 
 from __future__ import annotations
 
-import logging
 import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
@@ -43,7 +42,6 @@ __all__ = [
     "tensor_shapes",
 ]
 
-logger = logging.getLogger(__name__)
 
 Slot = tuple[str, int]
 

@@ -11,7 +11,6 @@ After the parameters, width-dependent constants are fixed: module attributes (``
 
 from __future__ import annotations
 
-import logging
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch.fx
 from torch import nn
 
 from r2r_fx.analysis import Analysis, Layout, hidden_weights
+from r2r_fx.graph import attr_at
 from r2r_fx.rules import expand_ellipsis, fix_for, shape_of, tensor_shapes
 
 __all__ = [
@@ -33,8 +33,6 @@ __all__ = [
     "set_tensor",
     "update_shapes",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -117,9 +115,7 @@ def _merge_runs(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
 
 
 def get_tensor(root: nn.Module, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    module = root.get_submodule(owner) if owner else root
-    return getattr(module, name)
+    return attr_at(root, target)
 
 
 def set_tensor(root: nn.Module, target: str, value: torch.Tensor, aliases: Sequence[str] = ()) -> torch.Tensor:
