@@ -393,6 +393,26 @@ def _fix_prelu(m: nn.Module, node: torch.fx.Node, width_of: WidthOf) -> None:
 register_layer(nn.PReLU, _prelu, _fix_prelu)
 
 
+@register_rule(F.prelu, aten.prelu, aten._prelu_kernel)
+def _prelu_function(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    """``prelu(x, weight)``: elementwise, with one slope per channel (axis 1) unless the weight is one value."""
+    x, weight = node.args[0], _arg(node, 1, "weight")
+    shape, w_shape = shape_of(x), shape_of(weight)
+    if shape is None or w_shape is None or shape_of(node) != shape:
+        freeze_all(c, node, f"{_op_name(node, gm)} without static shapes")
+        return
+    _identity(c, x, node.name, len(shape))
+    if math.prod(w_shape) == 1:
+        return
+    name = _weight_arg(c, node, weight)
+    if name is None or len(shape) < 2 or w_shape != (shape[1],):
+        c.freeze(
+            (node.name, 1 if len(shape) >= 2 else 0), f"{node.name} has per-channel slopes that are not a parameter"
+        )
+        return
+    c.bind(name, 0, (node.name, 1), "channel", node)
+
+
 @register_rule(
     getattr,
     "method:size",

@@ -859,3 +859,21 @@ def test_movedim_with_several_axes(via):
     know ``aten.movedim`` at all."""
     grown = grown_or_refused(_MovedimBySequences(), torch.randn(2, 3, 4, 5), widen(), via=via)
     assert grown is not None and widened_groups(grown) == 2  # the conv output and the Linear output
+
+
+class _Slopes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.p, self.c2, self.h = nn.Conv2d(3, 6, 1), nn.PReLU(6), nn.Conv2d(6, 4, 1), nn.Conv2d(4, 2, 1)
+        self.w = nn.Parameter(torch.rand(4))
+
+    def forward(self, x):
+        return self.h(F.prelu(self.c2(self.p(self.c(x))), self.w))
+
+
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+def test_prelu_slopes_grow_with_their_channels(via):
+    """Frozen as an unsupported op on export graphs (aten.prelu) in the campaigns: a group a person
+    would call widenable."""
+    grown = grown_or_refused(_Slopes(), torch.randn(2, 3, 4, 5), widen(), via=via)
+    assert grown is not None and widened_groups(grown) == 2
