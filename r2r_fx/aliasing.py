@@ -146,7 +146,10 @@ def grad_starts_before_a_write(gm: torch.fx.GraphModule) -> dict[str, str]:
         first = writer.args[0] if writer.args else None
         if not isinstance(first, torch.fx.Node) or first in trainable or not _writes_first_input(writer, gm):
             continue
-        stack, seen = [first], {first}
+        # the written tensor, and every value written into it (``v += w``: w requiring grad makes v's
+        # write a tracked one too)
+        stack = [n for n in writer.all_input_nodes if n not in trainable]
+        seen = set(stack)
         while stack:
             node = stack.pop()
             unsafe.setdefault(

@@ -877,3 +877,4 @@ def test_prelu_slopes_grow_with_their_channels(via):
     would call widenable."""
     grown = grown_or_refused(_Slopes(), torch.randn(2, 3, 4, 5), widen(), via=via)
     assert grown is not None and widened_groups(grown) == 2
+

@@ -181,3 +181,10 @@ def test_capture_finds_small_train_mode_differences_in_float64() -> None:
     report = fuzzgen.check_program(program, "export", points=1, only="widen/r2r")
     assert report.results and not [r for r in report.results if r.outcome in fuzzgen.FAILURES]
     assert any("eval-only" in note for note in report.notes)
+
+
+def test_deepen_refuses_points_whose_values_are_written_into_untracked_views() -> None:
+    """Seed 9002141 (export): ``v15 = split(...)[0]; v15 += v6`` with a block upstream of ``v6``: the write
+    into a multi-output view becomes one autograd must track, and the grown model failed in backward."""
+    report = fuzzgen.check_program(fuzzgen.generate(9002141), "export", only="deepen/r2r")
+    assert report.results and not [r for r in report.results if r.outcome in fuzzgen.FAILURES]
