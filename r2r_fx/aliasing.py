@@ -8,9 +8,11 @@ when ``x`` is a view of ``h`` (or eval-mode dropout's ``h`` itself, or the resul
 invalidates what ``z`` saved for backward. Such an ``x`` is refused as an insertion point.
 
 The block also makes ``x`` require grad. Where nothing before ``x`` does (no trainable parameter
-upstream), in-place writes after it that autograd never saw in the original model become writes to
-tensors that require grad: on an output of ``split`` (a multi-output view) or on a tensor an op saved
-for backward, they make the grown model fail in train mode. Such an ``x`` is refused too. Views,
+upstream: a frozen stem, the input side), in-place writes after it that autograd never saw in the
+original model become writes to tensors that require grad. On an output of ``split`` (a multi-output
+view) or on a tensor an earlier op may have saved for backward, autograd refuses them and the grown
+model fails in train mode; such an ``x`` is refused too (other writes, like ``relu_`` on a norm's
+output, are fine). Views,
 in-place ops and eval-mode dropout put their output in their input's alias class; an op whose aliasing
 is not known from this table or from its ATen schema is assumed to allocate.
 """
@@ -141,11 +143,16 @@ def grad_starts_before_a_write(gm: torch.fx.GraphModule) -> dict[str, str]:
     """Node name -> why a block may not follow it: a later in-place write that autograd did not track
     in the original would then write a tensor that requires grad."""
     trainable = _trainable(gm)
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    classes = _alias_classes(gm)
     unsafe: dict[str, str] = {}
-    for writer in gm.graph.nodes:
+    for writer in nodes:
         first = writer.args[0] if writer.args else None
         if not isinstance(first, torch.fx.Node) or first in trainable or not _writes_first_input(writer, gm):
             continue
+        if not _tracked_write_fails(writer, classes.get(first, {first}), order, gm):
+            continue  # e.g. relu_ on a norm's output: autograd tracks that write without complaint
         # the written tensor, and every value written into it (``v += w``: w requiring grad makes v's
         # write a tracked one too)
         stack = [n for n in writer.all_input_nodes if n not in trainable]
@@ -162,6 +169,41 @@ def grad_starts_before_a_write(gm: torch.fx.GraphModule) -> dict[str, str]:
                     seen.add(n)
                     stack.append(n)
     return unsafe
+
+
+_MULTI_VIEW = {"split", "chunk", "unbind", "tensor_split", "split_with_sizes"}
+# readers that keep nothing of their input for backward (or only its size)
+_NOT_SAVING = {"add", "sub", "neg", "cat", "concat", "clone", "contiguous", "size", "dim", "numel", "sym_size"}
+
+
+def _alias_classes(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, set[torch.fx.Node]]:
+    """Node -> the nodes sharing its memory (views, in-place results, eval-mode dropout)."""
+    groups: dict[torch.fx.Node, set[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        first = node.args[0] if node.args else None
+        if isinstance(first, torch.fx.Node) and (_writes_first_input(node, gm) or _may_alias_first_input(node, gm)):
+            merged = groups.get(first, {first}) | groups.get(node, {node})
+            for member in merged:
+                groups[member] = merged
+    return groups
+
+
+def _tracked_write_fails(
+    writer: torch.fx.Node, aliases: set[torch.fx.Node], order: dict[torch.fx.Node, int], gm: torch.fx.GraphModule
+) -> bool:
+    """Whether autograd would refuse ``writer``'s in-place write once the tensor requires grad: the memory
+    is an output of a multi-output view op (split, chunk, unbind), or an op read it earlier and may have
+    saved it for backward."""
+    for member in aliases:
+        if member.target is operator.getitem and isinstance(member.args[0], torch.fx.Node):
+            if _name(member.args[0]) in _MULTI_VIEW:
+                return True
+        for user in member.users:
+            if user is writer or user in aliases or order[user] > order[writer]:
+                continue
+            if user.op == "call_module" or _name(user) not in _NOT_SAVING:
+                return True
+    return False
 
 
 def unsafe_points(gm: torch.fx.GraphModule) -> dict[str, str]:

@@ -224,7 +224,8 @@ def _check_train_mode(model: nn.Module, gm: torch.fx.GraphModule, inputs: tuple[
 
     Both run the same ops, so any float32 difference is measured again on float64 copies, where
     rounding stays below 1e-9: a power iteration close to convergence moves a float32 output by less
-    than 1e-5 on one input and more on another."""
+    than 1e-5 on one input and more on another. A graph that casts to float32 or narrower inside keeps
+    that rounding in float64 and is judged in float32 only."""
     try:
         rel = _train_mode_error(model, gm, inputs)
     except ValueError as exc:
@@ -233,8 +234,8 @@ def _check_train_mode(model: nn.Module, gm: torch.fx.GraphModule, inputs: tuple[
     if rel is None or rel == 0:
         return
     float64 = any(p.dtype == torch.float64 for p in model.parameters())
-    size = sum(p.numel() for p in model.parameters()) * 8
-    if not float64 and size <= _F64_CHECK_MAX_BYTES:
+    size = sum(t.numel() for t in [*model.parameters(), *model.buffers()]) * 8
+    if not float64 and size <= _F64_CHECK_MAX_BYTES and not _casts_to_low_precision(gm):
         try:
             model64, gm64 = (m.double() for m in copy.deepcopy((model, gm)))
             wide = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
@@ -248,6 +249,18 @@ def _check_train_mode(model: nn.Module, gm: torch.fx.GraphModule, inputs: tuple[
 
 
 _F64_CHECK_MAX_BYTES = 4_000_000_000  # float64 copies of the model for the train-mode capture check
+
+
+def _casts_to_low_precision(gm: torch.fx.GraphModule) -> bool:
+    """Whether the graph casts to a floating dtype narrower than float64 (``.float()``, ``.to(torch.float32)``,
+    ``type_as`` of such a tensor): a float64 copy then keeps float32 rounding, and 1e-9 would be too strict."""
+    for node in gm.graph.nodes:
+        if node.op == "call_method" and node.target in ("float", "half", "bfloat16", "type_as"):
+            return True
+        for arg in [*node.args, *node.kwargs.values()]:
+            if isinstance(arg, torch.dtype) and arg.is_floating_point and arg != torch.float64:
+                return True
+    return False
 
 
 def _train_mode_error(model: nn.Module, gm: torch.fx.GraphModule, inputs: tuple[Any, ...]) -> float | None:
@@ -497,9 +510,12 @@ def _dynamic_axes(t: Any) -> dict[int, Any] | None:
 
 
 def _export(model: nn.Module, inputs: tuple[Any, ...]) -> torch.fx.GraphModule:
+    from r2r_fx.export import expand_for_export
+
     dynamic = tuple(_dynamic_axes(t) for t in inputs)
-    try:
-        program = torch.export.export(model, inputs, strict=False, dynamic_shapes=dynamic)
+    try:  # a size-1 axis would be specialised: the dynamic export sees it repeated to 2
+        example = expand_for_export(inputs, [tuple(d) if d else None for d in dynamic])
+        program = torch.export.export(model, example, strict=False, dynamic_shapes=dynamic)
     except Exception:  # noqa: BLE001 - a dynamic batch is a nicety; retry with static shapes
         program = torch.export.export(model, inputs, strict=False)
 

@@ -1283,19 +1283,20 @@ def _permutation(order_of: Callable[[torch.fx.Node, int], list[int]]) -> Rule:
 
 
 def _permute_order(node: torch.fx.Node, rank: int) -> list[int]:
-    dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    first = _arg(node, 1, "dims")
+    dims = first if isinstance(first, (list, tuple)) else node.args[1:]
     return [_norm_axis(d, rank) for d in dims]
 
 
 def _swap_order(node: torch.fx.Node, rank: int) -> list[int]:
     order = list(range(rank))
-    a, b = _norm_axis(node.args[1], rank), _norm_axis(node.args[2], rank)
+    a, b = _norm_axis(_arg(node, 1, "dim0"), rank), _norm_axis(_arg(node, 2, "dim1"), rank)
     order[a], order[b] = order[b], order[a]
     return order
 
 
 def _movedim_order(node: torch.fx.Node, rank: int) -> list[int]:
-    src, dst = node.args[1], node.args[2]
+    src, dst = _arg(node, 1, "source"), _arg(node, 2, "destination")
     src = [_norm_axis(d, rank) for d in (src if isinstance(src, (list, tuple)) else [src])]
     dst = [_norm_axis(d, rank) for d in (dst if isinstance(dst, (list, tuple)) else [dst])]
     order: list[int | None] = [None] * rank
