@@ -188,3 +188,16 @@ def test_deepen_refuses_points_whose_values_are_written_into_untracked_views() -
     into a multi-output view becomes one autograd must track, and the grown model failed in backward."""
     report = fuzzgen.check_program(fuzzgen.generate(9002141), "export", only="deepen/r2r")
     assert report.results and not [r for r in report.results if r.outcome in fuzzgen.FAILURES]
+
+
+def test_checker_measures_a_float64_noise_output_against_its_float32_noise() -> None:
+    """Seed 10003006 (float64): the train-mode output is a BatchNorm of a constant, 1e-15 of pure float64
+    rounding; widening changes that rounding. A change above the noise is still flagged."""
+    program = fuzzgen.generate(10003006)
+    report = fuzzgen.check_program(program, "symbolic_trace", only="widen/r2r")
+    assert report.results and all(r.outcome == "preserved" for r in report.results if r.transform.startswith("widen"))
+    model, make_inputs = program.build()
+    changed = copy.deepcopy(model)
+    changed.m22.__class__ = _ShiftedInTrain
+    outcome, detail, _ = fuzzgen._evaluate(model, changed, make_inputs(3, 5), program, True)
+    assert outcome == "wrong" and "train mode" in detail, detail
