@@ -1315,10 +1315,12 @@ def _conv_kernel(gm: Any, node: Any) -> int | None:
 
 
 def _is_random_in_train(model: nn.Module, inputs: tuple[Any, ...]) -> bool:
+    """Whether two train-mode runs under other seeds differ. Each runs on its own copy: a layer that
+    changes its state per call (spectral norm's power iteration) is not randomness."""
     torch.manual_seed(11)
-    a = _leaves(_run(model, inputs, True))
+    a = _leaves(_run(copy.deepcopy(model), inputs, True))
     torch.manual_seed(12)
-    b = _leaves(_run(model, inputs, True))
+    b = _leaves(_run(copy.deepcopy(model), inputs, True))
     return any(x.shape != y.shape or not torch.equal(x, y) for x, y in zip(a, b))
 
 
