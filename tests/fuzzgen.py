@@ -24,9 +24,9 @@ constant, is measured there against the size of that noise) and 1e-9 for float64
 leaves, smaller than the eager model's own float32-vs-float64 difference, may differ by 1e-5 of it).
 Outcomes: "preserved", "refused" (an ``R2RError`` or ``ValueError``), "wrong" (runs but differs or
 changes shape), "broken" (the grown model raises in eval/train mode or in a train-mode backward, or
-gives non-finite gradients), "internal" (any other exception from the transform) and, for the non-preserving ``method="random"`` baseline,
-"ran" (not broken; values not compared). After a preserved widen/deepen/grow_kernel,
-``carry_optimizer`` is checked too (label ``carry_optimizer/<transform>``).
+gives non-finite gradients), "internal" (any other exception from the transform) and, for the
+non-preserving ``method="random"`` baseline, "ran" (not broken; values not compared). After a preserved
+widen/deepen/grow_kernel, ``carry_optimizer`` is checked too (label ``carry_optimizer/<transform>``).
 
 Dropout: ``nn.Dropout*`` layers (and the ones capture makes from ATen dropouts) get ``p = 0`` in both
 models for the train-mode comparison. Functional ``F.dropout(x, P, self.training)`` is generated with
