@@ -86,38 +86,35 @@ def _may_alias_first_input(node: torch.fx.Node, gm: torch.fx.GraphModule) -> boo
     return _name(node) in _VIEWS
 
 
+def _first_input(node: torch.fx.Node) -> Any:
+    if node.op == "call_module":
+        return node.args[0] if node.args else None
+    return node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+
+
+def _aliasing(gm: torch.fx.GraphModule) -> tuple[dict[torch.fx.Node, set[torch.fx.Node]], list[torch.fx.Node]]:
+    """(node -> the nodes sharing its memory, the nodes that share memory with a tensor made before them)."""
+    classes: dict[torch.fx.Node, set[torch.fx.Node]] = {}
+    shares_earlier: list[torch.fx.Node] = []
+    for node in gm.graph.nodes:
+        first = _first_input(node)
+        if isinstance(first, torch.fx.Node) and (_writes_first_input(node, gm) or _may_alias_first_input(node, gm)):
+            merged = classes.get(first, {first}) | classes.get(node, {node})
+            for member in merged:
+                classes[member] = merged
+            shares_earlier.append(node)
+    return classes, shares_earlier
+
+
 def written_later(gm: torch.fx.GraphModule) -> dict[str, str]:
     """Node name -> why a block may not read it: its memory is written in place by a later node."""
-    nodes = list(gm.graph.nodes)
-    order = {n: i for i, n in enumerate(nodes)}
-    parent: dict[torch.fx.Node, torch.fx.Node] = {}
-
-    def find(n: torch.fx.Node) -> torch.fx.Node:
-        while parent.get(n, n) is not n:
-            n = parent[n]
-        return n
-
-    writes: list[tuple[torch.fx.Node, torch.fx.Node]] = []  # (writer, tensor written)
-    shares_earlier: set[torch.fx.Node] = set()  # outputs that alias a tensor made before them
-    for node in nodes:
-        first: Any = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
-        if node.op == "call_module" and node.args:
-            first = node.args[0]
-        if not isinstance(first, torch.fx.Node):
-            continue
-        written = _writes_first_input(node, gm)
-        if written:
-            writes.append((node, first))
-        if written or _may_alias_first_input(node, gm):
-            parent[find(node)] = find(first)
-            shares_earlier.add(node)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    classes, shares_earlier = _aliasing(gm)
+    writes = [(n, _first_input(n)) for n in gm.graph.nodes if _writes_first_input(n, gm)]
     unsafe: dict[str, str] = {}
-    for node in nodes:
-        if node not in shares_earlier:
-            continue  # writes through it or its views land on the block's output once users are rerouted
-        root = find(node)
+    for node in shares_earlier:  # writes through others or their views land on the block's output
         for writer, target in writes:
-            if order[writer] > order[node] and find(target) is root:
+            if order[writer] > order[node] and target in classes[node]:
                 unsafe[node.name] = f"{node.name} shares memory with a tensor {writer.name} writes in place later"
                 break
     return unsafe
@@ -145,7 +142,7 @@ def grad_starts_before_a_write(gm: torch.fx.GraphModule) -> dict[str, str]:
     trainable = _trainable(gm)
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
-    classes = _alias_classes(gm)
+    classes, _ = _aliasing(gm)
     unsafe: dict[str, str] = {}
     for writer in nodes:
         first = writer.args[0] if writer.args else None
@@ -174,18 +171,6 @@ def grad_starts_before_a_write(gm: torch.fx.GraphModule) -> dict[str, str]:
 _MULTI_VIEW = {"split", "chunk", "unbind", "tensor_split", "split_with_sizes"}
 # readers that keep nothing of their input for backward (or only its size)
 _NOT_SAVING = {"add", "sub", "neg", "cat", "concat", "clone", "contiguous", "size", "dim", "numel", "sym_size"}
-
-
-def _alias_classes(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, set[torch.fx.Node]]:
-    """Node -> the nodes sharing its memory (views, in-place results, eval-mode dropout)."""
-    groups: dict[torch.fx.Node, set[torch.fx.Node]] = {}
-    for node in gm.graph.nodes:
-        first = node.args[0] if node.args else None
-        if isinstance(first, torch.fx.Node) and (_writes_first_input(node, gm) or _may_alias_first_input(node, gm)):
-            merged = groups.get(first, {first}) | groups.get(node, {node})
-            for member in merged:
-                groups[member] = merged
-    return groups
 
 
 def _tracked_write_fails(

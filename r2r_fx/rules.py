@@ -599,18 +599,7 @@ def _conv(
 
 def _conv_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     m = c.module(str(node.target))
-    bias = f"{node.target}.bias" if m.bias is not None else None
-    _conv(
-        c,
-        node,
-        node.args[0],
-        f"{node.target}.weight",
-        bias,
-        m.groups,
-        isinstance(m, nn.modules.conv._ConvTransposeNd),
-        tuple(m.weight.shape),
-        type(m).__name__,
-    )
+    conv_layer(c, node, groups=m.groups, transposed=isinstance(m, nn.modules.conv._ConvTransposeNd))
 
 
 def conv_layer(
@@ -634,14 +623,19 @@ def linear_layer(c: Couplings, node: torch.fx.Node, *, weight: str = "weight", b
     _linear(c, node, node.args[0], f"{node.target}.{weight}", b)
 
 
+def _input_channels(node: torch.fx.Node, width_of: WidthOf) -> int | None:
+    """The grown width of axis 1 of a layer's input (None: not a tracked width)."""
+    x = node.args[0] if node.args else None
+    return width_of((x.name, 1)) if isinstance(x, torch.fx.Node) and shape_of(x) else None
+
+
 def _fix_conv(m: nn.Module, node: torch.fx.Node, width_of: WidthOf) -> None:
     w = m.weight
     if m.transposed:
         m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
         return
     m.out_channels = w.shape[0]
-    x = node.args[0] if node.args else None
-    in_w = width_of((x.name, 1)) if isinstance(x, torch.fx.Node) and shape_of(x) else None
+    in_w = _input_channels(node, width_of)
     if in_w is not None:
         m.groups = max(1, in_w // w.shape[1])
         m.in_channels = w.shape[1] * m.groups
@@ -698,8 +692,7 @@ def _linear(c: Couplings, node: torch.fx.Node, x: torch.fx.Node, weight: str | N
 
 
 def _linear_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
-    m = c.module(str(node.target))
-    _linear(c, node, node.args[0], f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None)
+    linear_layer(c, node)
 
 
 def _fix_linear(m: nn.Module, node: torch.fx.Node, width_of: WidthOf) -> None:
@@ -782,8 +775,7 @@ def _norm_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) ->
 
 
 def _fix_norm(m: nn.Module, node: torch.fx.Node, width_of: WidthOf) -> None:
-    x = node.args[0] if node.args else None
-    in_w = width_of((x.name, 1)) if isinstance(x, torch.fx.Node) and shape_of(x) else None
+    in_w = _input_channels(node, width_of)
     if in_w is None:
         return
     if isinstance(m, nn.GroupNorm):

@@ -231,17 +231,17 @@ def check_preserved(
         if size > _F64_MAX_BYTES:
             raise NotPreservedError(pass_name, path, mode, error, RTOL)
         wide = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
-        before64, after64 = copy.deepcopy(before).double(), copy.deepcopy(after).double()
-        path64, error64 = _compare(before64, after64, wide, train)
-        if error64 <= RTOL:
-            logger.info("%s: %s-mode error %.2e is rounding (float64 re-check %.2e)", pass_name, mode, error, error64)
-            continue
+        ref64 = _run(copy.deepcopy(before).double(), wide, train, 0)
         try:
-            judged = noise_judged_error(
-                _run(before64, wide, train, 0), _run(after64, wide, train, 0), _run(before, inputs, train, 0)
+            cand64 = _run(copy.deepcopy(after).double(), wide, train, 0)
+            path64, error64 = worst_leaf(ref64, cand64)
+            judged = noise_judged_error(ref64, cand64, _run(before, inputs, train, 0))
+        except Exception as exc:  # noqa: BLE001 - fails in float64, or another output structure
+            path64, error64, judged = (
+                f"(float64 re-check: {type(exc).__name__}: {exc})"[:200],
+                float("inf"),
+                float("inf"),
             )
-        except Exception:  # noqa: BLE001 - the grown model fails in float64: not preserved
-            judged = float("inf")
         if not judged <= RTOL:  # NaN too
             raise NotPreservedError(pass_name, path64, mode, error64, RTOL)
         logger.info("%s: %s-mode error %.2e is rounding (float64 re-check %.2e)", pass_name, mode, error, error64)
