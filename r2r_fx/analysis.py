@@ -30,7 +30,8 @@ import torch.nn.utils.parametrize
 
 from r2r_fx import rules as _rules
 from r2r_fx.compat import OpOverload
-from r2r_fx.rules import Slot, freeze_all, rule_for, tensor_shapes
+from r2r_fx.graph import tensor_shapes
+from r2r_fx.rules import Slot, freeze_all, rule_for
 
 __all__ = ["Analysis", "Binding", "Layout", "WidthGroup", "analyze", "hidden_weights", "width_groups"]
 

@@ -20,8 +20,8 @@ import torch.fx
 from torch import nn
 
 from r2r_fx.analysis import Analysis, Layout, hidden_weights
-from r2r_fx.graph import attr_at
-from r2r_fx.rules import expand_ellipsis, fix_for, shape_of, tensor_shapes
+from r2r_fx.graph import attr_at, shape_of, tensor_shapes
+from r2r_fx.rules import expand_ellipsis, fix_for
 
 __all__ = [
     "channel_sources",
