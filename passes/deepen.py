@@ -17,8 +17,6 @@ the last point of each stage (for a ResNet: after the last residual block of eac
 
 from __future__ import annotations
 
-import copy
-import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,17 +31,15 @@ from r2r_fx.aliasing import unsafe_points
 from r2r_fx.analysis import Analysis, analyze, hidden_weights
 from r2r_fx.capture import example_inputs_of, record_shapes
 from r2r_fx.errors import GrowthError
-from r2r_fx.graph import attr_at
-from r2r_fx.methods import Method
+from r2r_fx.graph import attr_at, shape_of, tensor_shapes
+from r2r_fx.methods import Block, BlockSite, Method, get_method
 from r2r_fx.passbase import Pass, PassResult, copy_graph_module, make_generator
 from r2r_fx.record import BlockInsert, GrowthRecord, SkippedPoint, append_record
-from r2r_fx.rules import shape_of, tensor_shapes
 
-__all__ = ["DEEPEN_METHODS", "DeepenPass", "InsertionPoint", "deepen", "identity_layer", "insertion_points"]
+__all__ = ["DeepenPass", "InsertionPoint", "deepen", "insertion_points"]
 
 
-_CONV = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
-_BN = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+_CHANNELS_FIRST_RANKS = (3, 4, 5)  # conv1d/2d/3d blocks
 
 
 @dataclass(frozen=True)
@@ -103,7 +99,7 @@ def _contiguous(meta: Any) -> bool:
 
 def _block_kind(shape: tuple[int, ...], axis: int) -> str | None:
     """conv1d/2d/3d for channels-first activations of rank 3-5, linear for channels-last ones."""
-    if axis == 1 and len(shape) in _CONV:
+    if axis == 1 and len(shape) in _CHANNELS_FIRST_RANKS:
         return f"conv{len(shape) - 2}d"
     if axis == len(shape) - 1:
         return "linear"
@@ -173,113 +169,6 @@ def _weight_std(gm: torch.fx.GraphModule, node: torch.fx.Node) -> float | None:
     return None
 
 
-def _uniform_(tensor: torch.Tensor, std: float, generator: torch.Generator) -> None:
-    tensor.copy_(Method._uniform(tensor.shape, std, tensor, generator))
-
-
-def build_block(
-    point: InsertionPoint,
-    hidden: int,
-    std: float | None,
-    like: torch.Tensor,
-    generator: torch.Generator,
-    opposite: bool = True,
-) -> list[dict[str, nn.Module]]:
-    """The branches of ``z`` (their outputs are summed) with the R2R zero-output initialisation.
-
-    R2R: two branches of ``hidden / 2`` channels each, the second a copy of the first with its last
-    layer negated. This is the R2R block with first-layer rows ``[U; U]`` and last-layer columns
-    ``[V, -V]``, computed as two identical partial results of opposite sign, which IEEE arithmetic
-    cancels exactly: ``z(x)`` is exactly 0 in any dtype, not just up to rounding. ``opposite=False``
-    (the random-pad baseline) gives one branch of ``hidden`` channels, all random."""
-    width = point.width
-    size = hidden // 2 if opposite else hidden
-    if point.kind == "linear":
-        first, last = nn.Linear(width, size), nn.Linear(size, width, bias=False)
-        layers = {"fc1": first, "act": nn.ReLU(), "fc2": last}
-    else:
-        rank = len(point.shape)
-        conv, bn = _CONV[rank], _BN[rank]
-        first = conv(width, size, 3, padding=1, bias=False)
-        last = conv(size, width, 3, padding=1, bias=False)
-        layers = {"conv1": first, "bn": bn(size), "act": nn.ReLU(), "conv2": last}
-    for module in layers.values():
-        module.to(dtype=like.dtype, device=like.device)
-    with torch.no_grad():
-        scale = std if std else 1.0 / math.sqrt(first.weight[0].numel())
-        _uniform_(first.weight, scale, generator)
-        if getattr(first, "bias", None) is not None:
-            _uniform_(first.bias, scale, generator)
-        _uniform_(last.weight, scale, generator)
-    if not opposite:
-        return [layers]
-    pair = copy.deepcopy(layers)
-    with torch.no_grad():
-        pair[next(reversed(pair))].weight.neg_()
-    return [layers, {f"{name}_pair": module for name, module in pair.items()}]
-
-
-DEEPEN_METHODS = ("r2r", "net2net", "netmorph", "random")
-_IDEMPOTENT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
-_IDEMPOTENT_FUNCTIONS = {torch.relu, torch.relu_, nn.functional.relu, nn.functional.relu6, nn.functional.hardtanh}
-_IDEMPOTENT_NAMES = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_"}
-
-
-def _activation_module(gm: torch.fx.GraphModule, x: torch.fx.Node) -> nn.Module:
-    """A fresh module computing the idempotent activation that produced ``x``."""
-    if x.op == "call_module":
-        return copy.deepcopy(gm.get_submodule(str(x.target)))
-    name = _op_name(x)
-    if name in ("relu6",):
-        return nn.ReLU6()
-    if name.startswith("hardtanh"):
-        return nn.Hardtanh(*[a for a in x.args[1:3] if isinstance(a, (int, float))])
-    return nn.ReLU()
-
-
-def _op_name(x: torch.fx.Node) -> str:
-    target = x.target
-    if isinstance(target, str):
-        return target
-    return getattr(getattr(target, "overloadpacket", target), "__name__", str(target))
-
-
-def _refuses(method: str, gm: torch.fx.GraphModule, x: torch.fx.Node) -> str:
-    """Net2DeeperNet's identity layer ends in the activation that made ``x``: it must be idempotent."""
-    if method != "net2net":
-        return ""
-    if x.op == "call_module" and isinstance(gm.get_submodule(str(x.target)), _IDEMPOTENT_MODULES):
-        return ""
-    if x.op == "call_function" and (x.target in _IDEMPOTENT_FUNCTIONS or _op_name(x) in _IDEMPOTENT_NAMES):
-        return ""
-    if x.op == "call_method" and x.target in _IDEMPOTENT_NAMES:
-        return ""
-    return (
-        f"net2net deepen needs an idempotent activation (ReLU) right before the new layer; "
-        f"{x.name} is {_op_name(x) if x.op != 'call_module' else type(gm.get_submodule(str(x.target))).__name__}"
-    )
-
-
-def identity_layer(point: InsertionPoint, like: torch.Tensor) -> dict[str, nn.Module]:
-    """An identity conv (3x3, centre tap = I) or identity Linear, made in the model's dtype and device:
-    Net2DeeperNet and NetMorph's new layer. No BatchNorm: one initialised as the identity on its running
-    statistics would normalise by batch statistics in train mode, which is not the identity."""
-    width = point.width
-    options = {"dtype": like.dtype, "device": like.device}
-    with torch.no_grad():
-        if point.kind == "linear":
-            layer = nn.Linear(width, width, **options)
-            layer.weight.copy_(torch.eye(width, **options))
-            layer.bias.zero_()
-            return {"fc": layer}
-        rank = len(point.shape)
-        layer = _CONV[rank](width, width, 3, padding=1, bias=False, **options)
-        layer.weight.zero_()
-        centre = (slice(None), slice(None)) + (1,) * (rank - 2)
-        layer.weight[centre] = torch.eye(width, **options)
-        return {"conv": layer}
-
-
 class DeepenPass(Pass):
     """Insert R2R residual blocks at chosen points (default: one per stage)."""
 
@@ -291,17 +180,19 @@ class DeepenPass(Pass):
         at: Sequence[str] | str | None = None,
         count: int = 1,
         hidden: int | None = None,
-        method: str = "r2r",
+        method: str | Method = "r2r",
         seed: int | None = None,
         check: bool = True,
+        **method_options: Any,
     ) -> None:
         self.check = check
         if count < 1:
             raise GrowthError(f"count must be >= 1, got {count}")
-        if method not in DEEPEN_METHODS:
-            raise GrowthError(f"unknown deepen method {method!r}; choose one of {', '.join(DEEPEN_METHODS)}")
+        if hidden is not None and (not isinstance(hidden, int) or hidden < 1):
+            raise GrowthError(f"hidden must be a positive integer, got {hidden!r}")
+        self.method = get_method(method, **method_options)
         self.at = [at] if isinstance(at, str) else (list(at) if at is not None else None)
-        self.count, self.hidden, self.method, self.seed = count, hidden, method, seed
+        self.count, self.hidden, self.seed = count, hidden, seed
 
     def transform(self, gm: torch.fx.GraphModule) -> PassResult:
         analysis = analyze(gm)
@@ -316,7 +207,7 @@ class DeepenPass(Pass):
         like = next(iter(grown.parameters()), torch.zeros(()))
         for point in chosen:
             x = nodes[point.node]
-            refusal = _refuses(self.method, grown, x)
+            refusal = self.method.refuses_point(grown, x)
             if refusal:
                 if self.at is not None:
                     raise GrowthError(f"{point.node!r}: {refusal}")
@@ -324,28 +215,19 @@ class DeepenPass(Pass):
                 continue
             std = _weight_std(grown, x)
             for _ in range(self.count):
-                hidden = self.hidden or point.width
-                hidden += hidden % 2
+                site = BlockSite(grown, x, point.shape, point.width, point.kind, std, like)
+                block = self.method.block(site, self.hidden, generator)
                 prefix = f"r2r_blocks.b{index}"
-                if self.method in ("r2r", "random"):
-                    branches = build_block(point, hidden, std, like, generator, opposite=self.method == "r2r")
-                    x = _insert(grown, x, prefix, branches)
-                else:
-                    hidden = point.width
-                    layers = identity_layer(point, like)
-                    if self.method == "net2net":
-                        layers["act"] = _activation_module(grown, x)
-                    branches = [layers]
-                    x = _insert(grown, x, prefix, branches, residual=False, parametric=self.method == "netmorph")
+                x = _insert(grown, x, prefix, block)
                 blocks.append(
                     BlockInsert(
                         at=point.node,
                         kind=point.kind,
                         width=point.width,
-                        hidden=hidden,
+                        hidden=block.hidden,
                         module=prefix,
                         output_node=x.name,
-                        params=sum(p.numel() for b in branches for m in b.values() for p in m.parameters()),
+                        params=sum(p.numel() for b in block.branches for m in b.values() for p in m.parameters()),
                     )
                 )
                 index += 1
@@ -354,8 +236,8 @@ class DeepenPass(Pass):
         record_shapes(grown, example_inputs_of(grown))  # a real run: meta kernels can differ in strides, or fail
         record = GrowthRecord(
             "deepen",
-            self.method,
-            self.method != "random",
+            self.method.name,
+            self.method.exact,
             blocks=tuple(blocks),
             skipped=tuple(skipped),
             new_params=tuple(
@@ -387,17 +269,9 @@ class DeepenPass(Pass):
         return chosen
 
 
-def _insert(
-    gm: torch.fx.GraphModule,
-    x: torch.fx.Node,
-    prefix: str,
-    branches: list[dict[str, nn.Module]],
-    residual: bool = True,
-    parametric: bool = False,
-) -> torch.fx.Node:
-    """Insert ``x + z(x)`` (or, non-residual, ``z(x)``) after ``x`` and route every former user of ``x``
-    to it; ``z`` is the sum of the branches, each a chain of layers reading ``x``. ``parametric`` ends
-    ``z`` with NetMorph's ``a*h + (1-a)*relu(h)``, ``a`` a scalar starting at 1."""
+def _insert(gm: torch.fx.GraphModule, x: torch.fx.Node, prefix: str, block: Block) -> torch.fx.Node:
+    """Insert ``block`` after ``x`` (see :class:`~r2r_fx.methods.Block`) and route every former user
+    of ``x`` to its output."""
     graph = gm.graph
     previous = x
     created = []
@@ -410,7 +284,7 @@ def _insert(
         return previous
 
     outputs = []
-    for layers in branches:
+    for layers in block.branches:
         h = x
         for name, module in layers.items():
             gm.add_submodule(f"{prefix}.{name}", module)
@@ -419,9 +293,9 @@ def _insert(
     h = outputs[0]
     for other in outputs[1:]:
         h = call(operator.add, (h, other))
-    if parametric:
+    if block.parametric:
         owner = gm.get_submodule(prefix)
-        dtype = next(iter(branches[0].values())).weight.dtype
+        dtype = next(iter(block.branches[0].values())).weight.dtype
         owner.register_parameter("alpha", nn.Parameter(torch.ones((), dtype=dtype)))
         alpha = call(f"{prefix}.alpha", (), "get_attr")
         relu = call(torch.relu, (h,))
@@ -429,7 +303,7 @@ def _insert(
         one_minus = call(operator.sub, (1.0, alpha))
         nonlinear = call(operator.mul, (one_minus, relu))
         h = call(operator.add, (keep_linear, nonlinear))
-    total = call(operator.add, (x, h)) if residual else h
+    total = call(operator.add, (x, h)) if block.residual else h
     keep = set(created)
     x.replace_all_uses_with(total, delete_user_cb=lambda user: user not in keep)
     return total
@@ -441,14 +315,18 @@ def deepen(
     at: Sequence[str] | str | None = None,
     count: int = 1,
     hidden: int | None = None,
-    method: str = "r2r",
+    method: str | Method = "r2r",
     seed: int | None = None,
     check: bool = True,
+    **method_options: Any,
 ) -> torch.fx.GraphModule:
-    """Return a copy of ``gm`` with R2R residual blocks inserted (one per stage by default).
+    """Return a copy of ``gm`` with blocks inserted (one per stage by default), ``count`` after each point.
 
-    ``check`` (default on) runs the result against ``gm`` on the capture's example inputs (two
-    forwards, four with batch statistics) and raises :class:`~r2r_fx.errors.NotPreservedError` if an
-    exact method changed the function."""
-    pass_ = DeepenPass(at=at, count=count, hidden=hidden, method=method, seed=seed, check=check)
+    ``method``: a name ("r2r", the default; "net2net", "netmorph", "random") or a
+    :class:`~r2r_fx.methods.Method`; ``method_options`` go to its constructor (``init_scale=``, and
+    ``noise=`` for Net2Net); an option it does not take is an error. ``hidden`` is the hidden width of
+    R2R and random blocks (default: the stream's width). ``check`` (default on) runs the result
+    against ``gm`` on the capture's example inputs (two forwards, four with batch statistics) and
+    raises :class:`~r2r_fx.errors.NotPreservedError` if an exact method changed the function."""
+    pass_ = DeepenPass(at=at, count=count, hidden=hidden, method=method, seed=seed, check=check, **method_options)
     return pass_.call(gm).model

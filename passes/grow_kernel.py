@@ -19,9 +19,9 @@ from torch import nn
 from r2r_fx.analysis import hidden_weights
 from r2r_fx.compat import aten
 from r2r_fx.errors import GrowthError
+from r2r_fx.graph import shape_of
 from r2r_fx.passbase import Pass, PassResult, copy_graph_module
 from r2r_fx.record import AxisChange, GrowthRecord, append_record, replace_param
-from r2r_fx.rules import shape_of
 from r2r_fx.surgery import get_tensor
 
 __all__ = ["GrowKernelPass", "grow_kernel"]

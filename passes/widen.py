@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.fx
@@ -129,15 +130,14 @@ class WidenPass(Pass):
         extra: int | None = None,
         groups: Iterable[int | str] | None = None,
         method: str | Method = "r2r",
-        init_scale: float | str = "match",
-        noise: float = 0.0,
         seed: int | None = None,
         check: bool = True,
+        **method_options: Any,
     ) -> None:
         if factor is None and extra is None:
             factor = 2.0
         self.factor, self.extra, self.groups = factor, extra, groups
-        self.method = get_method(method, init_scale, noise)
+        self.method = get_method(method, **method_options)
         self.seed, self.check = seed, check
 
     def transform(self, gm: torch.fx.GraphModule) -> PassResult:
@@ -174,26 +174,20 @@ def widen(
     extra: int | None = None,
     groups: Iterable[int | str] | None = None,
     method: str | Method = "r2r",
-    init_scale: float | str = "match",
-    noise: float = 0.0,
     seed: int | None = None,
     check: bool = True,
+    **method_options: Any,
 ) -> torch.fx.GraphModule:
     """Return a widened copy of ``gm`` (``factor=2.0`` by default); the input is untouched.
 
-    ``method``: "r2r" (default), "net2net" (``noise`` breaks its symmetry, then not exact), "netmorph",
-    or "random" (the non-preserving baseline). ``check`` (default on) runs the result against ``gm`` on
-    the capture's example inputs (two forwards, four with batch statistics) and raises
+    ``method``: a name ("r2r", the default; "net2net", "netmorph", or "random", the non-preserving
+    baseline) or a :class:`~r2r_fx.methods.Method`; ``method_options`` go to its constructor
+    (``init_scale=``, and ``noise=`` for Net2Net, which breaks its symmetry and makes it inexact); an
+    option the method does not take is an error. ``check`` (default on) runs the result against ``gm``
+    on the capture's example inputs (two forwards, four with batch statistics) and raises
     :class:`~r2r_fx.errors.NotPreservedError` if an exact method changed the function.
     """
     pass_ = WidenPass(
-        factor=factor,
-        extra=extra,
-        groups=groups,
-        method=method,
-        init_scale=init_scale,
-        noise=noise,
-        seed=seed,
-        check=check,
+        factor=factor, extra=extra, groups=groups, method=method, seed=seed, check=check, **method_options
     )
     return pass_.call(gm).model

@@ -7,6 +7,7 @@ from r2r_fx.analysis import WidthGroup, analyze, width_groups
 from r2r_fx.capture import capture
 from r2r_fx.errors import CaptureError, GrowthError, NotPreservedError, R2RError
 from r2r_fx.export import export_onnx, run_onnx
+from r2r_fx.methods import Block, BlockSite, Method, register_method
 from r2r_fx.optim import carry_optimizer, carry_scheduler
 from r2r_fx.passes.deepen import DeepenPass, InsertionPoint, deepen, insertion_points
 from r2r_fx.passes.grow_kernel import GrowKernelPass, grow_kernel
@@ -20,10 +21,13 @@ __all__ = [
     "GrowthError",
     "NotPreservedError",
     "R2RError",
+    "Block",
+    "BlockSite",
     "DeepenPass",
     "GrowKernelPass",
     "GrowthRecord",
     "InsertionPoint",
+    "Method",
     "VerifyReport",
     "WidenPass",
     "WidthGroup",
@@ -37,6 +41,7 @@ __all__ = [
     "growth_history",
     "insertion_points",
     "register_layer",
+    "register_method",
     "run_onnx",
     "verify",
     "widen",

@@ -1,7 +1,10 @@
-"""Methods: policies that fill the new entries of grown parameters (widening).
+"""Methods: what a growth method puts into new width (its widen fill) and new depth (its deepen block).
 
-The group analysis and the surgery engine are shared; a method only decides values.
+The group analysis, the surgery engine and the insertion of blocks are shared; a method only decides
+values, which blocks to insert, and what it refuses (``refuses`` for a width group, ``refuses_point``
+for a place to deepen). A method is one class here; register it in ``METHODS`` to give it a name.
 
+Widening.
 R2R (Painter, arXiv 2410.11038, section 4.1): along a producer axis (``"out"``) the new entries come
 in identical halves ``[U; U]``, along a consumer axis (``"in"``) in opposite halves ``[U', -U']``.
 Any channel-wise op maps identical channels to identical channels, so in every consumer the two
@@ -10,39 +13,103 @@ a gradient. Random values are uniform with the standard deviation of the layer's
 (``init_scale`` multiplies it); per-channel values (biases, norm parameters and statistics,
 class tokens) are copied from randomly chosen existing channels, so they keep their range
 (running variances stay positive).
+
+Deepening (``block``): R2R's block and the random baseline are residual ``x + z(x)`` (see
+``r2r_fx.passes.deepen``); Net2Net and NetMorph insert an identity layer, Net2DeeperNet's followed by
+a copy of the idempotent activation that made ``x``, NetMorph's ending in ``a*h + (1-a)*relu(h)``.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.fx
+from torch import nn
 
 from r2r_fx.errors import GrowthError
 from r2r_fx.surgery import AxisIndex
 
-__all__ = ["METHODS", "Method", "Net2Net", "NetMorph", "R2R", "RandomPad", "get_method"]
+__all__ = [
+    "METHODS",
+    "Block",
+    "BlockSite",
+    "Method",
+    "Net2Net",
+    "NetMorph",
+    "R2R",
+    "RandomPad",
+    "get_method",
+    "register_method",
+]
+
+_CONV = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
+_BN = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+
+
+@dataclass
+class Block:
+    """What ``deepen`` inserts after a tensor ``x``: ``z(x)``, the sum of ``branches`` (each a chain of
+    layers reading ``x``, named within the block); the block computes ``x + z(x)`` when ``residual``,
+    else ``z(x)``; ``parametric`` ends ``z`` with NetMorph's ``a*h + (1-a)*relu(h)`` (``a`` starts at 1)."""
+
+    branches: list[dict[str, nn.Module]]
+    hidden: int
+    residual: bool = True
+    parametric: bool = False
+
+
+@dataclass
+class BlockSite:
+    """Where a block goes: after ``node`` of ``gm``, an activation of ``shape`` whose channel axis has
+    ``width`` channels; ``kind`` is "conv1d"/"conv2d"/"conv3d" (channels first) or "linear" (channels
+    last); ``std`` is the weight std of the nearest layer upstream (None: none found); new layers are
+    made in ``like``'s dtype and device."""
+
+    gm: torch.fx.GraphModule
+    node: torch.fx.Node
+    shape: tuple[int, ...]
+    width: int
+    kind: str
+    std: float | None
+    like: torch.Tensor
 
 
 class Method:
-    """Base policy. ``exact`` says whether the method preserves the function exactly."""
+    """A growth method. ``exact`` says whether it preserves the function exactly.
+
+    ``init_scale`` multiplies the scale of new random weights ("match": the standard deviation of the
+    existing weights of the layer, or of the layer upstream of a new block)."""
 
     name = "base"
     exact = True
 
-    def __init__(self, init_scale: float | str = "match", noise: float = 0.0) -> None:
+    def __init__(self, *, init_scale: float | str = "match") -> None:
         self.scale_factor = 1.0 if init_scale == "match" else float(init_scale)
-        self.noise = float(noise)
+        if not self.scale_factor > 0:
+            raise GrowthError(f"init_scale must be 'match' or a positive number, got {init_scale!r}")
 
     def refuses(self, group: Any) -> str:
         """A reason this method cannot widen ``group`` (a WidthGroup), or "" when it can."""
         return ""
 
+    def refuses_point(self, gm: torch.fx.GraphModule, x: torch.fx.Node) -> str:
+        """A reason this method cannot insert a block after ``x``, or "" when it can."""
+        return ""
+
     def grow(
         self, tensor: torch.Tensor, axes: Sequence[tuple[int, AxisIndex, str]], generator: torch.Generator
     ) -> torch.Tensor:
+        """``tensor`` grown along ``axes`` (``(axis, index, role)``: where old and new entries go)."""
+        raise NotImplementedError
+
+    def block(self, site: BlockSite, hidden: int | None, generator: torch.Generator) -> Block:
+        """The block to insert at ``site``; ``hidden`` is the requested hidden width (None: the method's)."""
         raise NotImplementedError
 
     # -- helpers shared by methods
@@ -118,6 +185,18 @@ class R2R(Method):
                     t.index_copy_(axis, idx.second.to(t.device), t.index_select(axis, idx.first.to(t.device)))
         return t
 
+    def block(self, site, hidden, generator):
+        """R2DeeperR: two branches of ``hidden / 2`` channels, the second a copy of the first with its
+        last layer negated: first-layer rows ``[U; U]``, last-layer columns ``[V, -V]``, computed as two
+        identical partial results of opposite sign, which IEEE arithmetic cancels exactly (``z(x) = 0``
+        in any dtype, not just up to rounding) while both layers get gradients."""
+        hidden = _even(hidden or site.width)
+        layers = _random_chain(site, hidden // 2, self.scale_factor, generator)
+        pair = copy.deepcopy(layers)
+        with torch.no_grad():
+            pair[next(reversed(pair))].weight.neg_()
+        return Block([layers, {f"{name}_pair": module for name, module in pair.items()}], hidden)
+
 
 class NetMorph(Method):
     """Network Morphism (Wei et al. 2016): new producer rows random, new consumer columns zero.
@@ -135,6 +214,11 @@ class NetMorph(Method):
                     t.index_fill_(axis, idx.new_pos.to(t.device), 0)
         return t
 
+    def block(self, site, hidden, generator):
+        """An identity layer ending in ``a*h + (1-a)*relu(h)`` with ``a = 1``: the identity at insertion."""
+        _no_hidden(self, hidden)
+        return Block([_identity_layer(site)], site.width, residual=False, parametric=True)
+
 
 class RandomPad(Method):
     """The non-preserving baseline: new weights random on both sides (verification reports it)."""
@@ -145,6 +229,11 @@ class RandomPad(Method):
     def grow(self, tensor, axes, generator):
         with torch.no_grad():
             return self._grown(tensor.detach(), [a for a in axes if a[1].grows], self._scale(tensor), generator)
+
+    def block(self, site, hidden, generator):
+        """R2R's block without the pairing: one branch of ``hidden`` random channels."""
+        hidden = _even(hidden or site.width)
+        return Block([_random_chain(site, hidden, self.scale_factor, generator)], hidden)
 
 
 class Net2Net(Method):
@@ -159,8 +248,11 @@ class Net2Net(Method):
 
     name = "net2net"
 
-    def __init__(self, init_scale: float | str = "match", noise: float = 0.0) -> None:
-        super().__init__(init_scale, noise)
+    def __init__(self, *, init_scale: float | str = "match", noise: float = 0.0) -> None:
+        super().__init__(init_scale=init_scale)
+        self.noise = float(noise)
+        if not self.noise >= 0:
+            raise GrowthError(f"noise must be a number >= 0, got {noise!r}")
         self.exact = self.noise == 0.0
 
     def refuses(self, group: Any) -> str:
@@ -195,15 +287,135 @@ class Net2Net(Method):
                 t.index_copy_(axis, idx.new_pos.to(t.device), copies)
         return t
 
+    def refuses_point(self, gm, x):
+        """Net2DeeperNet's identity layer ends in the activation that made ``x``: it must be idempotent."""
+        if x.op == "call_module" and isinstance(gm.get_submodule(str(x.target)), _IDEMPOTENT_MODULES):
+            return ""
+        if x.op == "call_function" and (x.target in _IDEMPOTENT_FUNCTIONS or _target_name(x) in _IDEMPOTENT_NAMES):
+            return ""
+        if x.op == "call_method" and x.target in _IDEMPOTENT_NAMES:
+            return ""
+        made_by = type(gm.get_submodule(str(x.target))).__name__ if x.op == "call_module" else _target_name(x)
+        return f"net2net deepen needs an idempotent activation (ReLU) right before the new layer; {x.name} is {made_by}"
+
+    def block(self, site, hidden, generator):
+        """Net2DeeperNet: an identity layer (``noise`` added to its weight) and a copy of the activation."""
+        _no_hidden(self, hidden)
+        layers = _identity_layer(site)
+        if self.noise:
+            weight = next(iter(layers.values())).weight
+            with torch.no_grad():
+                weight.add_(self._uniform(weight.shape, self.noise * (site.std or 1.0), weight, generator))
+        layers["act"] = _activation_module(site.gm, site.node)
+        return Block([layers], site.width, residual=False)
+
 
 METHODS: dict[str, type[Method]] = {"r2r": R2R, "net2net": Net2Net, "netmorph": NetMorph, "random": RandomPad}
 
 
-def get_method(name: str | Method, init_scale: float | str = "match", noise: float = 0.0) -> Method:
-    if isinstance(name, Method):
-        return name
+def register_method(cls: type[Method]) -> type[Method]:
+    """Make a Method class available by its ``name`` (``widen(gm, method=name)``, ``--method name``)."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)) or cls.name in ("", "base"):
+        raise GrowthError(f"register_method needs a Method subclass with its own name, got {cls!r}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(method: str | Method, **options: Any) -> Method:
+    """The method called ``method`` made with ``options`` (or ``method`` itself, with no options).
+
+    An option the method does not take is an error (``noise`` belongs to Net2Net only)."""
+    if isinstance(method, Method):
+        if options:
+            raise GrowthError(f"options {sorted(options)} go to the constructor of a Method instance, not here")
+        return method
     try:
-        cls = METHODS[name]
-    except KeyError:
-        raise GrowthError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None
-    return cls(init_scale=init_scale, noise=noise)
+        cls = METHODS[method]
+    except (KeyError, TypeError):
+        raise GrowthError(f"unknown method {method!r}; choose one of {sorted(METHODS)}") from None
+    takes = set(inspect.signature(cls).parameters)
+    unused = sorted(set(options) - takes)
+    if unused:
+        options_text = ", ".join(sorted(takes))
+        raise GrowthError(f"method {method!r} takes no option {', '.join(unused)} (its options: {options_text})")
+    return cls(**options)
+
+
+def _even(n: int) -> int:
+    return n + n % 2
+
+
+def _no_hidden(method: Method, hidden: int | None) -> None:
+    if hidden is not None:
+        raise GrowthError(f"{method.name} deepen inserts an identity layer of the stream's width; it takes no hidden")
+
+
+def _uniform_(tensor: torch.Tensor, std: float, generator: torch.Generator) -> None:
+    tensor.copy_(Method._uniform(tensor.shape, std, tensor, generator))
+
+
+def _random_chain(site: BlockSite, size: int, scale_factor: float, generator: torch.Generator) -> dict[str, nn.Module]:
+    """conv -> BatchNorm -> ReLU -> conv (3x3, no biases) or Linear -> ReLU -> Linear (no last bias),
+    random at the scale of the weights upstream; the last layer's weight is what pairs negate."""
+    width = site.width
+    if site.kind == "linear":
+        first, last = nn.Linear(width, size), nn.Linear(size, width, bias=False)
+        layers = {"fc1": first, "act": nn.ReLU(), "fc2": last}
+    else:
+        rank = len(site.shape)
+        first = _CONV[rank](width, size, 3, padding=1, bias=False)
+        last = _CONV[rank](size, width, 3, padding=1, bias=False)
+        layers = {"conv1": first, "bn": _BN[rank](size), "act": nn.ReLU(), "conv2": last}
+    for module in layers.values():
+        module.to(dtype=site.like.dtype, device=site.like.device)
+    with torch.no_grad():
+        scale = (site.std if site.std else 1.0 / math.sqrt(first.weight[0].numel())) * scale_factor
+        _uniform_(first.weight, scale, generator)
+        if getattr(first, "bias", None) is not None:
+            _uniform_(first.bias, scale, generator)
+        _uniform_(last.weight, scale, generator)
+    return layers
+
+
+def _identity_layer(site: BlockSite) -> dict[str, nn.Module]:
+    """An identity conv (3x3, centre tap = I) or identity Linear, in the model's dtype and device. No
+    BatchNorm: one initialised as the identity on its running statistics would normalise by batch
+    statistics in train mode, which is not the identity."""
+    width = site.width
+    options = {"dtype": site.like.dtype, "device": site.like.device}
+    with torch.no_grad():
+        if site.kind == "linear":
+            layer = nn.Linear(width, width, **options)
+            layer.weight.copy_(torch.eye(width, **options))
+            layer.bias.zero_()
+            return {"fc": layer}
+        rank = len(site.shape)
+        layer = _CONV[rank](width, width, 3, padding=1, bias=False, **options)
+        layer.weight.zero_()
+        centre = (slice(None), slice(None)) + (1,) * (rank - 2)
+        layer.weight[centre] = torch.eye(width, **options)
+        return {"conv": layer}
+
+
+_IDEMPOTENT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+_IDEMPOTENT_FUNCTIONS = {torch.relu, torch.relu_, nn.functional.relu, nn.functional.relu6, nn.functional.hardtanh}
+_IDEMPOTENT_NAMES = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_"}
+
+
+def _target_name(x: torch.fx.Node) -> str:
+    target = x.target
+    if isinstance(target, str):
+        return target
+    return getattr(getattr(target, "overloadpacket", target), "__name__", str(target))
+
+
+def _activation_module(gm: torch.fx.GraphModule, x: torch.fx.Node) -> nn.Module:
+    """A fresh module computing the idempotent activation that produced ``x``."""
+    if x.op == "call_module":
+        return copy.deepcopy(gm.get_submodule(str(x.target)))
+    name = _target_name(x)
+    if name == "relu6":
+        return nn.ReLU6()
+    if name.startswith("hardtanh"):
+        return nn.Hardtanh(*[a for a in x.args[1:3] if isinstance(a, (int, float))])
+    return nn.ReLU()
