@@ -136,12 +136,12 @@ def _channel_axis(analysis: Analysis, name: str, shape: tuple[int, ...]) -> int 
     """The axis of ``name`` that is an internal width (a group with producers, not an input/output)."""
     candidates = [1, len(shape) - 1] if len(shape) >= 3 else [1]
     for axis in candidates:
-        if (name, axis) not in analysis.builder.sizes:
+        if analysis.size((name, axis)) is None:
             continue
-        groups = {analysis.group_of_atom.get(a) for a in analysis.layout((name, axis)).atoms()}
-        if None in groups or not groups:
+        groups = [analysis.group_of(s) for s in analysis.layout((name, axis)).channel_sets()]
+        if not groups or None in groups:
             continue
-        if all(analysis.groups[g].producers and not analysis.groups[g].reason.startswith("model ") for g in groups):
+        if all(g.producers and not g.reason.startswith("model ") for g in groups):
             return axis
     return None
 

@@ -37,7 +37,7 @@ def plan_extras(
     groups: Iterable[int | str] | None,
     method: Method | None = None,
 ) -> tuple[dict[int, int], list[GroupChange]]:
-    """Channels to add per atom, and a report line per width group (widened or skipped, with reason)."""
+    """Channels to add per channel set, and a report line per width group (widened or skipped, with reason)."""
     if (factor is None) == (extra is None):
         raise GrowthError("give exactly one of factor= or extra=")
     if factor is not None and factor < 1:
@@ -63,13 +63,13 @@ def plan_extras(
             entry["reason"] = method.refuses(g)
         elif g.widenable:
             step = g.granularity
-            per_atom = {}
-            for a in g.atoms:
-                want = analysis.atom_width[a] * (factor - 1) if factor is not None else extra / len(g.atoms)
-                per_atom[a] = int(math.ceil(round(want, 6) / step)) * step
-            if any(per_atom.values()):
-                extras.update(per_atom)
-                entry.update(status="widened", reason="", width_after=g.width + sum(per_atom.values()))
+            per_set = {}
+            for a in g.channel_sets:
+                want = analysis.set_width[a] * (factor - 1) if factor is not None else extra / len(g.channel_sets)
+                per_set[a] = int(math.ceil(round(want, 6) / step)) * step
+            if any(per_set.values()):
+                extras.update(per_set)
+                entry.update(status="widened", reason="", width_after=g.width + sum(per_set.values()))
             else:
                 entry["reason"] = "nothing to add"
         report.append(GroupChange(**{**entry, "producers": tuple(g.producers), "consumers": tuple(g.consumers)}))
@@ -102,11 +102,11 @@ def grow_parameters(
 ) -> list[ParamChange]:
     """Grow every bound parameter whose layout gains channels; returns what changed per parameter."""
     changes = []
-    sources = channel_sources(extras, analysis.atom_width, generator)
+    sources = channel_sources(extras, analysis.set_width, generator)
     for param, axes in analysis.bound_params().items():
         plan = []
         for axis, layout, role in sorted(axes):
-            if any(extras.get(a) for a in layout.atoms()):
+            if any(extras.get(a) for a in layout.channel_sets()):
                 plan.append((axis, axis_index(layout, extras, sources), role))
         if not plan:
             continue
@@ -148,7 +148,7 @@ class WidenPass(Pass):
         replaced = [
             get_tensor(gm, p)
             for p, axes in analysis.bound_params().items()
-            if any(extras.get(a) for _, layout, _ in axes for a in layout.atoms())
+            if any(extras.get(a) for _, layout, _ in axes for a in layout.channel_sets())
         ]
         grown = copy_graph_module(gm, skip=replaced)
         generator = make_generator(self.seed)

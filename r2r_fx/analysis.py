@@ -5,14 +5,15 @@ A *slot* is one axis of one tensor: ``(node name, axis)``; parameter axes are sl
 (``r2r_fx.rules``) adds couplings; a union-find merges slots that hold the same channels, and the
 coupling graph is kept as a networkx graph for inspection (``Analysis.coupling_graph``).
 
-Classes of slots are then resolved to *layouts*: ``outer x [(atom, width, inner), ...]``, where an
-atom is a set of channels no op splits further. Concatenation makes a layout of several atoms,
-split/chunk refines a class into atoms, flatten multiplies ``inner`` (each channel brings H*W
-features). Index maps stay symbolic: a layout is a handful of integers per atom, never a
-per-channel list. Atoms tied by equal-size splits form one :class:`WidthGroup`.
+Classes of slots are then resolved to *layouts*: ``outer x [(channel_set, width, inner), ...]``,
+where a *channel set* is a set of channels no op splits further (numbered in graph order).
+Concatenation makes a layout of several channel sets, split/chunk refines a class into channel sets,
+flatten multiplies ``inner`` (each channel brings H*W features). Index maps stay symbolic: a layout
+is a handful of integers per channel set, never a per-channel list. Channel sets tied by equal-size
+splits form one :class:`WidthGroup`.
 
 Fail closed: a slot frozen by a rule (unknown op, model input/output, layer norm, ...) freezes
-every atom in its layout, and the group records the first reason.
+every channel set in its layout, and the group records the first reason.
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ class Binding:
 
 @dataclass(frozen=True)
 class Layout:
-    """How a slot's positions map to atoms: ``outer`` repeats of the ``pieces`` in order.
+    """How a slot's positions map to channel sets: ``outer`` repeats of the ``pieces`` in order.
 
-    Each piece is ``(atom, channels, inner)``: ``channels`` channels of ``atom``, each spanning
+    Each piece is ``(channel_set, channels, inner)``: ``channels`` channels of ``channel_set``, each spanning
     ``inner`` consecutive positions.
     """
 
@@ -65,7 +66,7 @@ class Layout:
     def size(self) -> int:
         return self.outer * sum(n * inner for _, n, inner in self.pieces)
 
-    def atoms(self) -> list[int]:
+    def channel_sets(self) -> list[int]:
         return [a for a, _, _ in self.pieces]
 
 
@@ -75,7 +76,7 @@ class WidthGroup:
 
     id: int
     width: int
-    atoms: list[int]
+    channel_sets: list[int]
     slots: list[Slot]
     producers: list[str]
     consumers: list[str]
@@ -132,7 +133,7 @@ class _Builder:
 
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         self.gm = gm
-        self.uf = _UnionFind()
+        self._uf = _UnionFind()
         self.edges: list[tuple[Slot, Slot, str]] = []
         self.sizes: dict[Slot, int] = {}
         self.concats: list[tuple[Slot, list[Slot], bool]] = []
@@ -156,7 +157,7 @@ class _Builder:
     # -- the Couplings protocol
     def same(self, a: Slot, b: Slot) -> None:
         self.edges.append((a, b, "same"))
-        self.uf.union(a, b)  # adds unseen slots, a first
+        self._uf.union(a, b)  # adds unseen slots, a first
 
     def concat(self, whole: Slot, parts: Sequence[Slot], *, equal: bool = False) -> None:
         self._touch(whole, *parts)
@@ -191,11 +192,11 @@ class _Builder:
     def add_slot(self, slot: Slot, size: int) -> None:
         """A tensor axis and its size, from shape propagation."""
         self.sizes[slot] = size
-        self.uf.add(slot)
+        self._uf.add(slot)
 
     def _touch(self, *slots: Slot) -> None:
         for s in slots:
-            self.uf.add(s)
+            self._uf.add(s)
 
     def module(self, target: str) -> torch.nn.Module:
         module = self.modules.get(target)
@@ -207,7 +208,7 @@ class _Builder:
 
     def finish(self) -> None:
         """End of collection: the slots seen so far are the coupling graph's nodes."""
-        self._slots_seen = list(self.uf.parent)
+        self._slots_seen = list(self._uf.parent)
 
     @cached_property
     def graph(self) -> nx.MultiGraph:
@@ -221,22 +222,26 @@ class _Builder:
 
 
 class Analysis:
-    """Result of :func:`analyze`: width groups plus the layout of every slot (used by surgery)."""
+    """Result of :func:`analyze`: width groups plus the layout of every slot.
+
+    Read it through ``groups`` (the :class:`WidthGroup` list), ``layout(slot)``, ``size(slot)``,
+    ``same_channels(a, b)``, ``group_of(channel_set)``, ``set_width[channel_set]``, ``bound_params()``,
+    ``aliases(param)`` and ``coupling_graph``; everything else is private."""
 
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         self.gm = gm
-        b = self.builder = _Builder(gm)
+        b = self._builder = _Builder(gm)
         self._collect()
-        self.uf = b.uf
+        self._uf = b._uf
         self._conflicts: dict[Slot, str] = {}
         self._unify_definitions()
         self._layouts: dict[Slot, Layout] = {}
         self._merged_fixed: list[Slot] = []  # axes a reshape merges into another one as a repeat count
         self._expanding: set[Slot] = set()
-        self._atom_index: dict[Slot, int] = {}
-        self.atom_roots: list[Slot] = []
-        self.atom_width: list[int] = []
-        self._bound_roots = {self.uf.find((f"param:{p}", a)) for (p, a) in b.bindings}
+        self._set_index: dict[Slot, int] = {}
+        self.set_roots: list[Slot] = []
+        self.set_width: list[int] = []
+        self._bound_roots = {self._uf.find((f"param:{p}", a)) for (p, a) in b.bindings}
         self._resolve()
 
     @property
@@ -244,11 +249,25 @@ class Analysis:
         """Every slot the rules mentioned and every coupling between two slots (edge ``kind``:
         ``"same"``, ``"concat"`` or ``"merge"``), built on first use: the analysis itself works on the
         union-find, so only those who inspect the couplings pay for the networkx graph."""
-        return self.builder.graph
+        return self._builder.graph
+
+    # ------------------------------------------------------------ the read API passes use
+    def size(self, slot: Slot) -> int | None:
+        """The size of a tensor axis the analysis saw (``(node name, axis)``), or None."""
+        return self._builder.sizes.get(slot)
+
+    def same_channels(self, a: Slot, b: Slot) -> bool:
+        """Whether two slots hold the same channels in the same order (coupled by the rules)."""
+        return self._uf.find(a) == self._uf.find(b)
+
+    def group_of(self, channel_set: int) -> WidthGroup | None:
+        """The width group a channel set belongs to (None: not a width, e.g. a batch or spatial axis)."""
+        index = self.group_of_set.get(channel_set)
+        return None if index is None else self.groups[index]
 
     # ------------------------------------------------------------ collection
     def _collect(self) -> None:
-        b, gm = self.builder, self.gm
+        b, gm = self._builder, self.gm
         nodes = list(gm.graph.nodes)
         shapes = {node: tensor_shapes(node) for node in nodes}  # read each node's tensor_meta once
         for node in nodes:
@@ -291,7 +310,7 @@ class Analysis:
 
     # ------------------------------------------------------------ unification of definitions
     def _unify_definitions(self) -> None:
-        b, uf = self.builder, self.builder.uf
+        b, uf = self._builder, self._builder._uf
         for slot_a, size in list(b.sizes.items()):
             ra = uf.find(slot_a)
             if b.sizes.get(ra, size) != size:
@@ -325,17 +344,17 @@ class Analysis:
             self._conflicts.setdefault(r, "both concatenated and reshaped")
 
     def _size(self, slot: Slot) -> int:
-        return self.builder.sizes.get(self.uf.find(slot), self.builder.sizes.get(slot, -1))
+        return self._builder.sizes.get(self._uf.find(slot), self._builder.sizes.get(slot, -1))
 
     # ------------------------------------------------------------ layouts
     def layout(self, slot: Slot) -> Layout:
-        """The atoms a slot's positions belong to (computed once per class)."""
-        root = self.uf.find(slot)
+        """The channel sets a slot's positions belong to (computed once per class)."""
+        root = self._uf.find(slot)
         if root in self._layouts:
             return self._layouts[root]
         if root in self._expanding:
             self._conflicts.setdefault(root, "cyclic channel structure")
-            return self._atom_layout(root)
+            return self._set_layout(root)
         self._expanding.add(root)
         try:
             result = self._compute_layout(root)
@@ -344,16 +363,16 @@ class Analysis:
         self._layouts[root] = result
         return result
 
-    def _atom_layout(self, root: Slot) -> Layout:
-        if root not in self._atom_index:
-            self._atom_index[root] = len(self.atom_roots)
-            self.atom_roots.append(root)
-            self.atom_width.append(self._size(root))
-        return Layout(1, ((self._atom_index[root], self._size(root), 1),))
+    def _set_layout(self, root: Slot) -> Layout:
+        if root not in self._set_index:
+            self._set_index[root] = len(self.set_roots)
+            self.set_roots.append(root)
+            self.set_width.append(self._size(root))
+        return Layout(1, ((self._set_index[root], self._size(root), 1),))
 
     def _compute_layout(self, root: Slot) -> Layout:
         if root in self._conflicts:
-            return self._atom_layout(root)
+            return self._set_layout(root)
         if root in self._concat_of:
             parts, _ = self._concat_of[root]
             pieces: list[tuple[int, int, int]] = []
@@ -361,11 +380,11 @@ class Analysis:
                 sub = self.layout(p)
                 if sub.outer != 1:
                     self._conflicts[root] = "concatenation of reshaped channels"
-                    return self._atom_layout(root)
+                    return self._set_layout(root)
                 pieces.extend(sub.pieces)
             if sum(n * i for _, n, i in pieces) != self._size(root):
                 self._conflicts[root] = "concatenation sizes do not add up"
-                return self._atom_layout(root)
+                return self._set_layout(root)
             return Layout(1, tuple(pieces))
         if root in self._merge_of:
             members = self._merge_of[root]
@@ -374,10 +393,10 @@ class Analysis:
                 # An axis split into several (heads x head_dim, ...): the channel order across the new
                 # axes is not an append-at-the-end layout. Harmless for spatial axes (never widths).
                 self._conflicts[root] = "reshape splits a channel axis"
-                return self._atom_layout(root)
+                return self._set_layout(root)
             if len(bearing) > 1:
                 self._conflicts[root] = "reshape merges two channel axes"
-                return self._atom_layout(root)
+                return self._set_layout(root)
             k = bearing[0]
             # the other members only repeat the channels (outer / inner counts): they keep their widths
             self._merged_fixed.extend(m for i, m in enumerate(members) if i != k)
@@ -385,10 +404,10 @@ class Analysis:
             before = math.prod(self._size(m) for m in members[:k])
             after = math.prod(self._size(m) for m in members[k + 1 :])
             return Layout(before * sub.outer, tuple((a, n, i * after) for a, n, i in sub.pieces))
-        return self._atom_layout(root)
+        return self._set_layout(root)
 
     def _width_bearing(self, slot: Slot) -> bool:
-        root = self.uf.find(slot)
+        root = self._uf.find(slot)
         if root in self._bound_roots:
             return True
         if root in self._concat_of:
@@ -403,25 +422,25 @@ class Analysis:
 
     # ------------------------------------------------------------ groups
     def _resolve(self) -> None:
-        b, _uf = self.builder, self.uf
-        # Layouts for every bound class first (atoms numbered in graph order), then every slot, so
+        b, _uf = self._builder, self._uf
+        # Layouts for every bound class first (channel sets numbered in graph order), then every slot, so
         # that all structural conflicts are known before freezing.
         for param, axis in b.bindings:
             self.layout((f"param:{param}", axis))
         by_root: dict[Slot, list[Slot]] = defaultdict(list)
-        find = self.uf.find
+        find = self._uf.find
         for slot in list(b.sizes):
             by_root[find(slot)].append(slot)
         slots_of: dict[int, list[Slot]] = defaultdict(list)
-        for root, slots in by_root.items():  # first-seen order, so atoms are numbered as before
+        for root, slots in by_root.items():  # first-seen order, so channel sets are numbered as before
             tensors = [s for s in slots if not s[0].startswith("param:")]
-            for a in self.layout(root).atoms():
+            for a in self.layout(root).channel_sets():
                 slots_of[a].extend(tensors)
-        frozen_atoms: dict[int, str] = {}
+        frozen_sets: dict[int, str] = {}
 
         def freeze_layout(layout: Layout, reason: str) -> None:
-            for a in layout.atoms():
-                frozen_atoms.setdefault(a, reason)
+            for a in layout.channel_sets():
+                frozen_sets.setdefault(a, reason)
 
         for slot, reason in b.frozen.items():
             freeze_layout(self.layout(slot), reason)
@@ -429,14 +448,14 @@ class Analysis:
             freeze_layout(self.layout(slot), f"merged into another axis by a reshape ({slot[0]})")
         for root, reason in list(self._conflicts.items()):
             freeze_layout(self.layout(root), reason)
-            for parts in self._structures.get(self.uf.find(root), []):
+            for parts in self._structures.get(self._uf.find(root), []):
                 for p in parts:
                     freeze_layout(self.layout(p), reason)
 
         # Role conflicts on one parameter axis (e.g. a weight tied between an embedding and a head).
         self.producers: dict[int, list[str]] = defaultdict(list)
         self.consumers: dict[int, list[str]] = defaultdict(list)
-        layer_atoms: set[int] = set()  # atoms some layer produces or consumes
+        layer_sets: set[int] = set()  # channel sets some layer produces or consumes
         for (param, axis), binds in b.bindings.items():
             layout = self.layout((f"param:{param}", axis))
             roles = {x.role for x in binds}
@@ -444,17 +463,17 @@ class Analysis:
                 freeze_layout(layout, f"parameter {param} axis {axis} is used as {' and '.join(sorted(roles))}")
             for x in binds:
                 if x.role in ("out", "in"):
-                    layer_atoms.update(layout.atoms())
+                    layer_sets.update(layout.channel_sets())
                 if x.role == "channel":
                     continue
                 bucket = self.consumers if x.role == "in" else self.producers
-                for a in layout.atoms():
+                for a in layout.channel_sets():
                     if x.node not in bucket[a]:
                         bucket[a].append(x.node)
 
         # Ties (equal-size splits) and granularities.
         ties = nx.Graph()
-        ties.add_nodes_from(layer_atoms)  # an atom no layer touches counts only when tied to one
+        ties.add_nodes_from(layer_sets)  # a channel set no layer touches counts only when tied to one
         for parts, equal in self._concat_of.values():
             if not equal:
                 continue
@@ -477,39 +496,39 @@ class Analysis:
             gran[a] = math.lcm(gran[a], 2 * k)
 
         self.groups: list[WidthGroup] = []
-        self.group_of_atom: dict[int, int] = {}
+        self.group_of_set: dict[int, int] = {}
         for component in sorted(nx.connected_components(ties), key=min):
-            atoms = sorted(component)
-            if not layer_atoms.intersection(atoms):
+            channel_sets = sorted(component)
+            if not layer_sets.intersection(channel_sets):
                 continue  # batch, spatial and token axes: not widths
-            reason = next((frozen_atoms[a] for a in atoms if a in frozen_atoms), "")
-            if not reason and not any(self.producers.get(a) for a in atoms):
+            reason = next((frozen_sets[a] for a in channel_sets if a in frozen_sets), "")
+            if not reason and not any(self.producers.get(a) for a in channel_sets):
                 reason = "no producer with parameters"
-            if not reason and len({self.atom_width[a] for a in atoms}) > 1:
+            if not reason and len({self.set_width[a] for a in channel_sets}) > 1:
                 reason = "tied channel sets of different widths"
             group = WidthGroup(
                 id=len(self.groups),
-                width=sum(self.atom_width[a] for a in atoms),
-                atoms=atoms,
-                slots=sorted({s for a in atoms for s in slots_of[a]}, key=str),
-                producers=_unique(p for a in atoms for p in self.producers.get(a, [])),
-                consumers=_unique(p for a in atoms for p in self.consumers.get(a, [])),
-                granularity=math.lcm(*(gran[a] for a in atoms)),
+                width=sum(self.set_width[a] for a in channel_sets),
+                channel_sets=channel_sets,
+                slots=sorted({s for a in channel_sets for s in slots_of[a]}, key=str),
+                producers=_unique(p for a in channel_sets for p in self.producers.get(a, [])),
+                consumers=_unique(p for a in channel_sets for p in self.consumers.get(a, [])),
+                granularity=math.lcm(*(gran[a] for a in channel_sets)),
                 widenable=not reason,
                 reason=reason,
             )
-            for a in atoms:
-                self.group_of_atom[a] = group.id
+            for a in channel_sets:
+                self.group_of_set[a] = group.id
             self.groups.append(group)
 
     def aliases(self, param: str) -> list[str]:
         """Every name under which the tensor bound as ``param`` is held (tied parameters)."""
-        return self.builder.aliases.get(param) or [param]
+        return self._builder.aliases.get(param) or [param]
 
     def bound_params(self) -> dict[str, list[tuple[int, Layout, str]]]:
         """For each parameter with bindings: (axis, layout, role) per bound axis."""
         out: dict[str, list[tuple[int, Layout, str]]] = defaultdict(list)
-        for (param, axis), binds in self.builder.bindings.items():
+        for (param, axis), binds in self._builder.bindings.items():
             out[param].append((axis, self.layout((f"param:{param}", axis)), binds[0].role))
         return out
 

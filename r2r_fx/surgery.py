@@ -1,7 +1,7 @@
 """Weight surgery shared by every pass and method: grow parameter axes along symbolic layouts.
 
-For one parameter axis with layout ``outer x [(atom, n, inner), ...]`` and ``e`` new channels per
-atom, the grown axis keeps each atom's old entries in place and appends that atom's ``e`` new
+For one parameter axis with layout ``outer x [(channel_set, n, inner), ...]`` and ``e`` new channels per
+channel_set, the grown axis keeps each channel set's old entries in place and appends that channel set's ``e`` new
 channels right after them, in two halves of ``e/2`` channels (R2R's pairs). :class:`AxisIndex`
 turns that into index tensors once; a :class:`~r2r_fx.methods.Method` decides the values.
 
@@ -60,7 +60,7 @@ def new_width(layout: Layout, extras: Mapping[int, int]) -> int:
 def channel_sources(
     extras: Mapping[int, int], widths: Sequence[int], generator: torch.Generator
 ) -> dict[int, torch.Tensor]:
-    """For each growing atom, the old channel each new channel derives from (one draw per atom, so
+    """For each growing channel set, the old channel each new channel derives from (one draw per channel set, so
     every parameter of a width group agrees: biases, norm statistics and weights copy the same channel)."""
     return {a: torch.randint(0, max(1, widths[a]), (e,), generator=generator) for a, e in extras.items() if e}
 
@@ -74,8 +74,8 @@ def axis_index(layout: Layout, extras: Mapping[int, int], sources: Mapping[int, 
     old_map = torch.empty(outer, old_w, dtype=torch.long)
     firsts, seconds, runs, news, news_src = [], [], [], [], []
     off_old = off_new = 0
-    for atom, n, inner in layout.pieces:
-        e = extras.get(atom, 0)
+    for channel_set, n, inner in layout.pieces:
+        e = extras.get(channel_set, 0)
         span = n * inner
         old_map[:, off_old : off_old + span] = rows * new_w + off_new + torch.arange(span)
         for o in range(outer):
@@ -86,7 +86,7 @@ def axis_index(layout: Layout, extras: Mapping[int, int], sources: Mapping[int, 
             firsts.append((start + torch.arange(half)).reshape(-1))
             seconds.append((start + half + torch.arange(half)).reshape(-1))
             news.append((start + torch.arange(e * inner)).reshape(-1))
-            chans = sources[atom] if n else torch.zeros(e, dtype=torch.long)
+            chans = sources[channel_set] if n else torch.zeros(e, dtype=torch.long)
             within = (chans.unsqueeze(1) * inner + torch.arange(inner)).reshape(-1)
             news_src.append((rows * old_w + off_old + within).reshape(-1))
         off_old += span
@@ -144,7 +144,7 @@ def fix_widths(gm: torch.fx.GraphModule, analysis: Analysis, extras: Mapping[int
     """Update module attributes and int shape arguments that name a grown width."""
 
     def width(slot: tuple[str, int]) -> int | None:
-        if slot not in analysis.builder.sizes:
+        if analysis.size(slot) is None:
             return None
         return new_width(analysis.layout(slot), extras)
 
@@ -293,11 +293,10 @@ def _fix_grouped(node: torch.fx.Node, name: str, width) -> None:
 
 def update_shapes(gm: torch.fx.GraphModule, analysis: Analysis, extras: Mapping[int, int]) -> None:
     """Refresh ``tensor_meta`` shapes from the layouts (no forward pass of the grown model needed)."""
-    sizes = analysis.builder.sizes
 
     def grown(name: str, meta):
         shape = [
-            new_width(analysis.layout((name, a)), extras) if (name, a) in sizes else int(d)
+            new_width(analysis.layout((name, a)), extras) if analysis.size((name, a)) is not None else int(d)
             for a, d in enumerate(meta.shape)
         ]
         return meta._replace(shape=torch.Size(shape))

@@ -81,7 +81,7 @@ def widen_steps(gm: torch.fx.GraphModule) -> dict[str, float]:
     replaced = [
         get_tensor(gm, p)
         for p, axes in analysis.bound_params().items()
-        if any(extras.get(a) for _, layout, _ in axes for a in layout.atoms())
+        if any(extras.get(a) for _, layout, _ in axes for a in layout.channel_sets())
     ]
     grown = copy_graph_module(gm, skip=replaced)
     times["copy_graph_module (grown params shared)"] = clock() - t
