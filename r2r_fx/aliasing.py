@@ -27,7 +27,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from r2r_fx.compat import OpOverload
+from r2r_fx.compat import DropoutBase, OpOverload
 from r2r_fx.graph import attr_at
 
 __all__ = ["unsafe_points", "written_later"]
@@ -42,7 +42,7 @@ _VIEWS = {
     "dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout", "alpha_dropout",
     "feature_alpha_dropout", "split_with_sizes", "identity",
 }  # fmt: skip
-_VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
+_VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, DropoutBase)
 
 
 def _name(node: torch.fx.Node) -> str:

@@ -30,7 +30,7 @@ import torch.fx
 import torch.nn.utils.parametrize
 
 from r2r_fx import rules as _rules
-from r2r_fx.compat import OpOverload
+from r2r_fx.compat import OpOverload, has_forward_hooks
 from r2r_fx.graph import tensor_shapes
 from r2r_fx.rules import Slot, freeze_all, rule_for
 
@@ -538,7 +538,7 @@ def hidden_weights(module: torch.nn.Module) -> str:
     if torch.nn.utils.parametrize.is_parametrized(module):
         return "parametrized weights (spectral or weight norm, ...)"
     for m in module.modules():
-        if m._forward_pre_hooks or m._forward_hooks:
+        if has_forward_hooks(m):
             return "forward hooks (spectral_norm, weight_norm, ...), which may compute or change its weights"
     return ""
 

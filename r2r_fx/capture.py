@@ -35,7 +35,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from r2r_fx.compat import aten as _aten
-from r2r_fx.compat import is_concrete_int
+from r2r_fx.compat import drop_export_guards, is_concrete_int, set_tracer_class, swapped_tensors
 from r2r_fx.errors import CaptureError
 from r2r_fx.rules import LAYERS, is_stochastic_depth
 from r2r_fx.train_mode import follow_train_flags, modulize_train_flags
@@ -113,7 +113,7 @@ def record_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, me
             + list(gm.named_buffers(remove_duplicate=False))
         }
         args = [torch.empty_like(t, device="meta") if isinstance(t, torch.Tensor) else t for t in example_inputs]
-        with torch.nn.utils.stateless._reparametrize_module(gm, state):
+        with swapped_tensors(gm, state):
             return ShapeProp(gm).propagate(*args)
 
 
@@ -298,19 +298,10 @@ def _describe_failure(exc: BaseException) -> str:
 
 
 class _Tracer(torch.fx.Tracer):
-    """``torch.fx.Tracer`` with quicker paths for the common cases; it records the same graph.
-
-    * ``create_arg``: proxies, plain tuples and plain constants are converted without the chain of
-      parameter/buffer/constant tests the base class runs first (none of them applies to these).
-    * ``call_module``: the base class also keeps a ``Scope`` for its own ``node_name_to_scope``
-      table, which the graph never sees; the ``nn_module_stack`` of every node is kept as it is
-      (except where ``forward`` catches an exception raised inside a submodule: torch then leaves that
-      submodule on the stack of every later node, this tracer takes it off).
-
-    One deliberate difference in the graph: torchvision's ``StochasticDepth`` stays a layer
-    (``call_module``), as ``nn.Dropout`` does. Traced through, it would record its ``training`` flag
-    as the constant of the mode at capture (eval), and a captured or grown model put in train mode
-    would silently skip stochastic depth.
+    """``torch.fx.Tracer`` that keeps registered layers and torchvision's ``StochasticDepth`` as
+    layers (``call_module``), as ``nn.Dropout`` is. Traced through, ``StochasticDepth`` would record
+    its ``training`` flag as the constant of the mode at capture (eval), and a captured or grown model
+    put in train mode would silently skip stochastic depth.
     """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -318,37 +309,12 @@ class _Tracer(torch.fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
-    def create_arg(self, a: Any) -> Any:
-        kind = type(a)
-        if kind is torch.fx.Proxy:
-            return a.node
-        if kind is tuple:
-            return tuple([self.create_arg(x) for x in a])
-        if kind in _PLAIN_CONSTANTS:
-            return a
-        return super().create_arg(a)
-
-    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        path = self.path_of_module(m)
-        calls = self.num_calls.get(path, 0)
-        self.module_stack[f"{path}@{calls}" if calls else path] = (path, type(m))
-        self.num_calls[path] = calls + 1
-        try:
-            if not self.is_leaf_module(m, path):
-                return forward(*args, **kwargs)
-            return self.create_proxy("call_module", path, args, kwargs)
-        finally:
-            self.module_stack.popitem(last=True)
-
-
-_PLAIN_CONSTANTS = {int, float, bool, str, type(None)}
-
 
 def _trace_module(model: nn.Module) -> torch.fx.GraphModule:
-    """``torch.fx.symbolic_trace(model)``, with the quicker tracer above (StochasticDepth kept as a layer)."""
+    """``torch.fx.symbolic_trace(model)``, with registered layers and StochasticDepth kept as layers."""
     tracer = _Tracer()
     graph = tracer.trace(model)
-    graph._tracer_cls = torch.fx.Tracer  # what reloading a pickled GraphModule re-traces with: torch's own
+    set_tracer_class(graph, torch.fx.Tracer)  # what reloading a pickled GraphModule re-traces with: torch's own
     return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
@@ -411,13 +377,11 @@ def from_exported_program(program: torch.export.ExportedProgram, train_graph: An
     """A plain GraphModule (``.train()``/``.eval()`` work) from an ExportedProgram, e.g. a loaded .pt2."""
     exported = program.module()
     graph = exported.graph
-    for node in list(graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":
-            graph.erase_node(node)
+    drop_export_guards(graph)
     _guard_static_input_sizes(graph)
     gm = torch.fx.GraphModule(exported, graph)
     # the export tracer cannot be rebuilt when unpickling; the graph's copy too, or deepcopies bring it back
-    gm._tracer_cls = graph._tracer_cls = None
+    set_tracer_class(gm, None), set_tracer_class(graph, None)
     modulize_train_flags(gm, train_graph)
     return gm
 

@@ -6,17 +6,50 @@
 * ``OpOverload``, ``OpOverloadPacket``, ``HigherOrderOperator``: the classes of operator calls in
   exported graphs (``torch._ops``).
 * ``is_concrete_int``: whether a size in an exported graph's metadata is a fixed number.
+* ``NormBase`` (batch and instance norms), ``DropoutBase`` (every dropout layer): torch.nn's private
+  base classes, which is how a layer is known to follow ``.train()`` / ``.eval()``.
+* ``tree_map_only``: map the tensors of a nested structure (``torch.utils._pytree``).
+* ``swapped_tensors(module, tensors)``: a context in which ``module``'s parameters and buffers are the
+  given tensors (``torch.nn.utils.stateless._reparametrize_module``; ``torch.func.functional_call``
+  only runs ``forward``, and shape propagation runs the graph's interpreter).
+* ``has_forward_hooks(module)``: whether forward (pre-)hooks are registered on it (private dicts).
+* ``drop_export_guards(graph)``: erase the input-guard call (``_guards_fn``) that
+  ``ExportedProgram.module()`` adds, which a plain GraphModule cannot keep.
+* ``set_tracer_class(owner, cls)``: the tracer a pickled GraphModule or Graph re-traces with when it
+  is loaded (``_tracer_cls``; None: re-created from the code).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.fx
+from torch import nn
 from torch._ops import HigherOrderOperator, OpOverload, OpOverloadPacket
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
+from torch.nn.modules.batchnorm import _NormBase as NormBase
+from torch.nn.modules.dropout import _DropoutNd as DropoutBase
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils._pytree import tree_map_only
 
-__all__ = ["HigherOrderOperator", "OpOverload", "OpOverloadPacket", "aten", "is_concrete_int"]
+__all__ = [
+    "DropoutBase",
+    "HigherOrderOperator",
+    "NormBase",
+    "OpOverload",
+    "OpOverloadPacket",
+    "aten",
+    "drop_export_guards",
+    "has_forward_hooks",
+    "is_concrete_int",
+    "set_tracer_class",
+    "tracer_class",
+    "swapped_tensors",
+    "tree_map_only",
+]
 
 
 class _MissingOp:
@@ -41,3 +74,34 @@ class _Aten:
 
 
 aten: Any = _Aten()
+
+
+@contextlib.contextmanager
+def swapped_tensors(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Within the context, ``module``'s parameters and buffers named in ``tensors`` are those tensors."""
+    with _reparametrize_module(module, dict(tensors)):
+        yield
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether forward hooks or forward pre-hooks are registered on ``module`` itself."""
+    return bool(module._forward_pre_hooks or module._forward_hooks)
+
+
+_EXPORT_GUARDS = "_guards_fn"  # the submodule ExportedProgram.module() checks its inputs with
+
+
+def drop_export_guards(graph: torch.fx.Graph) -> None:
+    """Erase the calls of the input-guard submodule an unflattened exported program adds."""
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == _EXPORT_GUARDS:
+            graph.erase_node(node)
+
+
+def set_tracer_class(owner: torch.fx.GraphModule | torch.fx.Graph, cls: type | None) -> None:
+    """The tracer class ``owner`` records for re-tracing after unpickling (None: none)."""
+    owner._tracer_cls = cls
+
+
+def tracer_class(owner: torch.fx.GraphModule | torch.fx.Graph) -> type | None:
+    return getattr(owner, "_tracer_cls", None)

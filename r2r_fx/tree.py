@@ -8,7 +8,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_map_only
+
+from r2r_fx.compat import tree_map_only
 
 __all__ = ["fresh_inputs", "leaves", "max_errors", "worst_leaf"]
 

@@ -33,6 +33,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from r2r_fx.compat import DropoutBase, NormBase
 from r2r_fx.errors import NotPreservedError
 from r2r_fx.export import export_onnx, run_onnx
 from r2r_fx.tree import fresh_inputs, leaves, max_errors, worst_leaf
@@ -71,7 +72,7 @@ def _run(model: nn.Module, inputs: Sequence[Any], train: bool, seed: int) -> Any
     statistics, spectral norm's power-iteration vectors) are restored afterwards (no deep copy, so
     giant models fit in memory twice, not four times)."""
     modes = [(m, m.training) for m in model.modules()]
-    dropouts = [(m, m.p) for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    dropouts = [(m, m.p) for m in model.modules() if isinstance(m, DropoutBase)]
     stats = [(b, b.clone()) for b in model.buffers()]  # norm statistics, spectral norm's vectors, ...
     try:
         for m, _ in dropouts:
@@ -198,7 +199,7 @@ def verify(
 
 
 def _has_batch_statistics(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules())
+    return any(isinstance(m, NormBase) for m in model.modules())
 
 
 def check_preserved(

@@ -75,7 +75,7 @@ def _recorded(gm):
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
-def test_the_quick_tracer_records_what_symbolic_trace_records(name):
+def test_the_tracer_records_what_symbolic_trace_records(name):
     model, _ = ZOO[name]()
     ours, torchs = _trace_module(copy.deepcopy(model)), torch.fx.symbolic_trace(copy.deepcopy(model))
     assert ours.code == torchs.code

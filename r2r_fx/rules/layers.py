@@ -13,7 +13,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from r2r_fx.compat import OpOverload, aten
+from r2r_fx.compat import NormBase, OpOverload, aten
 from r2r_fx.graph import param_name, shape_of
 from r2r_fx.rules.common import freeze_all, node_arg, op_name, same_axes
 from r2r_fx.rules.pointwise import elementwise
@@ -255,7 +255,7 @@ def _fix_norm(m: nn.Module, node: torch.fx.Node, width_of: WidthOf) -> None:
         m.num_features = in_w
 
 
-register_layer(nn.modules.batchnorm._NormBase, _norm_module, _fix_norm)
+register_layer(NormBase, _norm_module, _fix_norm)
 register_layer(nn.GroupNorm, _norm_module, _fix_norm)
 
 
