@@ -26,10 +26,10 @@ from r2r_fx.passbase import Pass, PassResult, copy_graph_module, make_generator
 from r2r_fx.record import AxisChange, GroupChange, GrowthRecord, ParamChange, append_record, replace_param
 from r2r_fx.surgery import axis_index, channel_sources, fix_widths, get_tensor, update_shapes
 
-__all__ = ["WidenPass", "plan_extras", "widen"]
+__all__ = ["WidenPass", "plan_new_channels", "widen"]
 
 
-def plan_extras(
+def plan_new_channels(
     analysis: Analysis,
     *,
     factor: float | None,
@@ -45,7 +45,7 @@ def plan_extras(
     if extra is not None and extra < 0:
         raise GrowthError(f"extra must be >= 0, got {extra}")
     chosen = _select(analysis, groups)
-    extras: dict[int, int] = {}
+    new_channels: dict[int, int] = {}
     report: list[GroupChange] = []
     for g in analysis.groups:
         entry = {
@@ -68,12 +68,12 @@ def plan_extras(
                 want = analysis.set_width[a] * (factor - 1) if factor is not None else extra / len(g.channel_sets)
                 per_set[a] = int(math.ceil(round(want, 6) / step)) * step
             if any(per_set.values()):
-                extras.update(per_set)
+                new_channels.update(per_set)
                 entry.update(status="widened", reason="", width_after=g.width + sum(per_set.values()))
             else:
                 entry["reason"] = "nothing to add"
         report.append(GroupChange(**{**entry, "producers": tuple(g.producers), "consumers": tuple(g.consumers)}))
-    return extras, report
+    return new_channels, report
 
 
 def _select(analysis: Analysis, groups: Iterable[int | str] | None) -> set[int]:
@@ -98,16 +98,20 @@ def _select(analysis: Analysis, groups: Iterable[int | str] | None) -> set[int]:
 
 
 def grow_parameters(
-    gm: torch.fx.GraphModule, analysis: Analysis, extras: dict[int, int], method: Method, generator: torch.Generator
+    gm: torch.fx.GraphModule,
+    analysis: Analysis,
+    new_channels: dict[int, int],
+    method: Method,
+    generator: torch.Generator,
 ) -> list[ParamChange]:
     """Grow every bound parameter whose layout gains channels; returns what changed per parameter."""
     changes = []
-    sources = channel_sources(extras, analysis.set_width, generator)
+    sources = channel_sources(new_channels, analysis.set_width, generator)
     for param, axes in analysis.bound_params().items():
         plan = []
         for axis, layout, role in sorted(axes):
-            if any(extras.get(a) for a in layout.channel_sets()):
-                plan.append((axis, axis_index(layout, extras, sources), role))
+            if any(new_channels.get(a) for a in layout.channel_sets()):
+                plan.append((axis, axis_index(layout, new_channels, sources), role))
         if not plan:
             continue
         old = get_tensor(gm, param)
@@ -142,19 +146,19 @@ class WidenPass(Pass):
 
     def transform(self, gm: torch.fx.GraphModule) -> PassResult:
         analysis = analyze(gm)
-        extras, report = plan_extras(
+        new_channels, report = plan_new_channels(
             analysis, factor=self.factor, extra=self.extra, groups=self.groups, method=self.method
         )
         replaced = [
             get_tensor(gm, p)
             for p, axes in analysis.bound_params().items()
-            if any(extras.get(a) for _, layout, _ in axes for a in layout.channel_sets())
+            if any(new_channels.get(a) for _, layout, _ in axes for a in layout.channel_sets())
         ]
         grown = copy_graph_module(gm, skip=replaced)
         generator = make_generator(self.seed)
-        changes = grow_parameters(grown, analysis, extras, self.method, generator)
-        fix_widths(grown, analysis, extras)
-        update_shapes(grown, analysis, extras)
+        changes = grow_parameters(grown, analysis, new_channels, self.method, generator)
+        fix_widths(grown, analysis, new_channels)
+        update_shapes(grown, analysis, new_channels)
         record = GrowthRecord(
             "widen",
             self.method.name,

@@ -30,8 +30,8 @@ import torch.fx
 import torch.nn.utils.parametrize
 
 from r2r_fx import rules as _rules
-from r2r_fx.compat import OpOverload, has_forward_hooks
-from r2r_fx.graph import tensor_shapes
+from r2r_fx.compat import has_forward_hooks
+from r2r_fx.graph import describe, tensor_shapes
 from r2r_fx.rules import Slot, freeze_all, rule_for
 
 __all__ = ["Analysis", "Binding", "Layout", "WidthGroup", "analyze", "hidden_weights", "width_groups"]
@@ -287,12 +287,12 @@ class Analysis:
             elif node.op == "get_attr":
                 continue
             elif node.op == "call_module" and hidden_weights(b.module(str(node.target))):
-                freeze_all(b, node, f"{_describe(node, gm)} has {hidden_weights(b.module(str(node.target)))}")
+                freeze_all(b, node, f"{describe(node, gm)} has {hidden_weights(b.module(str(node.target)))}")
             else:
                 rule = rule_for(node, gm, b.modules)
                 if rule is None:
                     if shapes[node] or any(shapes[a] for a in node.all_input_nodes):
-                        freeze_all(b, node, f"unsupported op {_describe(node, gm)}")
+                        freeze_all(b, node, f"unsupported op {describe(node, gm)}")
                     continue
                 rule(b, node, gm)
         # Parameters read as data (class tokens, positional embeddings, layer scales).
@@ -545,16 +545,6 @@ def hidden_weights(module: torch.nn.Module) -> str:
 
 def _unique(items) -> list[str]:
     return list(dict.fromkeys(items))  # first occurrences, in order
-
-
-def _describe(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
-    if node.op == "call_module":
-        return f"{type(gm.get_submodule(str(node.target))).__name__} ({node.name})"
-    if node.op == "call_method":
-        return f".{node.target}() ({node.name})"
-    target = node.target
-    name = str(target) if isinstance(target, OpOverload) else getattr(target, "__name__", str(target))
-    return f"{name} ({node.name})"
 
 
 def analyze(gm: torch.fx.GraphModule) -> Analysis:

@@ -1,6 +1,6 @@
 """Capture an arbitrary ``nn.Module`` as a ``torch.fx.GraphModule`` whose function is checked.
 
-Two graph flavours come out of here:
+Two graph levels come out of here (``gm.meta["r2r_graph_level"]``):
 
 * ``"module"``: ``torch.fx.symbolic_trace``; layers stay ``call_module`` nodes.
 * ``"aten"``: non-strict ``torch.export.export(...).module()``; parameters are ``get_attr`` nodes and
@@ -12,7 +12,7 @@ compared with the eager model in eval mode, each on its own copy of the inputs; 
 differs is rejected.
 
 Flags that follow ``self.training`` (``F.dropout(x, p, self.training)``, ``F.batch_norm(...,
-self.training)``) are traced as constants of the mode at capture. Both flavours find them by a second
+self.training)``) are traced as constants of the mode at capture. Both levels find them by a second
 trace in train mode (export: only when the graph has such calls outside torch's own layers) and turn
 each into the ``nn`` layer that follows ``.train()``/``.eval()``; a flag fixed in the code stays fixed.
 A model whose graph differs between the modes in any other way is marked eval-only
@@ -140,31 +140,31 @@ def capture(
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     reference = None
     causes: list[str] = []
-    for flavour, build in chain:
+    for level, build in chain:
         try:
             with eval_mode(model, no_grad=False):
                 gm = build(model, inputs)
             if not check:
                 record_shapes(gm, inputs, meta=True)
-                return _finish(gm, model, flavour, inputs)
+                return _finish(gm, model, level, inputs)
             if reference is None:
                 reference = _eval_output(model, fresh_inputs(inputs))
             output = record_shapes(gm, fresh_inputs(inputs))
         except _EagerFailure:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes a reason for the user
-            causes.append(f"{flavour}: {_describe_failure(exc)}")
-            logger.info("capture via %s failed: %s", flavour, exc)
+            causes.append(f"{level}: {_describe_failure(exc)}")
+            logger.info("capture via %s failed: %s", level, exc)
             continue
         try:
             _, rel = max_errors(reference, output)
         except ValueError as exc:
-            causes.append(f"{flavour}: output structure differs from eager ({exc})")
+            causes.append(f"{level}: output structure differs from eager ({exc})")
             continue
         if not rel <= rtol:
-            causes.append(f"{flavour}: graph output differs from eager (relative error {rel:.3g})")
+            causes.append(f"{level}: graph output differs from eager (relative error {rel:.3g})")
             continue
-        gm = _finish(gm, model, flavour, inputs)
+        gm = _finish(gm, model, level, inputs)
         if "r2r_eval_only" not in gm.meta:
             _check_train_mode(model, gm, inputs, rtol)
         return gm
@@ -177,8 +177,8 @@ class _EagerFailure(CaptureError):
     """The eager model itself fails on the example inputs."""
 
 
-def _finish(gm: torch.fx.GraphModule, model: nn.Module, flavour: str, inputs: tuple[Any, ...]) -> torch.fx.GraphModule:
-    gm.meta["r2r_flavour"] = flavour
+def _finish(gm: torch.fx.GraphModule, model: nn.Module, level: str, inputs: tuple[Any, ...]) -> torch.fx.GraphModule:
+    gm.meta["r2r_graph_level"] = level
     gm.meta["r2r_input_specs"] = [(tuple(t.shape), t.dtype) for t in inputs if isinstance(t, torch.Tensor)]
     # Shared layers already have their own mode; containers the GraphModule made and modules the
     # capture added (ATen batch norms, dropouts) take the mode of the model part they stand for.

@@ -7,7 +7,7 @@ from typing import Any
 import torch.fx
 from torch import nn
 
-__all__ = ["attr_at", "param_name", "shape_of", "tensor_shapes"]
+__all__ = ["attr_at", "describe", "param_name", "shape_of", "target_name", "tensor_shapes"]
 
 
 def attr_at(root: nn.Module, target: str) -> Any:
@@ -44,3 +44,21 @@ def tensor_shapes(node: torch.fx.Node) -> list[tuple[str, tuple[int, ...]]]:
 def param_name(node: Any) -> str | None:
     """The parameter or buffer a get_attr node reads, or None."""
     return str(node.target) if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
+
+
+def target_name(node: torch.fx.Node, gm: torch.fx.GraphModule | None = None) -> str:
+    """What a node calls: a layer's class name (with ``gm``), a method's name, a function's or ATen
+    op's name (``conv2d`` for ``aten.conv2d.default``)."""
+    target = node.target
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(target))).__name__ if gm is not None else str(target)
+    if isinstance(target, str):
+        return target
+    return getattr(getattr(target, "overloadpacket", target), "__name__", str(target))
+
+
+def describe(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
+    """An op as a reason names it: ``"Conv2d (conv1)"``, ``"matmul (matmul_2)"``, ``".view() (view_1)"``."""
+    if node.op == "call_method":
+        return f".{node.target}() ({node.name})"
+    return f"{target_name(node, gm)} ({node.name})"

@@ -33,6 +33,7 @@ import torch.fx
 from torch import nn
 
 from r2r_fx.errors import GrowthError
+from r2r_fx.graph import target_name
 from r2r_fx.surgery import AxisIndex
 
 __all__ = [
@@ -291,11 +292,11 @@ class Net2Net(Method):
         """Net2DeeperNet's identity layer ends in the activation that made ``x``: it must be idempotent."""
         if x.op == "call_module" and isinstance(gm.get_submodule(str(x.target)), _IDEMPOTENT_MODULES):
             return ""
-        if x.op == "call_function" and (x.target in _IDEMPOTENT_FUNCTIONS or _target_name(x) in _IDEMPOTENT_NAMES):
+        if x.op == "call_function" and (x.target in _IDEMPOTENT_FUNCTIONS or target_name(x) in _IDEMPOTENT_NAMES):
             return ""
         if x.op == "call_method" and x.target in _IDEMPOTENT_NAMES:
             return ""
-        made_by = type(gm.get_submodule(str(x.target))).__name__ if x.op == "call_module" else _target_name(x)
+        made_by = type(gm.get_submodule(str(x.target))).__name__ if x.op == "call_module" else target_name(x)
         return f"net2net deepen needs an idempotent activation (ReLU) right before the new layer; {x.name} is {made_by}"
 
     def block(self, site, hidden, generator):
@@ -402,18 +403,11 @@ _IDEMPOTENT_FUNCTIONS = {torch.relu, torch.relu_, nn.functional.relu, nn.functio
 _IDEMPOTENT_NAMES = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_"}
 
 
-def _target_name(x: torch.fx.Node) -> str:
-    target = x.target
-    if isinstance(target, str):
-        return target
-    return getattr(getattr(target, "overloadpacket", target), "__name__", str(target))
-
-
 def _activation_module(gm: torch.fx.GraphModule, x: torch.fx.Node) -> nn.Module:
     """A fresh module computing the idempotent activation that produced ``x``."""
     if x.op == "call_module":
         return copy.deepcopy(gm.get_submodule(str(x.target)))
-    name = _target_name(x)
+    name = target_name(x)
     if name == "relu6":
         return nn.ReLU6()
     if name.startswith("hardtanh"):

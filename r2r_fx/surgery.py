@@ -53,29 +53,29 @@ class AxisIndex:
         return self.new_size != self.old_size
 
 
-def new_width(layout: Layout, extras: Mapping[int, int]) -> int:
-    return layout.outer * sum((n + extras.get(a, 0)) * inner for a, n, inner in layout.pieces)
+def new_width(layout: Layout, new_channels: Mapping[int, int]) -> int:
+    return layout.outer * sum((n + new_channels.get(a, 0)) * inner for a, n, inner in layout.pieces)
 
 
 def channel_sources(
-    extras: Mapping[int, int], widths: Sequence[int], generator: torch.Generator
+    new_channels: Mapping[int, int], widths: Sequence[int], generator: torch.Generator
 ) -> dict[int, torch.Tensor]:
     """For each growing channel set, the old channel each new channel derives from (one draw per channel set, so
     every parameter of a width group agrees: biases, norm statistics and weights copy the same channel)."""
-    return {a: torch.randint(0, max(1, widths[a]), (e,), generator=generator) for a, e in extras.items() if e}
+    return {a: torch.randint(0, max(1, widths[a]), (e,), generator=generator) for a, e in new_channels.items() if e}
 
 
-def axis_index(layout: Layout, extras: Mapping[int, int], sources: Mapping[int, torch.Tensor]) -> AxisIndex:
+def axis_index(layout: Layout, new_channels: Mapping[int, int], sources: Mapping[int, torch.Tensor]) -> AxisIndex:
     """Index tensors for growing one axis (vectorised over ``outer``; a loop over the few pieces)."""
     old_w = sum(n * inner for _, n, inner in layout.pieces)
-    new_w = sum((n + extras.get(a, 0)) * inner for a, n, inner in layout.pieces)
+    new_w = sum((n + new_channels.get(a, 0)) * inner for a, n, inner in layout.pieces)
     outer = layout.outer
     rows = torch.arange(outer).unsqueeze(1)
     old_map = torch.empty(outer, old_w, dtype=torch.long)
     firsts, seconds, runs, news, news_src = [], [], [], [], []
     off_old = off_new = 0
     for channel_set, n, inner in layout.pieces:
-        e = extras.get(channel_set, 0)
+        e = new_channels.get(channel_set, 0)
         span = n * inner
         old_map[:, off_old : off_old + span] = rows * new_w + off_new + torch.arange(span)
         for o in range(outer):
@@ -140,13 +140,13 @@ def set_tensor(root: nn.Module, target: str, value: torch.Tensor, aliases: Seque
 # ---------------------------------------------------------------- width-dependent constants
 
 
-def fix_widths(gm: torch.fx.GraphModule, analysis: Analysis, extras: Mapping[int, int]) -> None:
+def fix_widths(gm: torch.fx.GraphModule, analysis: Analysis, new_channels: Mapping[int, int]) -> None:
     """Update module attributes and int shape arguments that name a grown width."""
 
     def width(slot: tuple[str, int]) -> int | None:
         if analysis.size(slot) is None:
             return None
-        return new_width(analysis.layout(slot), extras)
+        return new_width(analysis.layout(slot), new_channels)
 
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -291,12 +291,12 @@ def _fix_grouped(node: torch.fx.Node, name: str, width) -> None:
         node.kwargs = {**node.kwargs, key: new}
 
 
-def update_shapes(gm: torch.fx.GraphModule, analysis: Analysis, extras: Mapping[int, int]) -> None:
+def update_shapes(gm: torch.fx.GraphModule, analysis: Analysis, new_channels: Mapping[int, int]) -> None:
     """Refresh ``tensor_meta`` shapes from the layouts (no forward pass of the grown model needed)."""
 
     def grown(name: str, meta):
         shape = [
-            new_width(analysis.layout((name, a)), extras) if analysis.size((name, a)) is not None else int(d)
+            new_width(analysis.layout((name, a)), new_channels) if analysis.size((name, a)) is not None else int(d)
             for a, d in enumerate(meta.shape)
         ]
         return meta._replace(shape=torch.Size(shape))

@@ -24,7 +24,7 @@ from zoo import ZOO
 def test_capture_matches_eager(name, via):
     model, inputs = ZOO[name]()
     gm = r2r_fx.capture(model, inputs, via=via)
-    assert gm.meta["r2r_flavour"] == ("module" if via == "symbolic_trace" else "aten")
+    assert gm.meta["r2r_graph_level"] == ("module" if via == "symbolic_trace" else "aten")
     fresh = tuple(torch.randn_like(t) if t.is_floating_point() else t for t in inputs)
     with torch.no_grad():
         _, rel = max_errors(model(*fresh), gm(*fresh))  # also checks the output structure
@@ -127,7 +127,7 @@ def test_fallback_to_export_when_tracing_fails():
             return x.relu()
 
     gm = r2r_fx.capture(ShapeBranch(), (torch.randn(2, 3, 4, 4),))
-    assert gm.meta["r2r_flavour"] == "aten"
+    assert gm.meta["r2r_graph_level"] == "aten"
 
 
 def test_both_failing_names_both_causes():
@@ -203,7 +203,7 @@ def test_tensors_inside_a_dataclass_input_are_copied_and_checked():
     batch = Batch(torch.ones(2, 3))
     gm = r2r_fx.capture(ScalesItsBatch().eval(), (batch,), via="symbolic_trace")
     assert torch.equal(batch.x, torch.ones(2, 3)), "capture changed the tensor inside the caller's input"
-    assert gm.meta["r2r_flavour"] == "module"
+    assert gm.meta["r2r_graph_level"] == "module"
     # The joint run cannot watch a tensor inside a dataclass, so it must not vouch for this graph.
     with pytest.raises(r2r_fx.CaptureError, match="differs from eager"):
         r2r_fx.capture(ScalesItsBatch(graph_factor=1.0).eval(), (batch,), via="symbolic_trace")

@@ -181,7 +181,7 @@ def _assert_same_output(expected, got) -> None:
 @pytest.mark.parametrize("name", list(CASES))
 def test_capture_falls_back_to_export_and_keeps_the_output_structure(name):
     model, gm = _model_and_graph(name)
-    assert gm.meta["r2r_flavour"] == "aten"
+    assert gm.meta["r2r_graph_level"] == "aten"
     ids = _ids()
     with torch.no_grad():
         expected, got = model(ids), gm(ids)

@@ -46,7 +46,7 @@ import r2r_fx  # noqa: E402
 from r2r_fx.analysis import analyze  # noqa: E402
 from r2r_fx.methods import get_method  # noqa: E402
 from r2r_fx.passbase import copy_graph_module  # noqa: E402
-from r2r_fx.passes.widen import grow_parameters, plan_extras  # noqa: E402
+from r2r_fx.passes.widen import grow_parameters, plan_new_channels  # noqa: E402
 from r2r_fx.record import GrowthRecord  # noqa: E402
 from r2r_fx.surgery import fix_widths, get_tensor, update_shapes  # noqa: E402
 
@@ -75,26 +75,26 @@ def widen_steps(gm: torch.fx.GraphModule) -> dict[str, float]:
     analysis = analyze(gm)
     times["analyze"] = clock() - t
     t = clock()
-    extras, _ = plan_extras(analysis, factor=FACTOR, extra=None, groups=None)
-    times["plan_extras"] = clock() - t
+    new_channels, _ = plan_new_channels(analysis, factor=FACTOR, extra=None, groups=None)
+    times["plan_new_channels"] = clock() - t
     t = clock()
     replaced = [
         get_tensor(gm, p)
         for p, axes in analysis.bound_params().items()
-        if any(extras.get(a) for _, layout, _ in axes for a in layout.channel_sets())
+        if any(new_channels.get(a) for _, layout, _ in axes for a in layout.channel_sets())
     ]
     grown = copy_graph_module(gm, skip=replaced)
     times["copy_graph_module (grown params shared)"] = clock() - t
     generator = torch.Generator()
     generator.manual_seed(0)
     t = clock()
-    grow_parameters(grown, analysis, extras, get_method("r2r"), generator)
+    grow_parameters(grown, analysis, new_channels, get_method("r2r"), generator)
     times["grow_parameters"] = clock() - t
     t = clock()
-    fix_widths(grown, analysis, extras)
+    fix_widths(grown, analysis, new_channels)
     times["fix_widths (+ recompile)"] = clock() - t
     t = clock()
-    update_shapes(grown, analysis, extras)
+    update_shapes(grown, analysis, new_channels)
     times["update_shapes (from layouts)"] = clock() - t
     return times
 

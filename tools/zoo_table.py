@@ -6,7 +6,7 @@ Usage:
     python tools/zoo_table.py --out docs/zoo       # also writes zoo.json and zoo.md there
 
 Each model runs in its own subprocess (a crash or a memory blow-up is reported, not fatal) with a
-time limit. Columns: capture flavour and time, width groups (widened / internal / all), the main
+time limit. Columns: graph level (module or ATen) and capture time, width groups (widened / internal / all), the main
 skip reasons, widen time, relative errors in eval, train and ONNX Runtime.
 """
 
@@ -40,7 +40,7 @@ def run_one(name: str, onnx: bool, deepen: bool, widen: bool = True, method: str
     t = time.perf_counter()
     gm = r2r_fx.capture(model, inputs)
     row["capture_s"] = time.perf_counter() - t
-    row["flavour"] = gm.meta["r2r_flavour"]
+    row["graph"] = gm.meta["r2r_graph_level"]
     t = time.perf_counter()
     groups = r2r_fx.width_groups(gm)
     row["analyze_s"] = time.perf_counter() - t
@@ -135,7 +135,7 @@ def _fmt(x: Any) -> str:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| model | flavour | params | groups widened / internal / all | widen s | rel eval | rel train "
+        "| model | graph | params | groups widened / internal / all | widen s | rel eval | rel train "
         "(f64; floor) | rel ONNX | blocks | deepen rel (train; ONNX) | ok | main skip reasons / error |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -147,7 +147,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         deep = f"{_fmt(r.get('deepen_rel_train'))}; {_fmt(r.get('deepen_rel_onnx'))}" if "blocks" in r else "-"
         cells = [
             r["model"],
-            r["flavour"],
+            r["graph"],
             f"{r['params'] / 1e6:.1f}M",
             f"{_fmt(r.get('widened'))} / {r['internal']} / {r['groups']}",
             _fmt(r.get("widen_s")),

@@ -11,7 +11,7 @@ A rule looks at one fx node and tells the :class:`Couplings` builder what it kno
 * ``freeze(slot, reason)``: this slot must keep its width.
 
 Ops without a rule freeze every axis of every tensor they touch (fail closed). Rules work on both
-graph flavours: module-level (``call_module``, torch functions, tensor methods) and ATen-level.
+graph levels: module-level (``call_module``, torch functions, tensor methods) and ATen-level.
 The registry lives in ``registry``; the built-in rules are grouped by op family (``pointwise``,
 ``layers``, ``spatial``, ``reductions``, ``structure``), each a table of ops and the rule they share.
 A layer type is supported in one place: ``register_layer(cls, couple, fix)``.

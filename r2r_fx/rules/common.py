@@ -11,7 +11,7 @@ import torch.fx
 from r2r_fx.graph import tensor_shapes
 from r2r_fx.rules.registry import Couplings, Slot
 
-__all__ = ["freeze_all", "node_arg", "op_name", "positive_axis", "same_axes", "slots_of"]
+__all__ = ["freeze_all", "node_arg", "positive_axis", "same_axes", "slots_of"]
 
 
 def node_arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -45,11 +45,3 @@ def same_axes(c: Couplings, src: torch.fx.Node, dst: str, rank: int, skip: Seque
     for a in range(rank):
         if a not in skip:
             c.same((src.name, a), (dst, a))
-
-
-def op_name(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
-    """The op and node name for a reason (``"Conv2d conv1"``, ``"matmul matmul_2"``)."""
-    if node.op == "call_module":
-        return f"{type(gm.get_submodule(str(node.target))).__name__} {node.name}"
-    target = node.target
-    return f"{getattr(target, '__name__', target)} {node.name}"

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from r2r_fx.compat import NormBase, OpOverload, aten
-from r2r_fx.graph import param_name, shape_of
-from r2r_fx.rules.common import freeze_all, node_arg, op_name, same_axes
+from r2r_fx.graph import describe, param_name, shape_of
+from r2r_fx.rules.common import freeze_all, node_arg, same_axes
 from r2r_fx.rules.pointwise import elementwise
 from r2r_fx.rules.registry import Couplings, WidthOf, register_layer, register_rule
 
@@ -361,7 +361,7 @@ def _attention_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModul
     torch.baddbmm,
 )
 def _contraction(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
-    freeze_all(c, node, f"{op_name(node, gm)} contracts activations (attention-style products are not widened)")
+    freeze_all(c, node, f"{describe(node, gm)} contracts activations (attention-style products are not widened)")
 
 
 def _prelu(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
@@ -384,7 +384,7 @@ def _prelu_function(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule)
     x, weight = node.args[0], node_arg(node, 1, "weight")
     shape, w_shape = shape_of(x), shape_of(weight)
     if shape is None or w_shape is None or shape_of(node) != shape:
-        freeze_all(c, node, f"{op_name(node, gm)} without static shapes")
+        freeze_all(c, node, f"{describe(node, gm)} without static shapes")
         return
     same_axes(c, x, node.name, len(shape))
     if math.prod(w_shape) == 1:

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from r2r_fx.compat import aten
-from r2r_fx.graph import shape_of, tensor_shapes
-from r2r_fx.rules.common import freeze_all, node_arg, op_name, positive_axis, same_axes
+from r2r_fx.graph import describe, shape_of, tensor_shapes
+from r2r_fx.rules.common import freeze_all, node_arg, positive_axis, same_axes
 from r2r_fx.rules.registry import Couplings, register_rule
 
 _DTYPE_ONLY = {"to", "type_as", aten.to, aten._to_copy}  # another tensor argument gives only dtype/device
@@ -26,7 +26,7 @@ def elementwise(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> 
         return
     shape, out = shape_of(x), shape_of(node)
     if shape is None or out is None or shape != out:
-        freeze_all(c, node, f"{op_name(node, gm)} changes the shape")
+        freeze_all(c, node, f"{describe(node, gm)} changes the shape")
         return
     same_axes(c, x, node.name, len(shape))
 
@@ -205,7 +205,7 @@ def _metadata(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> No
     tensor of that size, a comparison) would see the grown width, so the axes it was read from freeze.
     """
     if tensor_shapes(node):
-        freeze_all(c, node, f"{op_name(node, gm)} returns a tensor")
+        freeze_all(c, node, f"{describe(node, gm)} returns a tensor")
         return
     x = node.args[0] if node.args else None
     shape = shape_of(x)
@@ -258,13 +258,13 @@ def _number_use(node: torch.fx.Node) -> torch.fx.Node | None:
 def _broadcast(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     out = shape_of(node)
     if out is None:
-        freeze_all(c, node, f"{op_name(node, gm)} has no static output shape")
+        freeze_all(c, node, f"{describe(node, gm)} has no static output shape")
         return
     for arg in list(node.args) + list(node.kwargs.values()):
         shape = shape_of(arg)
         if shape is None:
             if isinstance(arg, torch.fx.Node) and tensor_shapes(arg):
-                freeze_all(c, node, f"{op_name(node, gm)} with a tuple operand")
+                freeze_all(c, node, f"{describe(node, gm)} with a tuple operand")
                 return
             continue  # scalars and non-tensors
         offset = len(out) - len(shape)

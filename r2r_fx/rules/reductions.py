@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from r2r_fx.compat import aten
-from r2r_fx.graph import shape_of
-from r2r_fx.rules.common import freeze_all, node_arg, op_name, positive_axis, same_axes
+from r2r_fx.graph import describe, shape_of
+from r2r_fx.rules.common import freeze_all, node_arg, positive_axis, same_axes
 from r2r_fx.rules.registry import Couplings, register_rule
 
 
@@ -30,7 +30,7 @@ def _reduction(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> N
     shape = shape_of(x)
     parsed = _reduce_axes(node, len(shape)) if shape is not None else None
     if parsed is None or shape_of(node) is None:
-        freeze_all(c, node, f"{op_name(node, gm)} over dynamic axes")
+        freeze_all(c, node, f"{describe(node, gm)} over dynamic axes")
         return
     axes, keepdim = parsed
     out_axis = 0

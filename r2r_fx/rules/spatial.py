@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from r2r_fx.compat import aten
-from r2r_fx.graph import shape_of, tensor_shapes
-from r2r_fx.rules.common import freeze_all, node_arg, op_name
+from r2r_fx.graph import describe, shape_of, tensor_shapes
+from r2r_fx.rules.common import freeze_all, node_arg
 from r2r_fx.rules.registry import Couplings, register_rule
 
 
@@ -18,11 +18,11 @@ def _spatial(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> Non
     in_shape = shape_of(x)
     outs = tensor_shapes(node)
     if in_shape is None or not outs or len(in_shape) < 2:
-        freeze_all(c, node, f"{op_name(node, gm)} without a static (N, C, ...) shape")
+        freeze_all(c, node, f"{describe(node, gm)} without a static (N, C, ...) shape")
         return
     for name, shape in outs:
         if len(shape) != len(in_shape) or shape[:2] != in_shape[:2]:
-            freeze_all(c, node, f"{op_name(node, gm)} changes the batch or channel size")
+            freeze_all(c, node, f"{describe(node, gm)} changes the batch or channel size")
             return
         c.same((x.name, 0), (name, 0))
         c.same((x.name, 1), (name, 1))

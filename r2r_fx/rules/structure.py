@@ -12,8 +12,8 @@ import torch.fx
 from torch import nn
 
 from r2r_fx.compat import aten
-from r2r_fx.graph import shape_of, tensor_shapes
-from r2r_fx.rules.common import freeze_all, node_arg, op_name, positive_axis, same_axes
+from r2r_fx.graph import describe, shape_of, tensor_shapes
+from r2r_fx.rules.common import freeze_all, node_arg, positive_axis, same_axes
 from r2r_fx.rules.registry import Couplings, Rule, WidthOf, register_layer, register_rule
 
 
@@ -43,7 +43,7 @@ def _split(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule, chunked:
     shape = shape_of(x)
     outs = tensor_shapes(node)
     if shape is None or not outs:
-        freeze_all(c, node, f"{op_name(node, gm)} without static shapes")
+        freeze_all(c, node, f"{describe(node, gm)} without static shapes")
         return
     dim = node_arg(node, 2, "dim", 0)
     if not isinstance(dim, int):
@@ -74,7 +74,7 @@ register_rule(torch.chunk, "method:chunk", aten.chunk)(lambda c, node, gm: _spli
 
 @register_rule(torch.tensor_split, torch.unbind, "method:unbind", "method:tensor_split", aten.unbind)
 def _unsupported_split(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
-    freeze_all(c, node, f"{op_name(node, gm)} is not supported")
+    freeze_all(c, node, f"{describe(node, gm)} is not supported")
 
 
 @register_rule(operator.getitem)
