@@ -11,7 +11,7 @@ import torch.fx
 from r2r_fx.graph import tensor_shapes
 from r2r_fx.rules.registry import Couplings, Slot
 
-__all__ = ["freeze_all", "node_arg", "positive_axis", "same_axes", "slots_of"]
+__all__ = ["broadcast_into", "freeze_all", "node_arg", "positive_axis", "same_axes", "slots_of"]
 
 
 def node_arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -45,3 +45,16 @@ def same_axes(c: Couplings, src: torch.fx.Node, dst: str, rank: int, skip: Seque
     for a in range(rank):
         if a not in skip:
             c.same((src.name, a), (dst, a))
+
+
+def broadcast_into(
+    c: Couplings, src: torch.fx.Node, shape: Sequence[int], node: torch.fx.Node, out: Sequence[int]
+) -> None:
+    """``src`` (of ``shape``) broadcast to ``node``'s ``out`` (trailing axes aligned): an axis of the
+    same size keeps its channels, a broadcast axis (size 1 to n) keeps its width."""
+    offset = len(out) - len(shape)
+    for a, size in enumerate(shape):
+        if size == out[a + offset]:
+            c.same((src.name, a), (node.name, a + offset))
+        else:
+            c.freeze((src.name, a), f"broadcast by {node.name}")

@@ -11,7 +11,7 @@ from torch import nn
 
 from r2r_fx.compat import aten
 from r2r_fx.graph import describe, shape_of, tensor_shapes
-from r2r_fx.rules.common import freeze_all, node_arg, positive_axis, same_axes
+from r2r_fx.rules.common import broadcast_into, freeze_all, node_arg, positive_axis, same_axes
 from r2r_fx.rules.registry import Couplings, register_rule
 
 _DTYPE_ONLY = {"to", "type_as", aten.to, aten._to_copy}  # another tensor argument gives only dtype/device
@@ -267,12 +267,7 @@ def _broadcast(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> N
                 freeze_all(c, node, f"{describe(node, gm)} with a tuple operand")
                 return
             continue  # scalars and non-tensors
-        offset = len(out) - len(shape)
-        for a, size in enumerate(shape):
-            if size == out[a + offset]:
-                c.same((arg.name, a), (node.name, a + offset))
-            else:
-                c.freeze((arg.name, a), f"broadcast against a wider tensor in {node.name}")
+        broadcast_into(c, arg, shape, node, out)
 
 
 register_rule(

@@ -13,7 +13,7 @@ from torch import nn
 
 from r2r_fx.compat import aten
 from r2r_fx.graph import describe, shape_of, tensor_shapes
-from r2r_fx.rules.common import freeze_all, node_arg, positive_axis, same_axes
+from r2r_fx.rules.common import broadcast_into, freeze_all, node_arg, positive_axis, same_axes
 from r2r_fx.rules.registry import Couplings, Rule, WidthOf, register_layer, register_rule
 
 
@@ -345,12 +345,7 @@ def _expand(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None
         freeze_all(c, node, "expand without static shapes")
         return
     _same_as_template(c, node)
-    offset = len(out) - len(shape)
-    for a, size in enumerate(shape):
-        if size == out[a + offset]:
-            c.same((x.name, a), (node.name, a + offset))
-        else:
-            c.freeze((x.name, a), f"broadcast by {node.name}")
+    broadcast_into(c, x, shape, node, out)
 
 
 @register_rule(torch.stack, aten.stack)
