@@ -227,7 +227,7 @@ class DeepenPass(Pass):
                         hidden=block.hidden,
                         module=prefix,
                         output_node=x.name,
-                        params=sum(p.numel() for b in block.branches for m in b.values() for p in m.parameters()),
+                        params=sum(p.numel() for p in grown.get_submodule(prefix).parameters()),
                     )
                 )
                 index += 1
