@@ -81,6 +81,31 @@ def widened_groups(grown) -> int:
     return sum(g["status"] == "widened" for e in grown.meta["r2r_record"] if e["op"] == "widen" for g in e["groups"])
 
 
+def assert_widened(grown, count: int) -> None:
+    """``grown`` is a widen result (not a refusal) with exactly ``count`` widened groups; every other group
+    is recorded as skipped with its reason."""
+    assert grown is not None, "refused"
+    (record,) = [e for e in grown.meta["r2r_record"] if e["op"] == "widen"]
+    assert record["groups"], "no group recorded"
+    assert widened_groups(grown) == count, record["groups"]
+    assert all(g["reason"] for g in record["groups"] if g["status"] == "skipped"), record["groups"]
+    assert bool(record["params"]) == (count > 0), record["params"]
+
+
+def assert_points_grow_others_refused(model: nn.Module, inputs) -> None:
+    """Deepening at every node: the insertion points grow (one block each), every other node is refused."""
+    gm = r2r_fx.capture(model, (inputs,))
+    points = {p.node for p in r2r_fx.insertion_points(gm)}
+    assert points
+    nodes = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    assert set(nodes) - points, "no node to refuse"
+    for node in nodes:
+        grown = grown_or_refused(model, inputs, deepen(at=node))
+        assert (grown is not None) == (node in points), node
+        if grown is not None:
+            assert len(grown.meta["r2r_record"][-1]["blocks"]) == 1, node
+
+
 # ---------------------------------------------------------------- 1, 2: grow_kernel
 
 
@@ -107,9 +132,12 @@ def test_grow_kernel_of_a_layer_called_twice(via):
     torch.manual_seed(0)
     gm = r2r_fx.capture(_TwiceConv(), (torch.randn(2, 4, 8, 8),), via=via)
     convs = [n.name for n in gm.graph.nodes if "conv" in n.name and n.op != "get_attr"]
-    grown_or_refused(
+    grown = grown_or_refused(
         _TwiceConv(), torch.randn(2, 4, 8, 8), lambda g: r2r_fx.grow_kernel(g, convs[0], 5, check=False), via=via
     )
+    assert grown is not None
+    (change,) = grown.meta["r2r_record"][-1]["params"]
+    assert change["shape_before"] == [4, 4, 3, 3] and change["shape_after"] == [4, 4, 5, 5]
 
 
 def test_carry_optimizer_after_grow_kernel():
@@ -122,6 +150,14 @@ def test_carry_optimizer_after_grow_kernel():
     opt.step()
     grown = r2r_fx.grow_kernel(gm, "_0", 5)
     new_opt = r2r_fx.carry_optimizer(opt, gm, grown)
+    carried = new_opt.state[grown.get_submodule("0").weight]
+    for key in ("exp_avg", "exp_avg_sq"):  # old taps in the centre, new taps zero, before any new step
+        old_state = opt.state[gm.get_submodule("0").weight][key]
+        assert carried[key].shape == (4, 3, 5, 5)
+        assert torch.equal(carried[key][:, :, 1:4, 1:4], old_state) and old_state.ne(0).any()
+        ring = torch.ones(5, 5, dtype=torch.bool)
+        ring[1:4, 1:4] = False
+        assert carried[key][:, :, ring].eq(0).all()
     grown(torch.randn(2, 3, 8, 8)).sum().backward()
     new_opt.step()
     weight = grown.get_submodule("0").weight
@@ -146,7 +182,7 @@ class _CatChunkAcross(nn.Module):
 
 
 def test_cat_then_chunk_across_the_pieces():
-    grown_or_refused(_CatChunkAcross(), torch.randn(2, 3, 5, 5), widen())
+    assert_widened(grown_or_refused(_CatChunkAcross(), torch.randn(2, 3, 5, 5), widen()), 0)
 
 
 class _LinearOverSpatialIntoMultiplierConv(nn.Module):
@@ -161,7 +197,7 @@ class _LinearOverSpatialIntoMultiplierConv(nn.Module):
 
 
 def test_linear_over_spatial_axis_into_depthwise_multiplier_conv():
-    grown_or_refused(_LinearOverSpatialIntoMultiplierConv(), torch.randn(2, 4, 6, 6), widen())
+    assert_widened(grown_or_refused(_LinearOverSpatialIntoMultiplierConv(), torch.randn(2, 4, 6, 6), widen()), 0)
 
 
 class _CatThenCut(nn.Module):
@@ -182,7 +218,8 @@ class _CatThenCut(nn.Module):
 @pytest.mark.parametrize("out", [6, 8])  # a cut, and a "cut" that keeps every channel
 @pytest.mark.parametrize("via", ["symbolic_trace", "export"])
 def test_concatenation_cut_back(via, out):
-    grown_or_refused(_CatThenCut(out), torch.randn(2, 3, 5, 5), widen(), via=via)
+    grown = grown_or_refused(_CatThenCut(out), torch.randn(2, 3, 5, 5), widen(), via=via)
+    assert_widened(grown, 1 if out == 8 else 0)  # a real cut freezes the concatenation
 
 
 class _FullSlices(nn.Module):
@@ -219,7 +256,7 @@ class _DynamicHalves(nn.Module):
 
 @pytest.mark.parametrize("how", ["split", "slice"])
 def test_sizes_computed_from_the_tensor(how):
-    grown_or_refused(_DynamicHalves(how), torch.randn(2, 3, 4, 4), widen(), via="symbolic_trace")
+    assert_widened(grown_or_refused(_DynamicHalves(how), torch.randn(2, 3, 4, 4), widen(), via="symbolic_trace"), 0)
 
 
 class _Unsqueezed(nn.Module):
@@ -235,7 +272,8 @@ class _Unsqueezed(nn.Module):
 
 def test_size_one_axis_from_unsqueeze_is_not_a_width():
     grown = grown_or_refused(_Unsqueezed(), (torch.randn(2, 3, 5), torch.randn(2, 5)), widen())
-    assert grown is None or grown.get_submodule("conv").in_channels == 1
+    assert_widened(grown, 0)
+    assert grown.get_submodule("conv").in_channels == 1
 
 
 # ---------------------------------------------------------------- 5: netmorph per-channel entries
@@ -254,7 +292,8 @@ class _DivideByBuffer(nn.Module):
 @pytest.mark.parametrize("method", ["r2r", "net2net", "netmorph"])
 def test_new_per_channel_entries_are_all_filled(method):
     grown = grown_or_refused(_DivideByBuffer(), torch.randn(3, 4), widen(method=method))
-    assert grown is not None and bool((grown.std != 0).all())
+    assert_widened(grown, 1)
+    assert grown.std.shape == (12,) and bool((grown.std != 0).all())
 
 
 # ---------------------------------------------------------------- 6, 19: aliasing and in-place writes
@@ -273,12 +312,7 @@ class _ViewThenWrite(nn.Module):
 
 
 def test_deepen_at_a_tensor_written_in_place_later():
-    model = _ViewThenWrite()
-    inputs = torch.randn(2, 3, 4, 4)
-    gm = r2r_fx.capture(model, (inputs,))
-    for node in gm.graph.nodes:  # every node: an insertion point is preserved, any other refused
-        if node.op not in ("placeholder", "output", "get_attr"):
-            grown_or_refused(model, inputs, deepen(at=node.name))
+    assert_points_grow_others_refused(_ViewThenWrite(), torch.randn(2, 3, 4, 4))
 
 
 class _DropoutThenAddInPlace(nn.Module):
@@ -294,12 +328,7 @@ class _DropoutThenAddInPlace(nn.Module):
 
 
 def test_deepen_before_an_in_place_add_keeps_backward_working():
-    model = _DropoutThenAddInPlace().eval()
-    inputs = torch.randn(2, 3, 4, 4)
-    gm = r2r_fx.capture(model, (inputs,))
-    for node in gm.graph.nodes:  # every node: an insertion point is preserved, any other refused
-        if node.op not in ("placeholder", "output", "get_attr"):
-            grown_or_refused(model, inputs, deepen(at=node.name))
+    assert_points_grow_others_refused(_DropoutThenAddInPlace().eval(), torch.randn(2, 3, 4, 4))
 
 
 # ---------------------------------------------------------------- 7: sizes used as numbers
@@ -323,11 +352,10 @@ class _SizeAsNumber(nn.Module):
 @pytest.mark.parametrize("how", ["sqrt", "reciprocal"])
 @pytest.mark.parametrize("via", ["symbolic_trace", "export"])
 def test_sizes_used_as_numbers(how, via):
-    try:
-        r2r_fx.capture(_SizeAsNumber(how), (torch.randn(2, 4),), via=via)
-    except r2r_fx.CaptureError:
-        pytest.skip(f"{via} cannot trace this model (the other graph flavour covers it)")
-    grown_or_refused(_SizeAsNumber(how), torch.randn(2, 4), widen(), via=via)
+    """A width read as a number freezes its group in the module graph; export bakes the number in as a
+    constant, so there the group may grow (the constant keeps its value)."""
+    grown = grown_or_refused(_SizeAsNumber(how), torch.randn(2, 4), widen(), via=via)
+    assert_widened(grown, 1 if via == "export" else 0)
 
 
 # ---------------------------------------------------------------- 8, 9, 18: layers with hidden state
@@ -361,11 +389,33 @@ class _Tied(nn.Module):
         return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
 
 
+class _TiedParallel(nn.Module):
+    """Two layers sharing one weight side by side: a tie whose widths can grow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3, self.head = nn.Linear(4, 8), nn.Linear(8, 6), nn.Linear(8, 6), nn.Linear(6, 2)
+        self.fc3.weight = self.fc2.weight
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.head(torch.relu(self.fc2(h)) * torch.relu(self.fc3(h)))
+
+
 @pytest.mark.parametrize("via", ["symbolic_trace", "export"])
 def test_tied_parameters_stay_tied(via):
     grown = grown_or_refused(_Tied(), torch.randn(3, 4), widen(), via=via)
-    if grown is not None and via == "symbolic_trace":
+    assert_widened(grown, 0)  # a's input is the model input, and the tie makes it b's input too
+    if via == "symbolic_trace":
         assert grown.get_submodule("a").weight is grown.get_submodule("b").weight
+    grown = grown_or_refused(_TiedParallel(), torch.randn(3, 4), widen(), via=via)
+    assert_widened(grown, 2)
+    record = grown.meta["r2r_record"][-1]
+    changed = {p["param"]: p["shape_after"] for p in record["params"]}
+    assert [12, 16] in changed.values()  # the shared weight grew on both axes
+    if via == "symbolic_trace":
+        assert changed["fc2.weight"] == changed["fc3.weight"] == [12, 16]
+        assert grown.get_submodule("fc2").weight is grown.get_submodule("fc3").weight
 
 
 @pytest.mark.parametrize("api", ["hook", "parametrization"])
@@ -373,8 +423,9 @@ def test_spectral_norm(api):
     torch.manual_seed(0)
     norm = nn.utils.spectral_norm if api == "hook" else nn.utils.parametrizations.spectral_norm
     model = nn.Sequential(norm(nn.Conv2d(3, 4, 3, padding=1)), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
-    grown_or_refused(model, torch.randn(2, 3, 5, 5), widen())
-    grown_or_refused(model, torch.randn(2, 3, 5, 5), lambda gm: r2r_fx.grow_kernel(gm, "_0", 5, check=False))
+    assert_widened(grown_or_refused(model, torch.randn(2, 3, 5, 5), widen()), 0)  # sigma depends on the width
+    grown = grown_or_refused(model, torch.randn(2, 3, 5, 5), lambda gm: r2r_fx.grow_kernel(gm, "_0", 5, check=False))
+    assert grown is None  # nor may the kernel grow: sigma depends on it too
     model.train()  # in train mode, reading the weight would step the power iteration: no pass may read it
     before = [b.clone() for b in model.buffers()]
     gm = r2r_fx.capture(model, (torch.randn(2, 3, 5, 5),))
@@ -605,7 +656,7 @@ def test_a_frozen_stem_keeps_its_insertion_points():
     gm = r2r_fx.capture(model, (x,))
     assert "bn" in {p.node for p in r2r_fx.insertion_points(gm)}
     grown = grown_or_refused(model, x, deepen(at="bn"))
-    assert grown is not None
+    assert grown is not None and [b["at"] for b in grown.meta["r2r_record"][-1]["blocks"]] == ["bn"]
 
 
 def test_a_float32_island_is_not_an_eval_only_graph():
@@ -667,7 +718,7 @@ class _ChunkOfOne(nn.Module):
 
 @pytest.mark.parametrize("via", ["symbolic_trace", "export"])
 def test_chunk_into_fewer_pieces_than_asked(via):
-    grown_or_refused(_ChunkOfOne(), torch.randn(3, 2, 6), widen(), via=via)
+    assert_widened(grown_or_refused(_ChunkOfOne(), torch.randn(3, 2, 6), widen(), via=via), 0)
 
 
 class _NormOverAGrownAxis(nn.Module):
@@ -685,21 +736,38 @@ class _NormOverAGrownAxis(nn.Module):
 
 @pytest.mark.parametrize("via", ["symbolic_trace", "export"])
 def test_norm_statistics_over_a_grown_axis(via):
-    grown_or_refused(_NormOverAGrownAxis(), torch.randn(3, 4, 5, 6), widen(), via=via)
+    assert_widened(grown_or_refused(_NormOverAGrownAxis(), torch.randn(3, 4, 5, 6), widen(), via=via), 0)
 
 
-def test_carry_optimizer_with_tied_weights():
+@pytest.mark.parametrize("model_class", [_Tied, _TiedParallel])
+def test_carry_optimizer_with_tied_weights(model_class):
     torch.manual_seed(0)
-    model = _Tied()
+    model = model_class()
     gm = r2r_fx.capture(model, (torch.randn(3, 4),))
     opt = torch.optim.SGD(gm.parameters(), lr=0.1, momentum=0.9)
     gm(torch.randn(3, 4)).sum().backward()
     opt.step()
     grown = r2r_fx.widen(gm, seed=0)
+    assert widened_groups(grown) == (2 if model_class is _TiedParallel else 0)
     new_opt = r2r_fx.carry_optimizer(opt, gm, grown)
-    for p in grown.parameters():
-        state = new_opt.state.get(p, {})
-        assert "momentum_buffer" not in state or state["momentum_buffer"].shape == p.shape
+    old = dict(gm.named_parameters())
+    changes = r2r_fx.record.param_changes(grown)
+    for name, p in grown.named_parameters():
+        state = new_opt.state[p]["momentum_buffer"]
+        assert state.shape == p.shape, name
+        old_state = opt.state[old[name]]["momentum_buffer"]
+        if name in changes:
+            (change,) = changes[name]
+            kept = state
+            for axis, info in change.axes.items():
+                kept = kept.index_select(axis, r2r_fx.record.old_positions(info.old_runs))
+            assert torch.equal(kept, old_state), name
+            assert state[r2r_fx.record.new_entry_mask(change)].eq(0).all(), name
+        else:
+            assert p.shape == old[name].shape and torch.equal(state, old_state), name
+    if model_class is _TiedParallel:
+        assert grown.fc2.weight is grown.fc3.weight and grown.fc2.weight.shape == (12, 16)
+        assert new_opt.state[grown.fc2.weight]["momentum_buffer"].shape == (12, 16)
     grown(torch.randn(3, 4)).sum().backward()
     new_opt.step()
 
@@ -730,7 +798,9 @@ class _NoneIndex(nn.Module):
 
 
 def test_size_one_axis_from_none_index_is_not_a_width():
-    grown_or_refused(_NoneIndex(), (torch.randn(2, 3, 5), torch.randn(2, 5)), widen())
+    grown = grown_or_refused(_NoneIndex(), (torch.randn(2, 3, 5), torch.randn(2, 5)), widen())
+    assert_widened(grown, 0)
+    assert grown.get_submodule("conv").in_channels == 1
 
 
 class _ViewAs(nn.Module):
@@ -744,7 +814,7 @@ class _ViewAs(nn.Module):
 
 
 def test_view_as_couples_with_its_template():
-    grown_or_refused(_ViewAs(), torch.randn(2, 3, 4, 4), widen(), via="symbolic_trace")
+    assert_widened(grown_or_refused(_ViewAs(), torch.randn(2, 3, 4, 4), widen(), via="symbolic_trace"), 0)
 
 
 def test_instance_norm_on_an_unbatched_input():
@@ -756,7 +826,7 @@ def test_instance_norm_on_an_unbatched_input():
         def forward(self, x):  # (C=6, L=6): the norm's channel axis is axis 0, the Linear's width axis 1
             return self.b(self.n(self.a(x)))
 
-    grown_or_refused(M(), torch.randn(6, 3), widen(), via="symbolic_trace")
+    assert_widened(grown_or_refused(M(), torch.randn(6, 3), widen(), via="symbolic_trace"), 0)
 
 
 class _PositionalInplace(nn.Module):
@@ -772,11 +842,7 @@ class _PositionalInplace(nn.Module):
 
 
 def test_deepen_sees_in_place_flags_given_by_position():
-    model, inputs = _PositionalInplace(), torch.randn(2, 3, 4, 4)
-    gm = r2r_fx.capture(model, (inputs,))
-    for node in gm.graph.nodes:  # every node: an insertion point is preserved, any other refused
-        if node.op not in ("placeholder", "output", "get_attr"):
-            grown_or_refused(model, inputs, deepen(at=node.name))
+    assert_points_grow_others_refused(_PositionalInplace(), torch.randn(2, 3, 4, 4))
 
 
 class _Repeat(nn.Module):
@@ -790,7 +856,7 @@ class _Repeat(nn.Module):
 
 @pytest.mark.parametrize("via", ["symbolic_trace", "export"])
 def test_repeat_counts_are_not_widths(via):
-    grown_or_refused(_Repeat(), torch.randn(3, 2, 2), widen(), via=via)
+    assert_widened(grown_or_refused(_Repeat(), torch.randn(3, 2, 2), widen(), via=via), 0)
 
 
 class _BatchSizedSlice(nn.Module):
@@ -827,9 +893,7 @@ class _ViewAfterTransposedLinear(nn.Module):
 
 def test_deepen_records_shapes_with_a_real_run():
     model, x = _ViewAfterTransposedLinear().eval(), torch.randn(3, 4, 3, 4, 4)
-    gm = r2r_fx.capture(model, (x,))
-    for point in r2r_fx.insertion_points(gm):
-        grown_or_refused(model, x, deepen(at=point.node))
+    assert_points_grow_others_refused(model, x)
 
 
 class _ConstantAndFlag(nn.Module):
@@ -862,7 +926,10 @@ class _SplitThenFlatten(nn.Module):
 
 @pytest.mark.parametrize("via", ["symbolic_trace", "export"])
 def test_a_merged_axis_that_is_not_the_width_keeps_its_size(via):
-    grown_or_refused(_SplitThenFlatten(), torch.randn(3, 4, 4), widen(), via=via)
+    grown = grown_or_refused(_SplitThenFlatten(), torch.randn(3, 4, 4), widen(), via=via)
+    assert_widened(grown, 2)  # the conv's first piece and the Linear pair's hidden width; the flattened one stays
+    if via == "symbolic_trace":
+        assert grown.get_submodule("head").in_features == 24
 
 
 class _BatchAsNumber(nn.Module):

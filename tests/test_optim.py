@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import r2r_fx
+from r2r_fx.record import growth_history, new_entry_mask, old_positions, param_changes
 
 from helpers import random_batch
 from zoo import ZOO
@@ -24,6 +25,53 @@ OPTIMIZERS = {
     "adam": lambda params: torch.optim.Adam(params, lr=1e-3),
     "adamw": lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01),
 }
+
+
+def _old_entries(state: torch.Tensor, changes) -> torch.Tensor:
+    """The entries of a grown state tensor at the old positions, undoing the recorded changes newest first."""
+    for change in reversed(changes):
+        assert tuple(state.shape) == change.shape_after
+        for axis, info in change.axes.items():
+            state = state.index_select(axis, old_positions(info.old_runs))
+        assert tuple(state.shape) == change.shape_before
+    return state
+
+
+def assert_state_carried(opt, old_model: nn.Module, new_opt, grown: nn.Module) -> tuple[int, int]:
+    """Every parameter of ``grown`` is in ``new_opt``; the state of a parameter that existed is the old
+    state on its old entries and zeros on its new ones, of the new parameter's shape; a parameter that
+    did not exist (an inserted block's) has fresh (empty) state; other state (``step``) is copied.
+    Returns (parameters grown, parameters new)."""
+    old_params = dict(old_model.named_parameters())
+    optimised = {id(p) for g in new_opt.param_groups for p in g["params"]}
+    changes = param_changes(grown)
+    grown_count = fresh_count = 0
+    for name, p in grown.named_parameters():
+        assert id(p) in optimised, f"{name} is not optimised"
+        state = new_opt.state.get(p, {})
+        if name not in old_params:
+            assert any(name in r.new_params for r in growth_history(grown)), f"{name}: neither old nor recorded new"
+            assert not state, f"{name}: a new parameter must start with fresh state, got {sorted(state)}"
+            fresh_count += 1
+            continue
+        old_state = opt.state[old_params[name]]
+        assert old_state, f"{name}: the old optimizer has no state for it (the test must step first)"
+        assert set(state) == set(old_state), name
+        history = changes.get(name, [])
+        if tuple(p.shape) != tuple(old_params[name].shape):
+            assert history, f"{name} changed shape without a recorded change"
+            grown_count += 1
+        for key, old_value in old_state.items():
+            value = state[key]
+            if isinstance(old_value, torch.Tensor) and old_value.dim() > 0:
+                assert value.shape == p.shape, (name, key, value.shape, p.shape)
+                torch.testing.assert_close(_old_entries(value, history), old_value, rtol=0, atol=0, msg=name)
+                if history:
+                    assert value[new_entry_mask(history[-1])].eq(0).all(), f"{name}: new entries of {key} not zero"
+            else:
+                assert value == old_value, (name, key)
+    assert grown_count or fresh_count, "nothing was grown"
+    return grown_count, fresh_count
 
 
 def _loss(model: nn.Module, batch, target) -> torch.Tensor:
@@ -57,14 +105,9 @@ def test_carry_optimizer_keeps_loss_and_trains_on(name, transform, optimizer):
     with torch.no_grad():
         after = _loss(grown, batch, target)
     assert abs(float(after - before)) <= 1e-5 * abs(float(before))
-    # old entries keep their state
-    old_params = dict(gm.named_parameters())
-    for name_, p in grown.named_parameters():
-        state = new_opt.state.get(p)
-        if name_ in old_params and state:
-            key = next(iter(k for k in state if k in ("momentum_buffer", "exp_avg")), None)
-            if key and p.shape == old_params[name_].shape:
-                torch.testing.assert_close(state[key], opt.state[old_params[name_]][key])
+    grown_count, fresh_count = assert_state_carried(opt, gm, new_opt, grown)
+    assert grown_count > 0 if "widen" in transform else grown_count == 0
+    assert fresh_count > 0 if "deepen" in transform else fresh_count == 0
     grown.train()
     losses = []
     for _ in range(3):
@@ -88,11 +131,17 @@ def test_param_groups_are_kept():
         ],
         momentum=0.9,
     )
+    gm(*random_batch(inputs)).sum().backward()
+    opt.step()
     grown = r2r_fx.widen(gm, factor=2.0, seed=0)
     new_opt = r2r_fx.carry_optimizer(opt, gm, grown)
     assert [g["lr"] for g in new_opt.param_groups] == [0.1, 0.01]
     assert new_opt.param_groups[1]["weight_decay"] == 0.5
-    assert new_opt.param_groups[0]["params"][0] is grown.fc1.weight
+    assert new_opt.param_groups[0]["params"] == list(grown.fc1.parameters())
+    assert new_opt.param_groups[1]["params"] == list(grown.fc2.parameters()) + list(grown.fc3.parameters())
+    assert grown.fc1.weight.shape != gm.fc1.weight.shape  # the first group's parameters did grow
+    grown_count, fresh_count = assert_state_carried(opt, gm, new_opt, grown)
+    assert grown_count > 0 and fresh_count == 0
 
 
 def test_carry_from_the_eager_model_of_an_exported_capture():
@@ -108,4 +157,19 @@ def test_carry_from_the_eager_model_of_an_exported_capture():
     grown = r2r_fx.widen(gm, factor=2.0, seed=0)
     new_opt = r2r_fx.carry_optimizer(opt, model, grown)
     assert sum(len(g["params"]) for g in new_opt.param_groups) == len(list(grown.parameters()))
-    assert len(new_opt.state) == len(opt.state)
+    assert len(new_opt.state) == len(opt.state) == len(list(grown.parameters()))
+    old_shapes = sorted(tuple(p.shape) for p in model.parameters())
+    assert sorted(tuple(p.shape) for p in grown.parameters()) != old_shapes  # something grew
+    changes = param_changes(grown)
+    grown_count = 0
+    for old_p, new_p in zip(opt.param_groups[0]["params"], new_opt.param_groups[0]["params"]):
+        state, old_state = new_opt.state[new_p], opt.state[old_p]
+        assert int(state["step"]) == int(old_state["step"]) == 1
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert state[key].shape == new_p.shape, key
+            if new_p.shape != old_p.shape:
+                (name,) = [n for n, q in grown.named_parameters() if q is new_p]
+                torch.testing.assert_close(_old_entries(state[key], changes[name]), old_state[key], rtol=0, atol=0)
+                assert state[key][new_entry_mask(changes[name][-1])].eq(0).all()
+        grown_count += new_p.shape != old_p.shape
+    assert grown_count > 0

@@ -22,7 +22,12 @@ def test_deepen_one_block_per_stage_preserves_function(name, via):
     defaults = [p for p in points if p.default]
     result = r2r_fx.DeepenPass(seed=0).call(gm)
     blocks = result.record.blocks
+    assert result.modified and result.record.op == "deepen" and not result.record.skipped
     assert [b.at for b in blocks] == [p.node for p in defaults] and blocks
+    new = {n for n, _ in result.model.named_parameters()} - {n for n, _ in gm.named_parameters()}
+    assert new and set(result.record.new_params) == new
+    assert all(any(n.startswith(b.module + ".") for n in new) for b in blocks)
+    assert all(result.model.get_submodule(b.module) is not None for b in blocks)
     assert parameter_count(result.model) == parameter_count(gm) + sum(b.params for b in blocks)
     assert all(type(m).__module__.startswith("torch.") for m in result.model.modules())
     assert_function_preserved(model, result.model, inputs)
@@ -60,7 +65,10 @@ def test_every_new_block_parameter_gets_a_gradient(name):
 
 def test_explicit_point_and_count():
     model, inputs, gm = captured("resnet")
-    deep = r2r_fx.deepen(gm, at="layer1_relu", count=2, hidden=6, seed=0)
+    result = r2r_fx.DeepenPass(at="layer1_relu", count=2, hidden=6, seed=0).call(gm)
+    deep = result.model
+    assert result.modified and not result.record.skipped
+    assert parameter_count(deep) == parameter_count(gm) + sum(b.params for b in result.record.blocks)
     blocks = deep.meta["r2r_record"][-1]["blocks"]
     assert [b["at"] for b in blocks] == ["layer1_relu", "layer1_relu"]
     assert all(b["hidden"] == 6 and b["kind"] == "conv2d" for b in blocks)

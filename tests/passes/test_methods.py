@@ -8,7 +8,7 @@ import torch
 import r2r_fx
 from r2r_fx.record import old_positions, param_changes
 
-from helpers import assert_function_preserved, captured, random_batch
+from helpers import assert_function_preserved, captured, parameter_count, random_batch
 from zoo import ZOO
 
 EXACT = ["net2net", "netmorph"]
@@ -19,8 +19,10 @@ EXACT = ["net2net", "netmorph"]
 def test_exact_methods_preserve_function(name, method):
     model, inputs, gm = captured(name)
     result = r2r_fx.WidenPass(factor=2.0, seed=0, method=method).call(gm)
-    assert result.record.method == method and result.record.exact
+    assert result.modified and result.record.method == method and result.record.exact is True
     assert any(g.status == "widened" for g in result.record.groups)
+    assert result.record.params and all(c.shape_after != c.shape_before for c in result.record.params)
+    assert parameter_count(result.model) > parameter_count(gm)
     assert_function_preserved(model, result.model, inputs, onnx=name in ("resnet", "densenet", "vit"))
 
 
@@ -28,13 +30,17 @@ def test_exact_methods_preserve_function(name, method):
 @pytest.mark.parametrize("name", ["resnet", "mobilenetv2"])
 def test_exact_methods_on_the_aten_graph(name, method):
     model, inputs, gm = captured(name, via="export")
-    assert_function_preserved(model, r2r_fx.widen(gm, factor=2.0, seed=0, method=method), inputs, onnx=False)
+    result = r2r_fx.WidenPass(factor=2.0, seed=0, method=method).call(gm)
+    assert result.modified and any(g.status == "widened" for g in result.record.groups)
+    assert parameter_count(result.model) > parameter_count(gm)
+    assert_function_preserved(model, result.model, inputs, onnx=False)
 
 
 def test_random_pad_is_reported_as_not_preserving():
     model, inputs, gm = captured("resnet")
     result = r2r_fx.WidenPass(factor=2.0, seed=0, method="random").call(gm)
-    assert not result.record.exact
+    assert result.modified and result.record.exact is False
+    assert parameter_count(result.model) > parameter_count(gm)
     report = r2r_fx.verify(model, result.model, inputs, onnx=False)
     assert not report.ok and report.max_rel_error > 1e-2
 
@@ -42,7 +48,8 @@ def test_random_pad_is_reported_as_not_preserving():
 def test_net2net_noise_breaks_exactness_and_says_so():
     model, inputs, gm = captured("vgg")
     result = r2r_fx.WidenPass(factor=2.0, seed=0, method="net2net", noise=0.1).call(gm)
-    assert not result.record.exact
+    assert result.modified and result.record.exact is False
+    assert parameter_count(result.model) > parameter_count(gm)
     assert not r2r_fx.verify(model, result.model, inputs, onnx=False).ok
 
 
@@ -51,6 +58,7 @@ def test_net2net_refuses_grouped_convolutions_with_a_reason():
     record = r2r_fx.WidenPass(factor=2.0, seed=0, method="net2net").call(gm).record
     grouped = next(g for g in record.groups if g.width_before == 16)
     assert grouped.status == "skipped" and "whole-group copies" in grouped.reason
+    assert any(g.status == "widened" for g in record.groups)  # the other groups still widen
 
 
 def _new_row_gradients(method: str) -> list[float]:
@@ -99,10 +107,52 @@ def test_net2net_copies_are_symmetric_without_noise():
 def test_netmorph_deepen_is_exact_in_eval_and_train(name, via):
     model, inputs, gm = captured(name, via)
     result = r2r_fx.DeepenPass(seed=0, method="netmorph").call(gm)
-    assert result.record.blocks and not result.record.skipped
+    assert result.modified and result.record.blocks and not result.record.skipped
+    defaults = [p.node for p in r2r_fx.insertion_points(gm) if p.default]
+    assert [b.at for b in result.record.blocks] == defaults
     assert_function_preserved(model, result.model, inputs, onnx=name == "resnet")
     alpha = [p for n, p in result.model.named_parameters() if n.endswith("alpha")]
     assert alpha and all(float(a) == 1.0 for a in alpha)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="library bug: netmorph deepen's BlockInsert.params leaves out the block's scalar 'alpha' parameter "
+    "(recorded count is one less than the block's parameters)",
+)
+@pytest.mark.parametrize("name", ["mlp", "resnet"])
+def test_netmorph_deepen_records_block_parameter_counts(name):
+    _, _, gm = captured(name)
+    result = r2r_fx.DeepenPass(seed=0, method="netmorph").call(gm)
+    assert result.record.blocks
+    for block in result.record.blocks:
+        assert block.params == sum(p.numel() for p in result.model.get_submodule(block.module).parameters()), block
+    assert parameter_count(result.model) == parameter_count(gm) + sum(b.params for b in result.record.blocks)
+
+
+NET2NET_BLOCKS = {
+    "conv1d": 1,
+    "conv3d": 1,
+    "densenet": 0,
+    "embedding": 0,
+    "grouped": 1,
+    "inception": 1,
+    "mlp": 1,
+    "mlp_tokens": 0,
+    "mobilenetv2": 1,
+    "multi_output": 1,
+    "resnet": 2,
+    "shufflenet": 1,
+    "tuple_output": 2,
+    "two_inputs": 0,
+    "unet_like": 1,
+    "vgg": 2,
+    "vit": 0,
+}  # default points ending in a ReLU, per zoo model
+
+
+def test_net2net_block_table_covers_the_zoo():
+    assert sorted(NET2NET_BLOCKS) == sorted(ZOO)
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
@@ -110,11 +160,16 @@ def test_net2net_deepen_exact_in_eval_after_relu(name):
     """Wherever a stage ends in a ReLU the identity layer goes in; other points are skipped with the reason."""
     model, inputs, gm = captured(name)
     result = r2r_fx.DeepenPass(seed=0, method="net2net").call(gm)
-    assert result.record.blocks or result.record.skipped
+    defaults = [p.node for p in r2r_fx.insertion_points(gm) if p.default]
+    assert sorted([b.at for b in result.record.blocks] + [s.at for s in result.record.skipped]) == sorted(defaults)
+    assert len(result.record.blocks) == NET2NET_BLOCKS[name]
+    assert result.modified == bool(result.record.blocks)
     assert all("idempotent activation" in s.reason for s in result.record.skipped)
-    report = r2r_fx.verify(model, result.model, inputs, onnx=name in ("resnet", "vgg"), train=False)
+    onnx = name in ("resnet", "vgg")
+    report = r2r_fx.verify(model, result.model, inputs, onnx=onnx, train=False)
     assert report.eval_rel_error <= 1e-5
-    assert report.onnx_max_rel_error is None or report.onnx_max_rel_error <= 1e-4
+    if onnx:
+        assert report.onnx_max_rel_error is not None and report.onnx_max_rel_error <= 1e-4
 
 
 def test_net2net_deepen_is_preserving_in_train_mode_too():
@@ -128,7 +183,7 @@ def test_net2net_deepen_is_preserving_in_train_mode_too():
 def test_net2net_deepen_refuses_non_idempotent_activations():
     _, _, gm = captured("vit")  # GELU MLPs and LayerNorm outputs: no ReLU point
     result = r2r_fx.DeepenPass(seed=0, method="net2net").call(gm)
-    assert not result.record.blocks and result.record.skipped
+    assert not result.modified and not result.record.blocks and result.record.skipped
     assert all("idempotent activation" in s.reason for s in result.record.skipped)
     point = result.record.skipped[0].at
     with pytest.raises(ValueError, match="needs an idempotent activation"):
@@ -138,14 +193,19 @@ def test_net2net_deepen_refuses_non_idempotent_activations():
 def test_random_deepen_is_not_preserving():
     model, inputs, gm = captured("resnet")
     result = r2r_fx.DeepenPass(seed=0, method="random").call(gm)
-    assert not result.record.exact
+    assert result.modified and result.record.blocks and result.record.exact is False
     assert not r2r_fx.verify(model, result.model, inputs, onnx=False).ok
 
 
 @pytest.mark.parametrize(("via", "node"), [("symbolic_trace", "layer1_conv1"), ("export", "conv2d_1")])
 def test_grow_kernel_keeps_function_and_shapes(via, node):
     model, inputs, gm = captured("resnet", via)
-    grown = r2r_fx.grow_kernel(gm, node, 5)
+    result = r2r_fx.GrowKernelPass(node, 5).call(gm)
+    grown = result.model
+    assert result.modified and result.record.op == "grow_kernel"
+    (change,) = [c for c in result.record.params if len(c.shape_after) == 4]
+    assert change.shape_before[-2:] == (3, 3) and change.shape_after[-2:] == (5, 5)
+    assert change.shape_after[:2] == change.shape_before[:2] and set(change.axes) == {2, 3}
     record = grown.meta["r2r_record"][-1]
     assert record["options"]["kernel_before"] == [3, 3] and record["options"]["kernel_after"] == [5, 5]
     assert_function_preserved(model, grown, inputs, onnx=True)

@@ -13,7 +13,7 @@ from torch import nn
 
 import r2r_fx
 from r2r_fx.passes.widen import WidenPass
-from r2r_fx.record import GrowthRecord, growth_history
+from r2r_fx.record import GrowthRecord, growth_history, new_entry_mask
 
 from helpers import assert_function_preserved, assert_new_weights_train, captured, parameter_count
 from zoo import ZOO
@@ -29,11 +29,25 @@ def test_widen_preserves_function(name, via):
     grown = result.model
     widenable = [g for g in r2r_fx.width_groups(gm) if g.widenable]
     widened = [g for g in result.record.groups if g.status == "widened"]
+    assert result.modified and result.record.op == "widen" and result.record.method == "r2r"
     assert widened and len(widened) == len(widenable)
+    assert growth_history(grown) == [result.record]
+    assert_params_recorded(gm, grown, result.record)
     for g in widened:
         assert g.width_after == 2 * g.width_before or g.width_after > 2 * g.width_before - 2
     assert parameter_count(grown) > parameter_count(gm)
     assert_function_preserved(model, grown, inputs)
+
+
+def assert_params_recorded(before, grown, record) -> None:
+    """The record lists exactly the tensors whose shape changed, with their shapes, and each has new entries."""
+    old = {**dict(before.named_parameters()), **dict(before.named_buffers())}
+    new = {**dict(grown.named_parameters()), **dict(grown.named_buffers())}
+    changed = {n for n in old if n in new and new[n].shape != old[n].shape}
+    assert changed and {c.param for c in record.params} == changed
+    for c in record.params:
+        assert c.shape_before == tuple(old[c.param].shape) and c.shape_after == tuple(new[c.param].shape), c
+        assert c.axes and new_entry_mask(c).any(), c
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
@@ -46,7 +60,10 @@ def test_new_weights_receive_gradients(name):
 def test_widen_twice_composes(name):
     model, inputs, gm = captured(name)
     once = r2r_fx.widen(gm, factor=2.0, seed=0)
-    twice = r2r_fx.widen(once, extra=6, seed=1)
+    result = WidenPass(extra=6, seed=1).call(once)
+    twice = result.model
+    assert result.modified and any(g.status == "widened" for g in result.record.groups)
+    assert_params_recorded(once, twice, result.record)
     assert parameter_count(twice) > parameter_count(once)
     assert len(twice.meta["r2r_record"]) == 2
     assert_function_preserved(model, twice, inputs, onnx=False)
@@ -56,8 +73,13 @@ def test_widen_twice_composes(name):
 def test_widen_one_group_at_a_time(name):
     model, inputs, gm = captured(name)
     current = gm
-    for group in [g for g in r2r_fx.width_groups(gm) if g.widenable]:
-        current = r2r_fx.widen(current, extra=4, groups=[group.id], seed=group.id)
+    groups = [g for g in r2r_fx.width_groups(gm) if g.widenable]
+    assert len(groups) >= 2
+    for group in groups:
+        result = WidenPass(extra=4, groups=[group.id], seed=group.id).call(current)
+        assert result.modified and [g.id for g in result.record.groups if g.status == "widened"] == [group.id]
+        assert parameter_count(result.model) > parameter_count(current)
+        current = result.model
         assert_function_preserved(model, current, inputs, onnx=False)
     assert parameter_count(current) > parameter_count(gm)
 
@@ -75,6 +97,8 @@ def test_input_graph_module_untouched():
 def test_select_groups_by_producer_name_and_extra():
     model, inputs, gm = captured("resnet")
     grown = WidenPass(extra=4, groups=["layer1_conv1"], seed=0).call(gm)
+    assert grown.modified
+    assert_params_recorded(gm, grown.model, grown.record)
     widened = [g for g in grown.record.groups if g.status == "widened"]
     assert len(widened) == 1 and widened[0].width_after == widened[0].width_before + 4
     assert grown.model.get_submodule("layer1.conv1").out_channels == 12
@@ -175,7 +199,10 @@ def test_widen_block_variants(bias, groups, norm, dtype, via):
     _randomize_norms(model)
     inputs = (torch.randn(2, 3, 8, 8, dtype=dtype),)
     gm = r2r_fx.capture(model, inputs, via=via)
-    grown = r2r_fx.widen(gm, factor=2.0, seed=0)
+    result = WidenPass(factor=2.0, seed=0).call(gm)
+    grown = result.model
+    assert result.modified and any(g.status == "widened" for g in result.record.groups)
+    assert_params_recorded(gm, grown, result.record)
     assert all(p.dtype == dtype for p in grown.parameters())
     assert all(p.device == torch.device("cpu") for p in grown.parameters())
     assert parameter_count(grown) > parameter_count(gm)
