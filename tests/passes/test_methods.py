@@ -115,15 +115,11 @@ def test_netmorph_deepen_is_exact_in_eval_and_train(name, via):
     assert alpha and all(float(a) == 1.0 for a in alpha)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: netmorph deepen's BlockInsert.params leaves out the block's scalar 'alpha' parameter "
-    "(recorded count is one less than the block's parameters)",
-)
+@pytest.mark.parametrize("method", ["r2r", "random", "net2net", "netmorph"])
 @pytest.mark.parametrize("name", ["mlp", "resnet"])
-def test_netmorph_deepen_records_block_parameter_counts(name):
+def test_deepen_records_block_parameter_counts(name, method):
     _, _, gm = captured(name)
-    result = r2r_fx.DeepenPass(seed=0, method="netmorph").call(gm)
+    result = r2r_fx.DeepenPass(seed=0, method=method).call(gm)
     assert result.record.blocks
     for block in result.record.blocks:
         assert block.params == sum(p.numel() for p in result.model.get_submodule(block.module).parameters()), block
