@@ -23,16 +23,17 @@ import pytest
 import torch
 
 import r2r_fx
-from r2r_fx import cli
+from r2r_fx import cli, outputs
 
 from cli_models import other_cnn, small_cnn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TOOLS = os.path.join(os.path.dirname(HERE), "tools")
+ROOT = os.path.dirname(HERE)  # subprocesses import this checkout's r2r_fx, not whichever one is installed
+TOOLS = os.path.join(ROOT, "tools")
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "r2r-rewrite")
 SHAPE = ["--input-shape", "2,3,16,16"]
 FACTORY = ["cli_models:small_cnn", *SHAPE]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE, TOOLS])}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE, TOOLS, ROOT])}
 
 
 class _Payload:
@@ -509,8 +510,8 @@ def test_onnx_with_external_data_is_staged_with_its_data_file(tmp_path):
     r2r_fx.export_onnx(small_cnn(), (torch.randn(2, 3, 16, 16),), built)
     onnx.save(onnx.load(built), built, save_as_external_data=True, location="grown.onnx.data", size_threshold=0)
     (tmp_path / "out").mkdir()
-    staged = cli._Staged()
-    cli._stage_onnx(staged, str(built), str(tmp_path / "out" / "m.onnx"))
+    staged = outputs.Staged()
+    outputs.stage_onnx(staged, str(built), str(tmp_path / "out" / "m.onnx"))
     staged.commit()
     assert sorted(os.listdir(tmp_path / "out")) == ["m.onnx", "m.onnx.data"]
     shutil.rmtree(tmp_path / "scratch")
@@ -568,7 +569,10 @@ def _script(*argv: str, cwd, env=None, timeout: int = 300) -> subprocess.Complet
 
 def test_console_script_exit_codes_and_imports_from_the_current_directory(files, tmp_path):
     (tmp_path / "mymodels.py").write_text("from cli_models import small_cnn as make\n")
-    env = {**os.environ, "PYTHONPATH": HERE}  # cli_models importable, the current directory only by r2r-rewrite
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([HERE, ROOT]),
+    }  # cli_models importable; the current directory only by r2r-rewrite
     proc = _script("mymodels:make", *SHAPE, "--widen", "2", "--plan", cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "width groups:" in proc.stdout and proc.stderr == ""
@@ -583,12 +587,13 @@ def test_console_script_exit_codes_and_imports_from_the_current_directory(files,
 _KILL_WHILE_WRITING = """
 import os, signal, sys
 import r2r_fx.cli as cli
-real_add = cli._Staged.add
+import r2r_fx.outputs as outputs
+real_add = outputs.Staged.add
 def add(self, path, write):
     real_add(self, path, write)
     assert any(n.startswith(".r2r-") for n in os.listdir(os.path.dirname(os.path.abspath(path))))
     os.kill(os.getpid(), getattr(signal, sys.argv[1]))
-cli._Staged.add = add
+outputs.Staged.add = add
 sys.exit(cli.main(sys.argv[2:]))
 """
 
