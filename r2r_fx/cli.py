@@ -320,7 +320,7 @@ def _run(args: argparse.Namespace) -> int:
     if widen_kw is not None or deepen is not None:
         try:
             estimate = estimate_growth(gm, analysis, widen_kw, groups, args.method, deepen, points)
-        except ValueError as exc:  # plan_extras refusing an unknown group id or name
+        except ValueError as exc:  # plan_new_channels refusing an unknown group id or name
             raise UsageError(str(exc)) from exc
         _refuse_no_op(estimate, groups, widen_kw is not None)
     timings["analyze"] = time.perf_counter() - t

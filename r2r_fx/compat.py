@@ -17,6 +17,10 @@
   ``ExportedProgram.module()`` adds, which a plain GraphModule cannot keep.
 * ``set_tracer_class(owner, cls)``: the tracer a pickled GraphModule or Graph re-traces with when it
   is loaded (``_tracer_cls``; None: re-created from the code).
+* ``pt2_code_paths()``: the places where ``torch.export.load`` can run code from an archive
+  (pickles, ``eval`` of shape text, native libraries, operator look-ups), which loading a ``.pt2``
+  without trusting it replaces for the duration. A place this torch lacks raises: loading then
+  refuses instead of leaving a path unguarded.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ __all__ = [
     "drop_export_guards",
     "has_forward_hooks",
     "is_concrete_int",
+    "pt2_code_paths",
     "set_tracer_class",
     "tracer_class",
     "swapped_tensors",
@@ -105,3 +110,29 @@ def set_tracer_class(owner: torch.fx.GraphModule | torch.fx.Graph, cls: type | N
 
 def tracer_class(owner: torch.fx.GraphModule | torch.fx.Graph) -> type | None:
     return getattr(owner, "_tracer_cls", None)
+
+
+def pt2_code_paths() -> dict[str, tuple[Any, str]]:
+    """Where ``torch.export.load`` can run code from the archive: name -> (owner, attribute).
+
+    ``torch_load``: pickled tensors and example inputs; ``sympy``: the module whose ``sympify``
+    evaluates shape text; ``pickle``: opaque constants; ``aoti``: AOTInductor shared libraries;
+    ``native_pickle``: TorchScript unpickling of custom objects; ``operator``: how a serialized
+    graph names the functions it calls. ``sym_ops`` (owner, attribute) holds the symbolic-size
+    operators a graph may call besides ATen ones."""
+    import torch._export.serde.serialize as serialize
+    import torch.export.pt2_archive._package as package
+
+    paths = {
+        "torch_load": (torch, "load"),
+        "sympy": (serialize, "sympy"),
+        "pickle": (package, "pickle"),
+        "aoti": (package, "_load_aoti"),
+        "native_pickle": (torch._C, "_pickle_load_obj"),
+        "operator": (serialize.GraphModuleDeserializer, "deserialize_operator"),
+        "sym_ops": (serialize, "_SYM_OPS"),
+    }
+    missing = [name for name, (owner, attr) in paths.items() if not hasattr(owner, attr)]
+    if missing:
+        raise RuntimeError(f"this torch has moved what .pt2 loading guards ({', '.join(missing)})")
+    return paths

@@ -45,23 +45,24 @@ def estimate_growth(
 ) -> dict[str, Any]:
     """Parameters and bytes of the grown model, and the memory growing and checking it needs, from the plan alone.
 
-    Widening: every bound parameter axis grows as its layout's atoms gain channels (``plan_extras``,
-    which allocates nothing). Deepening: one block per chosen point and count (conv-BN-conv or
-    linear-linear at the point's width, scaled by the widening). Checking holds the reference and the
-    grown model, float64 copies for the train-mode fallback, the ONNX export and an onnxruntime session.
+    Widening: every bound parameter axis grows as its layout's channel sets gain channels
+    (``plan_new_channels``, which allocates nothing). Deepening: the method's own block per chosen point
+    and count, built on the meta device at the point's width scaled by the widening (points the method
+    refuses add none). Checking holds the reference and the grown model, float64 copies for the
+    train-mode fallback, the ONNX export and an onnxruntime session.
     """
     from r2r_fx.methods import get_method
-    from r2r_fx.passes.widen import plan_extras
-    from r2r_fx.surgery import get_tensor
+    from r2r_fx.passes.widen import plan_new_channels
+    from r2r_fx.surgery import get_tensor, new_width
 
     tensors = {id(t): t for t in [*gm.parameters(), *gm.buffers()]}
     params = {id(p) for p in gm.parameters()}
     before_numel = sum(t.numel() for t in gm.parameters())
     before_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    extras: dict[int, int] = {}
+    new_channels: dict[int, int] = {}
     report: list[dict[str, Any]] = []
     if widen_kw is not None:
-        extras, report = plan_extras(
+        new_channels, report = plan_new_channels(
             analysis,
             factor=widen_kw.get("factor"),
             extra=widen_kw.get("extra"),
@@ -73,7 +74,7 @@ def estimate_growth(
         t = get_tensor(gm, name)
         shape = list(t.shape)
         for axis, layout, _ in axes:
-            shape[axis] = layout.outer * sum((n + extras.get(a, 0)) * inner for a, n, inner in layout.pieces)
+            shape[axis] = layout.outer * sum((n + new_channels.get(a, 0)) * inner for a, n, inner in layout.pieces)
         grown = math.prod(shape)
         numel += (grown - t.numel()) if id(t) in params else 0
         nbytes += (grown - t.numel()) * t.element_size()
@@ -82,12 +83,11 @@ def estimate_growth(
     if deepen is not None:
         count, at = deepen
         chosen = [p for p in points if (p.node in at if at else p.default)]
-        for p in chosen:
-            w = int(p.width * ratio)
-            per_block = 2 * w * w + w if p.kind == "linear" else 2 * w * w * 9 + 4 * w
-            numel += per_block * count
-            nbytes += per_block * count * 4
-            blocks += count
+        widths = [new_width(analysis.layout((p.node, p.channel_axis)), new_channels) for p in chosen]
+        per_block = _block_sizes(gm, chosen, widths, method)
+        numel += sum(per_block) * count
+        nbytes += sum(per_block) * count * 4
+        blocks += len(per_block) * count
     activations = 0
     for node in gm.graph.nodes:
         meta = node.meta.get("tensor_meta")
@@ -104,3 +104,23 @@ def estimate_growth(
         "groups": report,
         "widened": sum(1 for g in report if g.status == "widened"),
     }
+
+
+def _block_sizes(gm: torch.fx.GraphModule, points: list[Any], widths: list[int], method: str) -> list[int]:
+    """Parameters of the block ``method`` inserts at each point it accepts (built on the meta device)."""
+    from r2r_fx.methods import BlockSite, get_method
+
+    growth = get_method(method)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    like, generator = torch.empty((), device="meta"), torch.Generator()
+    sizes = []
+    for p, width in zip(points, widths):
+        if growth.refuses_point(gm, nodes[p.node]):
+            continue
+        shape = tuple(width if a == p.channel_axis else s for a, s in enumerate(p.shape))
+        site = BlockSite(gm, nodes[p.node], shape, width, p.kind, None, like)
+        with torch.device("meta"):
+            block = growth.block(site, None, generator)
+        sizes.append(sum(q.numel() for layers in block.branches for m in layers.values() for q in m.parameters()))
+        sizes[-1] += 1 if block.parametric else 0  # NetMorph's alpha
+    return sizes

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from r2r_fx.cli_errors import UsageError, first_line
+from r2r_fx.compat import pt2_code_paths
 from r2r_fx.estimate import available_memory, format_bytes
 
 __all__ = ["example_inputs", "load_model"]
@@ -220,10 +221,12 @@ def _no_code_from_archive() -> Iterator[None]:
     ``pickle.loads`` for opaque constants, TorchScript unpickling for custom objects, ``dlopen`` for AOTInductor
     libraries, and ``sympy.sympify`` (an ``eval``) for shape expressions: each is forced safe or refused here.
     """
-    import torch._export.serde.serialize as serialize
-    import torch.export.pt2_archive._package as package
-
+    try:
+        paths = pt2_code_paths()
+    except RuntimeError as exc:
+        raise _refusal(f"{exc}; it cannot be loaded without running code from it") from None
     real_load = torch.load
+    sym_ops = getattr(*paths["sym_ops"])
 
     def weights_only_load(f: Any, *a: Any, **kw: Any) -> Any:
         kw["weights_only"] = True
@@ -234,25 +237,25 @@ def _no_code_from_archive() -> Iterator[None]:
                 f"it holds a pickle that is not plain tensors (stored example inputs or tensors): {first_line(exc)}"
             ) from None
 
-    deserializer = serialize.GraphModuleDeserializer
-    real_operator = deserializer.deserialize_operator
+    real_operator = getattr(*paths["operator"])
 
     def operator_only(self: Any, serialized_target: str) -> Any:
         if serialized_target.startswith("#"):  # a registered extension's own operator
             return real_operator(self, serialized_target)
         target = real_operator(self, serialized_target)  # attribute look-ups only; nothing is called yet
-        if not _is_operator(target, serialize._SYM_OPS):
+        if not _is_operator(target, sym_ops):
             raise _refusal(f"its graph calls {serialized_target!r}, which is not an operator: it would run as code")
         return target
 
-    patches = [
-        (torch, "load", weights_only_load),
-        (serialize, "sympy", _SafeSympy(serialize.sympy)),
-        (package, "pickle", _NoPickle()),
-        (package, "_load_aoti", _refuse_native),
-        (torch._C, "_pickle_load_obj", _refuse_native),
-        (deserializer, "deserialize_operator", operator_only),
-    ]
+    replacements = {
+        "torch_load": weights_only_load,
+        "sympy": _SafeSympy(getattr(*paths["sympy"])),
+        "pickle": _NoPickle(),
+        "aoti": _refuse_native,
+        "native_pickle": _refuse_native,
+        "operator": operator_only,
+    }
+    patches = [(*paths[name], value) for name, value in replacements.items()]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     for owner, name, value in patches:
         setattr(owner, name, value)

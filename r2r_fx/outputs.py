@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from r2r_fx.cli_errors import UsageError, first_line
+from r2r_fx.compat import set_tracer_class, tracer_class
 
 __all__ = [
     "Interrupted",
@@ -294,14 +295,14 @@ def write_pickle(grown: torch.fx.GraphModule) -> Callable[[io.BufferedWriter], N
     buffer = io.BytesIO()
     # Unpickling re-traces with the saved tracer class: torch.export's cannot be built without arguments
     # (``_ModuleStackTracer.__init__() missing 'scope_root'``), so such a file would never load again.
-    saved = [(owner, owner._tracer_cls) for owner in (grown, grown.graph) if not _buildable(owner._tracer_cls)]
+    saved = [(owner, tracer_class(owner)) for owner in (grown, grown.graph) if not _buildable(tracer_class(owner))]
     for owner, _ in saved:
-        owner._tracer_cls = None
+        set_tracer_class(owner, None)
     try:
         torch.save(grown, buffer)
     finally:
         for owner, tracer in saved:
-            owner._tracer_cls = tracer
+            set_tracer_class(owner, tracer)
     return lambda f: f.write(buffer.getbuffer())
 
 
