@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from r2r_fx.compat import aten
@@ -103,3 +104,15 @@ def test_the_installed_torch_is_in_the_declared_and_pinned_range():
     assert low <= pin < high, "the pinned torch must lie in the declared range"
     assert low[:2] == pin[:2], "the lowest declared torch must be the tested one"
     assert _version(torch.__version__)[:2] == pin[:2]
+
+
+def test_every_pt2_code_path_exists_and_a_moved_one_is_refused(monkeypatch):
+    import torch.export.pt2_archive._package as package
+
+    from r2r_fx.compat import pt2_code_paths
+
+    paths = pt2_code_paths()
+    assert set(paths) >= {"torch_load", "sympy", "pickle", "aoti", "native_pickle", "operator", "sym_ops"}
+    monkeypatch.delattr(package, "_load_aoti")
+    with pytest.raises(RuntimeError, match="aoti"):
+        pt2_code_paths()
