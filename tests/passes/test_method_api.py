@@ -84,17 +84,18 @@ def test_net2net_deepen_noise_is_used_and_reported_as_inexact():
 
 
 class HalfZero(r2r_fx.Method):
-    """A user's method: widening like NetMorph (new consumer columns zero); its deepen block is one
-    Linear/conv chain whose last layer starts at zero (exact, but the first layer gets no gradient)."""
+    """A user's method: widening with every new weight zero (exact, and the new channels start dead);
+    its deepen block is one Linear/conv chain whose last layer starts at zero."""
 
     name = "half_zero"
 
     def grow(self, tensor, axes, generator):
+        grows = [a for a in axes if a[1].grows]
         with torch.no_grad():
-            t = self._grown(tensor.detach(), [a for a in axes if a[1].grows], self._scale(tensor), generator)
-            for axis, idx, role in axes:
-                if role == "in" and idx.new_pos.numel():
-                    t.index_fill_(axis, idx.new_pos.to(t.device), 0)
+            t = self._grown(tensor.detach(), grows, self._scale(tensor), generator)
+            for axis, idx, role in grows:
+                if role in ("in", "out"):
+                    t.index_fill_(axis, idx.new_pos, 0)
         return t
 
     def refuses_point(self, gm, x):
