@@ -49,7 +49,7 @@ def main(out_dir: str) -> int:
     model = SmallResNet().eval()
     inputs = (torch.randn(4, 3, 32, 32),)
     gm = r2r_fx.capture(model, inputs)
-    print(f"captured via {gm.meta['r2r_flavour']}-level graph")
+    print(f"captured via {gm.meta['r2r_graph_level']}-level graph")
     for g in r2r_fx.width_groups(gm):
         state = "widenable" if g.widenable else f"frozen ({g.reason})"
         print(f"  group {g.id}: width {g.width:3d}  producers {', '.join(g.producers) or '-'}  {state}")

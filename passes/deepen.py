@@ -1,4 +1,5 @@
-"""R2DeeperR: insert residual blocks ``x + z(x)`` with ``z(x) = 0`` at insertion, weights random.
+"""Deepening: insert a method's block after chosen tensors; R2DeeperR's residual ``x + z(x)`` with
+``z(x) = 0`` at insertion and random weights by default (the blocks themselves: ``r2r_fx.methods``).
 
 Maths (R2R, arXiv 2410.11038, section 4.3): for a 4-D (or 3-D/5-D conv) activation ``z`` is
 conv -> BatchNorm -> ReLU -> conv; for 2-D and token activations it is Linear -> ReLU -> Linear. The
@@ -170,7 +171,8 @@ def _weight_std(gm: torch.fx.GraphModule, node: torch.fx.Node) -> float | None:
 
 
 class DeepenPass(Pass):
-    """Insert R2R residual blocks at chosen points (default: one per stage)."""
+    """Insert the method's blocks at chosen points (default: one per stage): R2R residual blocks, or
+    Net2Net / NetMorph identity layers (see :mod:`r2r_fx.methods`)."""
 
     name = "deepen"
 
@@ -188,9 +190,19 @@ class DeepenPass(Pass):
         self.check = check
         if count < 1:
             raise GrowthError(f"count must be >= 1, got {count}")
-        if hidden is not None and (not isinstance(hidden, int) or hidden < 1):
-            raise GrowthError(f"hidden must be a positive integer, got {hidden!r}")
+        if hidden is not None:
+            try:
+                size = None if isinstance(hidden, bool) else operator.index(hidden)
+            except TypeError:
+                size = None
+            if size is None or size < 1:
+                raise GrowthError(f"hidden must be a positive integer, got {hidden!r}")
+            hidden = size
         self.method = get_method(method, **method_options)
+        if hidden is not None and not self.method.takes_hidden:
+            raise GrowthError(
+                f"{self.method.name} deepen inserts an identity layer of the stream's width; it takes no hidden"
+            )
         self.at = [at] if isinstance(at, str) else (list(at) if at is not None else None)
         self.count, self.hidden, self.seed = count, hidden, seed
 

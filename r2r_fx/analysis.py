@@ -257,8 +257,10 @@ class Analysis:
         return self._builder.sizes.get(slot)
 
     def same_channels(self, a: Slot, b: Slot) -> bool:
-        """Whether two slots hold the same channels in the same order (coupled by the rules)."""
-        return self._uf.find(a) == self._uf.find(b)
+        """Whether two slots hold the same channels in the same order (coupled by the rules); False
+        for a slot the analysis never saw."""
+        known = self._builder.sizes
+        return a in known and b in known and self._uf.find(a) == self._uf.find(b)
 
     def group_of(self, channel_set: int) -> WidthGroup | None:
         """The width group a channel set belongs to (None: not a width, e.g. a batch or spatial axis)."""

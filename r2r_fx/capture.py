@@ -34,8 +34,8 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from r2r_fx.compat import ExceptionSafeTracer, drop_export_guards, is_concrete_int, set_tracer_class, swapped_tensors
 from r2r_fx.compat import aten as _aten
-from r2r_fx.compat import drop_export_guards, is_concrete_int, set_tracer_class, swapped_tensors
 from r2r_fx.errors import CaptureError
 from r2r_fx.rules import LAYERS, is_stochastic_depth
 from r2r_fx.train_mode import follow_train_flags, modulize_train_flags
@@ -297,7 +297,7 @@ def _describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}{where}"
 
 
-class _Tracer(torch.fx.Tracer):
+class _Tracer(ExceptionSafeTracer):
     """``torch.fx.Tracer`` that keeps registered layers and torchvision's ``StochasticDepth`` as
     layers (``call_module``), as ``nn.Dropout`` is. Traced through, ``StochasticDepth`` would record
     its ``training`` flag as the constant of the mode at capture (eval), and a captured or grown model

@@ -17,6 +17,9 @@
   ``ExportedProgram.module()`` adds, which a plain GraphModule cannot keep.
 * ``set_tracer_class(owner, cls)``: the tracer a pickled GraphModule or Graph re-traces with when it
   is loaded (``_tracer_cls``; None: re-created from the code).
+* ``ExceptionSafeTracer``: ``torch.fx.Tracer`` whose module stack (``Tracer.module_stack``, which
+  becomes each node's ``nn_module_stack``) is unwound when a submodule raises during tracing; torch
+  leaves the failing submodule on it, and the enclosing module's exit then fails an assertion.
 * ``pt2_code_paths()``: the places where ``torch.export.load`` can run code from an archive
   (pickles, ``eval`` of shape text, native libraries, operator look-ups), which loading a ``.pt2``
   without trusting it replaces for the duration. A place this torch lacks raises: loading then
@@ -41,6 +44,7 @@ from torch.utils._pytree import tree_map_only
 
 __all__ = [
     "DropoutBase",
+    "ExceptionSafeTracer",
     "HigherOrderOperator",
     "NormBase",
     "OpOverload",
@@ -136,3 +140,17 @@ def pt2_code_paths() -> dict[str, tuple[Any, str]]:
     if missing:
         raise RuntimeError(f"this torch has moved what .pt2 loading guards ({', '.join(missing)})")
     return paths
+
+
+class ExceptionSafeTracer(torch.fx.Tracer):
+    """A tracer for models whose ``forward`` catches an exception raised inside a submodule (a
+    fallback path): the submodule's entry leaves the module stack as the exception passes."""
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        depth = len(self.module_stack)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except BaseException:
+            while len(self.module_stack) > depth:
+                self.module_stack.popitem(last=True)
+            raise

@@ -84,7 +84,7 @@ def estimate_growth(
         count, at = deepen
         chosen = [p for p in points if (p.node in at if at else p.default)]
         widths = [new_width(analysis.layout((p.node, p.channel_axis)), new_channels) for p in chosen]
-        per_block = _block_sizes(gm, chosen, widths, method)
+        per_block = _block_sizes(gm, chosen, widths, method, explicit=bool(at))
         numel += sum(per_block) * count
         nbytes += sum(per_block) * count * 4
         blocks += len(per_block) * count
@@ -106,21 +106,36 @@ def estimate_growth(
     }
 
 
-def _block_sizes(gm: torch.fx.GraphModule, points: list[Any], widths: list[int], method: str) -> list[int]:
-    """Parameters of the block ``method`` inserts at each point it accepts (built on the meta device)."""
+def _block_sizes(
+    gm: torch.fx.GraphModule, points: list[Any], widths: list[int], method: str, *, explicit: bool
+) -> list[int]:
+    """Parameters of the block ``method`` inserts at each point it accepts, built on the meta device
+    (on the CPU for a method whose block reads values). An explicitly chosen point the method refuses
+    is an error, as in ``deepen``."""
+    from r2r_fx.errors import GrowthError
     from r2r_fx.methods import BlockSite, get_method
 
     growth = get_method(method)
     nodes = {n.name: n for n in gm.graph.nodes}
-    like, generator = torch.empty((), device="meta"), torch.Generator()
     sizes = []
     for p, width in zip(points, widths):
-        if growth.refuses_point(gm, nodes[p.node]):
+        refusal = growth.refuses_point(gm, nodes[p.node])
+        if refusal and explicit:
+            raise GrowthError(f"{p.node!r}: {refusal}")
+        if refusal:
             continue
         shape = tuple(width if a == p.channel_axis else s for a, s in enumerate(p.shape))
-        site = BlockSite(gm, nodes[p.node], shape, width, p.kind, None, like)
-        with torch.device("meta"):
-            block = growth.block(site, None, generator)
+        block = None
+        for device in ("meta", "cpu"):
+            site = BlockSite(gm, nodes[p.node], shape, width, p.kind, None, torch.empty((), device=device))
+            try:
+                with torch.device(device):
+                    block = growth.block(site, None, torch.Generator())
+                break
+            except Exception:  # noqa: BLE001 - e.g. a block that reads a value: count it for real
+                continue
+        if block is None:
+            continue  # the real deepen reports why the block cannot be built
         sizes.append(sum(q.numel() for layers in block.branches for m in layers.values() for q in m.parameters()))
         sizes[-1] += 1 if block.parametric else 0  # NetMorph's alpha
     return sizes

@@ -61,4 +61,6 @@ def describe(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
     """An op as a reason names it: ``"Conv2d (conv1)"``, ``"matmul (matmul_2)"``, ``".view() (view_1)"``."""
     if node.op == "call_method":
         return f".{node.target}() ({node.name})"
-    return f"{target_name(node, gm)} ({node.name})"
+    packet = getattr(node.target, "overloadpacket", None)
+    name = str(packet) if packet is not None else target_name(node, gm)  # "aten.conv2d", "mylib.foo"
+    return f"{name} ({node.name})"

@@ -2,7 +2,7 @@
 
 The group analysis, the surgery engine and the insertion of blocks are shared; a method only decides
 values, which blocks to insert, and what it refuses (``refuses`` for a width group, ``refuses_point``
-for a place to deepen). A method is one class here; register it in ``METHODS`` to give it a name.
+for a place to deepen). A method is one class; ``register_method`` makes it known by its name.
 
 Widening.
 R2R (Painter, arXiv 2410.11038, section 4.1): along a producer axis (``"out"``) the new entries come
@@ -14,9 +14,10 @@ a gradient. Random values are uniform with the standard deviation of the layer's
 class tokens) are copied from randomly chosen existing channels, so they keep their range
 (running variances stay positive).
 
-Deepening (``block``): R2R's block and the random baseline are residual ``x + z(x)`` (see
-``r2r_fx.passes.deepen``); Net2Net and NetMorph insert an identity layer, Net2DeeperNet's followed by
-a copy of the idempotent activation that made ``x``, NetMorph's ending in ``a*h + (1-a)*relu(h)``.
+Deepening (``block``; ``r2r_fx.passes.deepen`` finds the places and inserts the blocks): R2R's
+block (``R2R.block``) and the random baseline are residual ``x + z(x)``; Net2Net and NetMorph insert
+an identity layer, Net2DeeperNet's followed by a copy of the idempotent activation that made ``x``,
+NetMorph's ending in ``a*h + (1-a)*relu(h)``.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class Method:
 
     name = "base"
     exact = True
+    takes_hidden = True  # whether ``block`` uses a requested hidden width
 
     def __init__(self, *, init_scale: float | str = "match") -> None:
         self.scale_factor = 1.0 if init_scale == "match" else float(init_scale)
@@ -206,6 +208,7 @@ class NetMorph(Method):
     """
 
     name = "netmorph"
+    takes_hidden = False
 
     def grow(self, tensor, axes, generator):
         with torch.no_grad():
@@ -217,7 +220,6 @@ class NetMorph(Method):
 
     def block(self, site, hidden, generator):
         """An identity layer ending in ``a*h + (1-a)*relu(h)`` with ``a = 1``: the identity at insertion."""
-        _no_hidden(self, hidden)
         return Block([_identity_layer(site)], site.width, residual=False, parametric=True)
 
 
@@ -248,13 +250,17 @@ class Net2Net(Method):
     """
 
     name = "net2net"
+    takes_hidden = False
 
     def __init__(self, *, init_scale: float | str = "match", noise: float = 0.0) -> None:
         super().__init__(init_scale=init_scale)
         self.noise = float(noise)
-        if not self.noise >= 0:
-            raise GrowthError(f"noise must be a number >= 0, got {noise!r}")
-        self.exact = self.noise == 0.0
+        if not 0 <= self.noise < math.inf:
+            raise GrowthError(f"noise must be a finite number >= 0, got {noise!r}")
+
+    @property
+    def exact(self) -> bool:  # noise breaks the copies' symmetry, and the function
+        return self.noise == 0.0
 
     def refuses(self, group: Any) -> str:
         if group.granularity > 2:
@@ -301,7 +307,6 @@ class Net2Net(Method):
 
     def block(self, site, hidden, generator):
         """Net2DeeperNet: an identity layer (``noise`` added to its weight) and a copy of the activation."""
-        _no_hidden(self, hidden)
         layers = _identity_layer(site)
         if self.noise:
             weight = next(iter(layers.values())).weight
@@ -318,6 +323,8 @@ def register_method(cls: type[Method]) -> type[Method]:
     """Make a Method class available by its ``name`` (``widen(gm, method=name)``, ``--method name``)."""
     if not (isinstance(cls, type) and issubclass(cls, Method)) or cls.name in ("", "base"):
         raise GrowthError(f"register_method needs a Method subclass with its own name, got {cls!r}")
+    if METHODS.get(cls.name, cls) is not cls:
+        raise GrowthError(f"a method called {cls.name!r} is registered already ({METHODS[cls.name].__name__})")
     METHODS[cls.name] = cls
     return cls
 
@@ -334,8 +341,10 @@ def get_method(method: str | Method, **options: Any) -> Method:
         cls = METHODS[method]
     except (KeyError, TypeError):
         raise GrowthError(f"unknown method {method!r}; choose one of {sorted(METHODS)}") from None
-    takes = set(inspect.signature(cls).parameters)
-    unused = sorted(set(options) - takes)
+    parameters = inspect.signature(cls).parameters
+    takes = set(parameters)
+    any_option = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    unused = [] if any_option else sorted(set(options) - takes)
     if unused:
         options_text = ", ".join(sorted(takes))
         raise GrowthError(f"method {method!r} takes no option {', '.join(unused)} (its options: {options_text})")
@@ -344,11 +353,6 @@ def get_method(method: str | Method, **options: Any) -> Method:
 
 def _even(n: int) -> int:
     return n + n % 2
-
-
-def _no_hidden(method: Method, hidden: int | None) -> None:
-    if hidden is not None:
-        raise GrowthError(f"{method.name} deepen inserts an identity layer of the stream's width; it takes no hidden")
 
 
 def _uniform_(tensor: torch.Tensor, std: float, generator: torch.Generator) -> None:

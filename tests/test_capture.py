@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import pickle
 
 import pytest
@@ -227,3 +228,57 @@ def test_capture_takes_the_tracers_constants_off_the_model():
     assert {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"} == {"_tensor_constant0"}
     with torch.no_grad():
         assert torch.equal(gm(x), model(x))
+
+
+class _Fallback(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        raise NotImplementedError("use the fallback")
+
+
+class _CatchesFromASubmodule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = _Fallback(), nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        try:
+            y = self.a(x)
+        except NotImplementedError:
+            y = x
+        return self.c(torch.relu(self.b(y)))
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_forward_that_catches_a_submodules_exception_captures(nested):
+    """torch's tracer leaves the raising submodule on its module stack; the enclosing module's exit
+    then fails an assertion, and every later node would name that submodule."""
+    torch.manual_seed(0)
+    model = (nn.Sequential(_CatchesFromASubmodule(), nn.Linear(2, 2)) if nested else _CatchesFromASubmodule()).eval()
+    x = torch.randn(3, 4)
+    gm = r2r_fx.capture(model, (x,), via="symbolic_trace")
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    stacks = [list(n.meta.get("nn_module_stack") or {}) for n in gm.graph.nodes if n.op == "call_module"]
+    assert stacks and not any(any(key.endswith("a") for key in stack) for stack in stacks)
+
+
+def test_the_example_script_runs(tmp_path):
+    """examples/quickstart.py is the README's runnable version of the API."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    done = subprocess.run(
+        [sys.executable, os.path.join(root, "examples", "quickstart.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "function preserved" in done.stdout and len(list(tmp_path.iterdir())) >= 2

@@ -26,3 +26,31 @@ def test_the_estimate_counts_the_parameters_the_passes_add(name, method, widen):
     assert blocks or (method, name) == ("net2net", "vit")  # no idempotent activation before any ViT point
     assert parameter_count(grown) > parameter_count(gm) or not (blocks or widen)
     assert estimate["params_after"] == parameter_count(grown)
+
+
+def test_the_estimate_builds_a_block_that_reads_values_on_the_cpu():
+    from r2r_fx.methods import R2R
+
+    class ReadsValues(R2R):
+        name = "reads_values"
+
+        def block(self, site, hidden, generator):
+            block = super().block(site, hidden, generator)
+            float(next(iter(block.branches[0].values())).weight.abs().max())  # a value: not on meta
+            return block
+
+    _, _, gm = captured("mlp")
+    analysis = r2r_fx.analyze(gm)
+    points = insertion_points(gm, analysis)
+    estimate = estimate_growth(gm, analysis, None, None, ReadsValues(), (1, []), points)
+    assert estimate["params_after"] == parameter_count(r2r_fx.deepen(gm, method=ReadsValues(), seed=0))
+
+
+def test_the_estimate_refuses_an_explicit_point_the_method_refuses():
+    from r2r_fx.errors import GrowthError
+
+    _, _, gm = captured("vit")
+    analysis = r2r_fx.analyze(gm)
+    points = insertion_points(gm, analysis)
+    with pytest.raises(GrowthError, match="idempotent"):
+        estimate_growth(gm, analysis, None, None, "net2net", (1, [points[0].node]), points)

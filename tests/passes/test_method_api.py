@@ -137,3 +137,51 @@ def test_a_registered_method_is_known_by_its_name():
     finally:
         METHODS.clear()
         METHODS.update(saved)
+
+
+def test_hidden_is_checked_before_any_work():
+    _, _, gm = captured("vit")  # every point is refused by net2net: the option error must still come
+    for method in ("net2net", "netmorph"):
+        with pytest.raises(GrowthError, match="takes no hidden"):
+            r2r_fx.DeepenPass(method=method, hidden=8)
+    for bad in (True, 0, -2, 2.5, "8"):
+        with pytest.raises(GrowthError, match="hidden must be"):
+            r2r_fx.DeepenPass(hidden=bad)
+    import numpy as np
+
+    result = r2r_fx.DeepenPass(hidden=np.int64(6), seed=0).call(gm)
+    assert result.record.blocks and all(b.hidden == 6 for b in result.record.blocks)
+
+
+def test_options_of_a_method_taking_keywords_and_names_taken_already():
+    class Keywords(R2R):
+        name = "keywords"
+
+        def __init__(self, **options):
+            self.seen = options
+            super().__init__(init_scale=options.get("init_scale", "match"))
+
+    saved = dict(METHODS)
+    try:
+        r2r_fx.register_method(Keywords)
+        assert get_method("keywords", init_scale=2.0).seen == {"init_scale": 2.0}
+        r2r_fx.register_method(Keywords)  # the same class again: fine
+
+        class Other(R2R):
+            name = "r2r"
+
+        with pytest.raises(GrowthError, match="registered already"):
+            r2r_fx.register_method(Other)
+        assert METHODS["r2r"] is R2R
+    finally:
+        METHODS.clear()
+        METHODS.update(saved)
+
+
+def test_net2net_exactness_follows_its_noise():
+    method = Net2Net()
+    assert method.exact
+    method.noise = 0.1
+    assert not method.exact
+    with pytest.raises(GrowthError):
+        Net2Net(noise=float("inf"))
