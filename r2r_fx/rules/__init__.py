@@ -20,46 +20,20 @@ A layer type is supported in one place: ``register_layer(cls, couple, fix)``.
 from __future__ import annotations
 
 from r2r_fx.graph import param_name, shape_of, tensor_shapes
-from r2r_fx.rules import layers, pointwise, reductions, spatial, structure
+from r2r_fx.rules import layers, pointwise, reductions, registry, spatial, structure
 from r2r_fx.rules.common import freeze_all
 from r2r_fx.rules.layers import conv_layer, linear_layer
-from r2r_fx.rules.registry import (
-    FIXES,
-    LAYERS,
-    RULES,
-    Couplings,
-    Fix,
-    Rule,
-    Slot,
-    WidthOf,
-    fix_for,
-    is_stochastic_depth,
-    register_layer,
-    register_rule,
-    rule_for,
-)
+from r2r_fx.rules.registry import *  # noqa: F403 - the registry's public names (its __all__)
 from r2r_fx.rules.structure import expand_ellipsis, factor_reshape
 
 __all__ = [
-    "FIXES",
-    "LAYERS",
-    "RULES",
-    "Couplings",
-    "Fix",
-    "Rule",
-    "Slot",
-    "WidthOf",
+    *registry.__all__,
     "conv_layer",
     "expand_ellipsis",
     "factor_reshape",
-    "fix_for",
     "freeze_all",
-    "is_stochastic_depth",
     "linear_layer",
     "param_name",
-    "register_layer",
-    "register_rule",
-    "rule_for",
     "shape_of",
     "tensor_shapes",
 ]

@@ -233,13 +233,23 @@ def _same_as_template(c: Couplings, node: torch.fx.Node) -> None:
             freeze_all(c, node, f"{node.name} takes its shape from a tensor of another shape")
 
 
+def _shapes_of_a_view(c: Couplings, node: torch.fx.Node, what: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """Input and output shapes of a reshape-like op, its template coupled (``view_as``); None (all
+    frozen) without static shapes."""
+    shape, out = shape_of(node.args[0]), shape_of(node)
+    if shape is None or out is None:
+        freeze_all(c, node, f"{what} without static shapes")
+        return None
+    _same_as_template(c, node)
+    return shape, out
+
+
 def _reshape(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     x = node.args[0]
-    shape, out = shape_of(x), shape_of(node)
-    if shape is None or out is None:
-        freeze_all(c, node, "reshape without static shapes")
+    shapes = _shapes_of_a_view(c, node, "reshape")
+    if shapes is None:
         return
-    _same_as_template(c, node)
+    shape, out = shapes
     blocks = factor_reshape(shape, out)
     if blocks is None:
         freeze_all(c, node, f"{node.name} reshapes across several axes at once")
@@ -339,13 +349,10 @@ register_layer(nn.Unflatten, _reshape, _fix_unflatten)
 
 @register_rule("method:expand", aten.expand, "method:expand_as")
 def _expand(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
-    x = node.args[0]
-    shape, out = shape_of(x), shape_of(node)
-    if shape is None or out is None:
-        freeze_all(c, node, "expand without static shapes")
-        return
-    _same_as_template(c, node)
-    broadcast_into(c, x, shape, node, out)
+    shapes = _shapes_of_a_view(c, node, "expand")
+    if shapes is not None:
+        shape, out = shapes
+        broadcast_into(c, node.args[0], shape, node, out)
 
 
 @register_rule(torch.stack, aten.stack)
