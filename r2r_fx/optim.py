@@ -81,9 +81,15 @@ def carry_optimizer(
         if new_p is None:
             continue
         history = changes.get(new_name_of[id(new_p)], [])
+        # A reader of a grown normalised stream had its old columns split among copies (W -> W/k + V):
+        # its old moments no longer describe its entries, so its state starts fresh.
+        reset = any(info.role == "stream_in" for change in history for info in change.axes.values())
         carried = {}
         for key, value in state.items():
             if isinstance(value, torch.Tensor) and value.shape == old_p.shape and value.dim() > 0:
+                if reset:
+                    carried[key] = torch.zeros_like(new_p, dtype=value.dtype)
+                    continue
                 carried[key] = _grow_like(value.detach().clone(), history) if history else value.detach().clone()
             else:
                 carried[key] = value.clone() if isinstance(value, torch.Tensor) else value
