@@ -320,7 +320,8 @@ def _layer_norm(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> 
         return
     rank = len(shape)
     ns = (ns,) if isinstance(ns, int) else ns
-    if not isinstance(ns, (list, tuple)) or not all(isinstance(v, int) for v in ns) or not ns:
+    # a size computed from the input (``x.shape[-1]``) follows it; torch checks it matches the input
+    if not isinstance(ns, (list, tuple)) or not all(isinstance(v, (int, torch.fx.Node)) for v in ns) or not ns:
         freeze_all(c, node, f"{layer} {node.name} with a normalized shape that is not a constant")
         return
     same_axes(c, x, node.name, rank)
