@@ -8,6 +8,10 @@ pairs) keep the two copies equal, so each consumer sees ``U' h - U' h = 0``: the
 in eval and train mode. Concatenation, split and flatten are handled by the group layouts: new
 channels sit right after their own channel set, wherever it appears. Grouped convolutions grow by
 whole groups (the group count goes up), GroupNorm likewise.
+
+A normalised stream (a group read by LayerNorm/RMSNorm, ``WidthGroup.norms``) grows by whole copies
+only, ``d -> k*d`` (``r2r_fx.surgery.grow_stream``); other widths (mean channels) are refused with
+the reason.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from r2r_fx.errors import GrowthError
 from r2r_fx.methods import Method, get_method
 from r2r_fx.passbase import Pass, PassResult, copy_graph_module, make_generator
 from r2r_fx.record import AxisChange, GroupChange, GrowthRecord, ParamChange, append_record, replace_param
-from r2r_fx.surgery import axis_index, channel_sources, fix_widths, get_tensor, update_shapes
+from r2r_fx.surgery import axis_index, channel_sources, fix_widths, get_tensor, grow_stream, update_shapes
 
 __all__ = ["WidenPass", "plan_new_channels", "widen"]
 
@@ -61,6 +65,8 @@ def plan_new_channels(
             entry["reason"] = entry["reason"] or "not selected"
         elif g.widenable and method is not None and method.refuses(g):
             entry["reason"] = method.refuses(g)
+        elif g.widenable and g.norms:
+            _plan_stream(analysis, g, factor, extra, method, new_channels, entry)
         elif g.widenable:
             step = g.granularity
             per_set = {}
@@ -74,6 +80,27 @@ def plan_new_channels(
                 entry["reason"] = "nothing to add"
         report.append(GroupChange(**{**entry, "producers": tuple(g.producers), "consumers": tuple(g.consumers)}))
     return new_channels, report
+
+
+def _plan_stream(analysis, g, factor, extra, method, new_channels: dict[int, int], entry: dict) -> None:
+    """A normalised stream of ``d`` channels: ``(k-1)*d`` new channels for a whole ``k``, else refused."""
+    (a,) = g.channel_sets
+    d = analysis.set_width[a]
+    want = d * (factor - 1) if factor is not None else extra
+    e = int(math.ceil(round(want, 6)))
+    norms = ", ".join(g.norms[:3]) + (", ..." if len(g.norms) > 3 else "")
+    if method is not None and not method.supports_streams:
+        entry["reason"] = f"{method.name} has no fill for a normalised stream (normalised by {norms})"
+    elif e == 0:
+        entry["reason"] = "nothing to add"
+    elif e % d:
+        entry["reason"] = (
+            f"stream normalised by {norms}: grows by whole copies only ({d} -> {2 * d}, {3 * d}, ...); "
+            f"{d} -> {d + e} needs mean channels (not implemented)"
+        )
+    else:
+        new_channels[a] = e
+        entry.update(status="widened", reason="", width_after=d + e)
 
 
 def _select(analysis: Analysis, groups: Iterable[int | str] | None) -> set[int]:
@@ -106,18 +133,28 @@ def grow_parameters(
 ) -> list[ParamChange]:
     """Grow every bound parameter whose layout gains channels; returns what changed per parameter."""
     changes = []
-    sources = channel_sources(new_channels, analysis.set_width, generator)
+    streams = {a: e for a, e in new_channels.items() if e and a in analysis.stream_sets}
+    others = {a: e for a, e in new_channels.items() if a not in streams}
+    sources = channel_sources(others, analysis.set_width, generator)
     for param, axes in analysis.bound_params().items():
-        plan = []
+        plan, stream_plan = [], []
         for axis, layout, role in sorted(axes):
-            if any(new_channels.get(a) for a in layout.channel_sets()):
-                plan.append((axis, axis_index(layout, new_channels, sources), role))
-        if not plan:
+            sets = layout.channel_sets()
+            if any(a in streams for a in sets):  # plain layout: one channel set (checked by the analysis)
+                d = analysis.set_width[sets[0]]
+                stream_plan.append((axis, (d + streams[sets[0]]) // d, role, d))
+            elif any(others.get(a) for a in sets):
+                plan.append((axis, axis_index(layout, others, sources), role))
+        if not plan and not stream_plan:
             continue
         old = get_tensor(gm, param)
         with torch.no_grad():
-            new = method.grow(old, plan, generator)
+            new = method.grow(old, plan, generator) if plan else old.detach().clone()
+            for axis, k, role, _ in stream_plan:  # the group's constraint: copies, shared columns
+                new = grow_stream(new, axis, k, role, method, generator)
         axes = {axis: AxisChange(role, tuple(tuple(r) for r in idx.runs)) for axis, idx, role in plan}
+        for axis, _, role, d in stream_plan:  # old entries stay at 0..d-1; a reader's old columns change
+            axes[axis] = AxisChange(f"stream_{role}", ((0, 0, d),))
         changes += replace_param(gm, param, new, analysis.aliases(param), axes)  # recorded under each tied name
     return changes
 

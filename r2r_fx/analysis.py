@@ -12,8 +12,21 @@ flatten multiplies ``inner`` (each channel brings H*W features). Index maps stay
 is a handful of integers per channel set, never a per-channel list. Channel sets tied by equal-size
 splits form one :class:`WidthGroup`.
 
-Fail closed: a slot frozen by a rule (unknown op, model input/output, layer norm, ...) freezes
-every channel set in its layout, and the group records the first reason.
+Fail closed: a slot frozen by a rule (unknown op, model input/output, ...) freezes every channel
+set in its layout, and the group records the first reason.
+
+Normalised streams. A LayerNorm/RMSNorm over the last axis does not freeze its input: its rule
+calls ``normalize`` and the channel set it normalises becomes a *stream* (the group's ``norms``).
+A stream is a constraint on the fill, not only on the width: the norm's statistics read every channel,
+so R2R's new pairs ``[U; U]`` would change them (error 0.17). A stream of ``d`` channels grows only by
+whole copies, ``D = k*d``: every writer's rows, every per-channel value and every norm parameter is
+repeated ``k`` times and every reader's columns are split into ``k`` shares summing to the old column.
+Then the mean ``(1/kd) * k * sum x = mu`` and the variance (or mean square) are unchanged, so eps and
+gamma stay, the norm's output is ``k`` copies of the old one, and every reader sees ``sum_j W_j y = W y``.
+Copies survive any channel-wise op (activations, biases, residual adds, layer scales), so this holds
+pre-LN and post-LN alike. A stream must be one channel set with the plain layout (outer 1, one piece,
+inner 1) at every slot and parameter axis; anything else (LN over a concat, a flattened stream, ties
+to other channel sets) freezes it.
 """
 
 from __future__ import annotations
@@ -34,7 +47,7 @@ from r2r_fx.compat import has_forward_hooks
 from r2r_fx.graph import describe, tensor_shapes
 from r2r_fx.rules import Slot, freeze_all, rule_for
 
-__all__ = ["Analysis", "Binding", "Layout", "WidthGroup", "analyze", "hidden_weights", "width_groups"]
+__all__ = ["Analysis", "Binding", "Layout", "NormSite", "WidthGroup", "analyze", "hidden_weights", "width_groups"]
 
 
 ROLES = ("out", "in", "channel", "data")
@@ -49,6 +62,18 @@ class Binding:
     role: str  # "out": producer rows, "in": consumer columns, "channel": per-channel values,
     # "data": a parameter read as an activation (class token, positional embedding)
     node: str
+
+
+@dataclass(frozen=True)
+class NormSite:
+    """A normalisation over the last axis of ``in_slot`` (``kind``: "layer" or "rms") by node ``node``,
+    its output at ``out_slot``; ``affine`` says whether it scales by a weight."""
+
+    node: str
+    kind: str
+    in_slot: Slot
+    out_slot: Slot
+    affine: bool
 
 
 @dataclass(frozen=True)
@@ -83,9 +108,17 @@ class WidthGroup:
     granularity: int = 2
     widenable: bool = True
     reason: str = ""
+    norms: tuple[str, ...] = ()  # the norms reading this group: a normalised stream (grows by whole copies)
+
+    @property
+    def stream(self) -> bool:
+        """Whether the group is a normalised stream (see the module docstring)."""
+        return bool(self.norms)
 
     def __repr__(self) -> str:
         state = "widenable" if self.widenable else f"frozen: {self.reason}"
+        if self.norms:
+            state += f", stream normalised by {', '.join(self.norms)}"
         return (
             f"WidthGroup(id={self.id}, width={self.width}, producers={self.producers}, "
             f"consumers={self.consumers}, {state})"
@@ -142,6 +175,7 @@ class _Builder:
         self.frozen: dict[Slot, str] = {}
         self.granularities: list[tuple[Slot, int, str]] = []
         self.param_users: set[tuple[str, str]] = set()
+        self.norms: list[NormSite] = []
         # Qualified name -> submodule, gathered once rather than one get_submodule walk per lookup.
         self.modules: dict[str, torch.nn.Module] = dict(gm.named_modules(remove_duplicate=False))
         self._slots_seen: list[Slot] = []
@@ -185,6 +219,12 @@ class _Builder:
     def freeze(self, slot: Slot, reason: str) -> None:
         self._touch(slot)
         self.frozen.setdefault(slot, reason)
+
+    def normalize(self, x: Slot, out: Slot, node: torch.fx.Node, kind: str, affine: bool) -> None:
+        """``node`` normalises axis ``x`` (its statistics read every channel) into ``out``."""
+        assert kind in ("layer", "rms"), kind
+        self._touch(x, out)
+        self.norms.append(NormSite(node.name, kind, x, out, affine))
 
     def uses_param(self, get_attr: torch.fx.Node, user: torch.fx.Node) -> None:
         self.param_users.add((get_attr.name, user.name))
@@ -454,6 +494,8 @@ class Analysis:
                 for p in parts:
                     freeze_layout(self.layout(p), reason)
 
+        stream_sets = self._streams(slots_of, freeze_layout)
+
         # Role conflicts on one parameter axis (e.g. a weight tied between an embedding and a head).
         self.producers: dict[int, list[str]] = defaultdict(list)
         self.consumers: dict[int, list[str]] = defaultdict(list)
@@ -508,6 +550,9 @@ class Analysis:
                 reason = "no producer with parameters"
             if not reason and len({self.set_width[a] for a in channel_sets}) > 1:
                 reason = "tied channel sets of different widths"
+            norms = tuple(_unique(n for a in channel_sets for n in stream_sets.get(a, ())))
+            if not reason and norms and len(channel_sets) > 1:
+                reason = f"the stream normalised by {norms[0]} is tied to other channel sets (an equal split)"
             group = WidthGroup(
                 id=len(self.groups),
                 width=sum(self.set_width[a] for a in channel_sets),
@@ -518,10 +563,37 @@ class Analysis:
                 granularity=math.lcm(*(gran[a] for a in channel_sets)),
                 widenable=not reason,
                 reason=reason,
+                norms=norms,
             )
             for a in channel_sets:
                 self.group_of_set[a] = group.id
             self.groups.append(group)
+
+    def _streams(self, slots_of: dict[int, list[Slot]], freeze_layout) -> dict[int, tuple[str, ...]]:
+        """The channel sets normalised by a LayerNorm/RMSNorm (-> the norms' node names), kept in
+        ``self.stream_sets``. Fail closed: a norm over anything but one channel set with the plain layout,
+        and a stream reaching any slot or parameter axis in another layout, freeze what they touch."""
+        b = self._builder
+        found: dict[int, list[str]] = defaultdict(list)
+        for site in b.norms:
+            layout = self.layout(site.in_slot)
+            if not _plain(layout):
+                freeze_layout(layout, f"normalised over by {site.node} across a concatenation or a reshaped axis")
+                continue
+            found[layout.pieces[0][0]].append(site.node)
+        for a, norms in found.items():
+            for slot in slots_of.get(a, ()):
+                if not _plain(self.layout(slot)):
+                    reason = f"the stream normalised by {norms[0]} reaches {slot[0]} concatenated or reshaped"
+                    freeze_layout(self.layout(slot), reason)
+        for param, axis in b.bindings:
+            layout = self.layout((f"param:{param}", axis))
+            hit = [a for a in layout.channel_sets() if a in found]
+            if hit and not _plain(layout):
+                reason = f"parameter {param} axis {axis} reads the stream normalised by {found[hit[0]][0]} reshaped"
+                freeze_layout(layout, reason)
+        self.stream_sets: dict[int, tuple[str, ...]] = {a: tuple(_unique(n)) for a, n in found.items()}
+        return self.stream_sets
 
     def aliases(self, param: str) -> list[str]:
         """Every name under which the tensor bound as ``param`` is held (tied parameters)."""
@@ -543,6 +615,11 @@ def hidden_weights(module: torch.nn.Module) -> str:
         if has_forward_hooks(m):
             return "forward hooks (spectral_norm, weight_norm, ...), which may compute or change its weights"
     return ""
+
+
+def _plain(layout: Layout) -> bool:
+    """One channel set, one position per channel, no repeats: the only layout streams grow along."""
+    return layout.outer == 1 and len(layout.pieces) == 1 and layout.pieces[0][2] == 1
 
 
 def _unique(items) -> list[str]:

@@ -14,6 +14,12 @@ a gradient. Random values are uniform with the standard deviation of the layer's
 class tokens) are copied from randomly chosen existing channels, so they keep their range
 (running variances stay positive).
 
+Normalised streams (a width group under LayerNorm/RMSNorm, ``WidthGroup.norms``) grow by whole
+copies, filled by ``r2r_fx.surgery.grow_stream``: the constraint fixes the writers' rows and the
+per-channel values; a method chooses only ``split_stream``, how a reader's column ``W`` is shared among
+the ``k`` copies (the shares must add up to ``W``). A method without ``supports_streams`` is refused
+on such groups.
+
 Deepening (``block``; ``r2r_fx.passes.deepen`` finds the places and inserts the blocks): R2R's
 block (``R2R.block``) and the random baseline are residual ``x + z(x)``; Net2Net and NetMorph insert
 an identity layer, Net2DeeperNet's followed by a copy of the idempotent activation that made ``x``,
@@ -91,6 +97,7 @@ class Method:
     name = "base"
     exact = True
     takes_hidden = True  # whether ``block`` uses a requested hidden width
+    supports_streams = False  # whether ``split_stream`` is implemented (normalised streams)
 
     def __init__(self, *, init_scale: float | str = "match") -> None:
         self.scale_factor = 1.0 if init_scale == "match" else float(init_scale)
@@ -113,6 +120,12 @@ class Method:
 
     def block(self, site: BlockSite, hidden: int | None, generator: torch.Generator) -> Block:
         """The block to insert at ``site``; ``hidden`` is the requested hidden width (None: the method's)."""
+        raise NotImplementedError
+
+    def split_stream(self, tensor: torch.Tensor, axis: int, k: int, generator: torch.Generator) -> torch.Tensor:
+        """The ``k`` shares of a reader's columns of a normalised stream, stacked on a new first axis:
+        ``shares[j]`` is what copy ``j`` of each channel gets (``shares.sum(0) == tensor`` for an exact
+        method; ``tensor`` is the parameter, already grown along its other axes)."""
         raise NotImplementedError
 
     # -- helpers shared by methods
@@ -176,6 +189,13 @@ class R2R(Method):
     """R2WiderR: identical halves on producer axes, opposite halves on consumer axes."""
 
     name = "r2r"
+    supports_streams = True
+
+    def split_stream(self, tensor, axis, k, generator):
+        """``W/k + V_j - mean_j(V)``: zero-sum noise at the layer's scale breaks the copies' symmetry
+        (for ``k = 2`` the pair ``[W/2 + V, W/2 - V]``); the shares add up to ``W``."""
+        v = self._uniform((k, *tensor.shape), self._scale(tensor), tensor, generator)
+        return tensor.unsqueeze(0) / k + (v - v.mean(0, keepdim=True))
 
     def grow(self, tensor, axes, generator):
         with torch.no_grad():
@@ -209,6 +229,12 @@ class NetMorph(Method):
 
     name = "netmorph"
     takes_hidden = False
+    supports_streams = True
+
+    def split_stream(self, tensor, axis, k, generator):
+        """The old channel keeps ``W``, the new copies read nothing (columns 0)."""
+        zeros = torch.zeros((k - 1, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+        return torch.cat([tensor.unsqueeze(0), zeros])
 
     def grow(self, tensor, axes, generator):
         with torch.no_grad():
@@ -228,6 +254,12 @@ class RandomPad(Method):
 
     name = "random"
     exact = False
+    supports_streams = True
+
+    def split_stream(self, tensor, axis, k, generator):
+        """The old columns as they were, random columns for the copies (not preserving)."""
+        new = self._uniform((k - 1, *tensor.shape), self._scale(tensor), tensor, generator)
+        return torch.cat([tensor.unsqueeze(0), new])
 
     def grow(self, tensor, axes, generator):
         with torch.no_grad():
@@ -251,6 +283,12 @@ class Net2Net(Method):
 
     name = "net2net"
     takes_hidden = False
+    supports_streams = True
+
+    def split_stream(self, tensor, axis, k, generator):
+        """``W/k`` for every copy (Net2WiderNet's division by the replica count; ``noise`` is not applied
+        to streams: the copies stay exact and stay symmetric)."""
+        return (tensor / k).unsqueeze(0).expand(k, *tensor.shape).clone()
 
     def __init__(self, *, init_scale: float | str = "match", noise: float = 0.0) -> None:
         super().__init__(init_scale=init_scale)

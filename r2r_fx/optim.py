@@ -3,7 +3,10 @@ entries of every parameter and started fresh (zeros) for the new ones.
 
 The grown model's growth record (:mod:`r2r_fx.record`) says, per grown parameter and axis, where the old entries
 went; per-parameter state tensors of the parameter's shape (SGD momentum, Adam's ``exp_avg`` and
-``exp_avg_sq``) are grown the same way, other state (Adam's ``step``) is copied. Parameters that did
+``exp_avg_sq``) are grown the same way, other state (Adam's ``step``) is copied. A reader of a
+normalised stream grown by whole copies has each old column split into ``k`` shares that add up to
+it; the stream's copies are equal, so every share gets exactly the old column's gradient, and every
+share carries the old column's state. Parameters that did
 not exist before (inserted blocks) join the first parameter group with fresh state.
 """
 
@@ -38,6 +41,11 @@ def _grow_like(state: torch.Tensor, changes: list[ParamChange]) -> torch.Tensor:
                 indexing="ij",
             )
             target[grids] = state
+        for axis, info in change.axes.items():
+            if info.role == "stream_in":  # every share of a column gets the column's own gradient: its state
+                d = change.shape_before[axis]
+                for j in range(1, change.shape_after[axis] // d):
+                    target.narrow(axis, j * d, d).copy_(target.narrow(axis, 0, d))
         state = target
     return state
 

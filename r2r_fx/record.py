@@ -37,7 +37,11 @@ __all__ = [
 @dataclass(frozen=True)
 class AxisChange:
     """One grown axis of a parameter: its role (``out``, ``in``, ``channel``, ``kernel``) and where the
-    old entries sit, as runs ``(new_start, old_start, length)``."""
+    old entries sit, as runs ``(new_start, old_start, length)``.
+
+    On a normalised stream grown by whole copies the role is ``stream_<role>``: the old entries sit at
+    ``0..d-1`` and copy ``j`` at ``j*d..``; for ``stream_in`` (a reader's columns) the old positions
+    hold a share of the old column, not its value (the ``k`` shares add up to it)."""
 
     role: str
     old_runs: tuple[tuple[int, int, int], ...]

@@ -5,6 +5,10 @@ channel_set, the grown axis keeps each channel set's old entries in place and ap
 channels right after them, in two halves of ``e/2`` channels (R2R's pairs). :class:`AxisIndex`
 turns that into index tensors once; a :class:`~r2r_fx.methods.Method` decides the values.
 
+A normalised stream (``WidthGroup.norms``) grows differently, by whole copies (:func:`grow_stream`):
+the group's constraint, not the method, decides its writers, per-channel values and norm parameters;
+the method only chooses how each reader's column is shared among the copies.
+
 After the parameters, width-dependent constants are fixed: module attributes (``in_channels``,
 ``num_features``, ``groups``, ...) and int shape arguments of view/reshape/expand/split nodes.
 """
@@ -20,6 +24,7 @@ import torch.fx
 from torch import nn
 
 from r2r_fx.analysis import Analysis, Layout, hidden_weights
+from r2r_fx.errors import GrowthError
 from r2r_fx.graph import attr_at, shape_of, tensor_shapes
 from r2r_fx.rules import expand_ellipsis, fix_for
 
@@ -29,6 +34,7 @@ __all__ = [
     "axis_index",
     "fix_widths",
     "get_tensor",
+    "grow_stream",
     "new_width",
     "set_tensor",
     "update_shapes",
@@ -102,6 +108,36 @@ def axis_index(layout: Layout, new_channels: Mapping[int, int], sources: Mapping
         new_pos=torch.cat(news) if news else empty,
         new_source=torch.cat(news_src) if news_src else empty,
     )
+
+
+def grow_stream(t: torch.Tensor, axis: int, k: int, role: str, method, generator: torch.Generator) -> torch.Tensor:
+    """``t`` grown along ``axis`` (a normalised stream of ``d`` channels, plain layout) to ``k*d``.
+
+    Copy ``j`` of old channel ``i`` sits at ``j*d + i`` (copy 0 is the old channel, in place).
+
+    - Writers and per-channel values (roles ``out``, ``channel``, ``data``: embedding and projection
+      rows, biases, position embeddings, class tokens, LN/RMS weight and bias): ``k`` exact copies.
+      A stream ``x' = [x, ..., x]`` then has mean ``mu`` and variance (mean square) ``sigma^2``
+      unchanged (``kd/D = 1``), so eps and the norm weights stay as they are and the norm's output is
+      ``[y, ..., y]``.
+    - Readers (role ``in``): the old column ``W`` is split into shares ``W_0 .. W_{k-1}`` with
+      ``sum_j W_j = W`` (so ``sum_j W_j y = W y``), chosen by ``method.split_stream``
+      (R2R: ``W/k + V_j - mean(V)``, for ``k = 2`` the pair ``[W/2 + V, W/2 - V]``). The split is checked
+      here: an exact method whose shares do not add up to ``W`` is an error, not a changed model.
+    """
+    if k == 1:
+        return t
+    if role != "in":
+        return torch.cat([t] * k, dim=axis)
+    shares = method.split_stream(t, axis, k, generator)
+    if tuple(shares.shape) != (k, *t.shape):
+        raise GrowthError(f"{method.name}.split_stream returned shape {tuple(shares.shape)}, not {(k, *t.shape)}")
+    if method.exact:
+        total, scale = shares.sum(0), float(t.abs().max()) if t.numel() else 0.0
+        err = float((total - t).abs().max()) if t.numel() else 0.0
+        if not err <= 1e-5 * max(scale, float(shares.abs().max()) if shares.numel() else 0.0, 1e-30):
+            raise GrowthError(f"{method.name}.split_stream: the shares do not add up to the column (error {err:.3g})")
+    return torch.cat(list(shares.unbind(0)), dim=axis)
 
 
 def _merge_runs(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
@@ -230,6 +266,8 @@ def _fix_args(node: torch.fx.Node, width) -> None:
             node.kwargs = {**node.kwargs, "split_size": new}
     elif target is operator.getitem and shape_of(node.args[0]) is not None:
         _fix_full_slices(node, width)
+    elif name in ("layer_norm", "rms_norm") and out is not None:
+        _fix_norm_shape(node, width)
     elif name in ("conv1d", "conv2d", "conv3d", "convolution", "group_norm"):
         _fix_grouped(node, name, width)
     elif name == "slice" and out is not None:
@@ -242,6 +280,26 @@ def _fix_args(node: torch.fx.Node, width) -> None:
                 args = list(node.args)
                 args[3] = new
                 node.args = tuple(args)
+
+
+def _fix_norm_shape(node: torch.fx.Node, width) -> None:
+    """``layer_norm(x, (d,), ...)`` / ``rms_norm``: a constant normalized shape follows the grown last axis
+    (eps stays: a stream grows by whole copies, see ``grow_stream``)."""
+    x = node.args[0]
+    in_args = len(node.args) > 1
+    ns = node.args[1] if in_args else node.kwargs.get("normalized_shape")
+    shape = shape_of(x) if isinstance(x, torch.fx.Node) else None
+    single = isinstance(ns, int) or (isinstance(ns, (list, tuple)) and len(ns) == 1 and isinstance(ns[0], int))
+    if shape is None or not single:
+        return
+    new = width((x.name, len(shape) - 1))
+    if new is None:
+        return
+    value = new if isinstance(ns, int) else type(ns)([new])
+    if in_args:
+        node.args = (node.args[0], value, *node.args[2:])
+    else:
+        node.kwargs = {**node.kwargs, "normalized_shape": value}
 
 
 def _fix_full_slices(node: torch.fx.Node, width) -> None:

@@ -146,7 +146,7 @@ EXPECTED = {
                 "cls_token",
                 "pos_embed",
             ],
-            "normalised over",
+            None,  # a LayerNorm stream: grows by whole copies (tests/test_stream.py)
         ),
         (16, ["blocks_0_attn_q"], "reshape splits"),
         (16, ["blocks_0_attn_k"], "reshape splits"),

@@ -291,24 +291,67 @@ def _group_norm_function(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphMo
     _channel_norm(c, node, node.args[0], [_weight_arg(c, node, weight), _weight_arg(c, node, bias)], shape[1] // groups)
 
 
+def _norm_args(node: torch.fx.Node, module: nn.Module | None) -> tuple[Any, str, list[tuple[str, Any]]]:
+    """``(normalized_shape, kind, [(name, weight-or-bias argument)])`` of a layer/RMS norm call."""
+    if module is not None:
+        kind = "rms" if isinstance(module, nn.RMSNorm) else "layer"
+        params = [(n, getattr(module, n, None)) for n in ("weight", "bias")]
+        return tuple(module.normalized_shape), kind, [(f"{node.target}.{n}", p) for n, p in params if p is not None]
+    packet = getattr(node.target, "overloadpacket", node.target)
+    kind = "rms" if packet in (F.rms_norm, aten.rms_norm) else "layer"
+    names = ("weight",) if kind == "rms" else ("weight", "bias")
+    params = [(n, node_arg(node, 2 + i, n)) for i, n in enumerate(names)]
+    return node_arg(node, 1, "normalized_shape"), kind, [(n, a) for n, a in params if a is not None]
+
+
 @register_rule(nn.LayerNorm, nn.RMSNorm, F.layer_norm, F.rms_norm, aten.layer_norm, aten.rms_norm)
 def _layer_norm(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    """LayerNorm / RMSNorm over the last axis: a *stream* (``c.normalize``), its weight and bias one value
+    per channel; the analysis makes the stream grow by whole copies only (see ``r2r_fx.analysis``).
+    Norms over several axes, or with a normalized shape or weights that are not constants/parameters,
+    freeze their axes."""
     x = node.args[0]
     shape = shape_of(x)
-    if node.op == "call_module":
-        normalized = len(c.module(str(node.target)).normalized_shape)
-    else:
-        ns = node.args[1]
-        normalized = len(ns) if isinstance(ns, (list, tuple)) else 1
+    module = c.module(str(node.target)) if node.op == "call_module" else None
+    ns, kind, params = _norm_args(node, module)
+    layer = type(module).__name__ if module is not None else "layer_norm"
     if shape is None or shape_of(node) != shape:
         freeze_all(c, node, "layer norm without a static shape")
         return
     rank = len(shape)
-    layer = type(c.module(str(node.target))).__name__ if node.op == "call_module" else "layer_norm"
-    reason = f"normalised over by {layer} {node.name} (mean/variance would change)"
-    for a in range(rank - normalized, rank):
-        c.freeze((x.name, a), reason)
+    ns = (ns,) if isinstance(ns, int) else ns
+    # a size computed from the input (``x.shape[-1]``) follows it; torch checks it matches the input
+    if not isinstance(ns, (list, tuple)) or not all(isinstance(v, (int, torch.fx.Node)) for v in ns) or not ns:
+        freeze_all(c, node, f"{layer} {node.name} with a normalized shape that is not a constant")
+        return
     same_axes(c, x, node.name, rank)
+    last = rank - 1
+    names = [(n if module is not None else param_name(a), a) for n, a in params]
+    if len(ns) != 1 or any(n is None for n, _ in names):
+        reason = f"normalised over by {layer} {node.name} (mean/variance would change)"
+        if len(ns) == 1:
+            reason = f"{layer} {node.name} scales by a weight that is not a parameter"
+        for a in range(rank - len(ns), rank):
+            c.freeze((x.name, a), reason)
+        return
+    c.normalize((x.name, last), (node.name, last), node, kind, bool(params))
+    for name, arg in names:
+        if module is None:
+            c.uses_param(arg, node)
+        c.bind(name, 0, (node.name, last), "channel", node)
+
+
+def _fix_layer_norm(m: nn.Module, node: torch.fx.Node, width_of: WidthOf) -> None:
+    """``normalized_shape`` follows the grown last axis (eps and weights: see ``r2r_fx.surgery.grow_stream``)."""
+    x = node.args[0]
+    shape = shape_of(x) if isinstance(x, torch.fx.Node) else None
+    new = width_of((x.name, len(shape) - 1)) if shape else None
+    if new is not None and len(m.normalized_shape) == 1:
+        m.normalized_shape = (new,)
+
+
+register_layer(nn.LayerNorm, _layer_norm, _fix_layer_norm)
+register_layer(nn.RMSNorm, _layer_norm, _fix_layer_norm)
 
 
 @register_rule(aten.addmm)
