@@ -15,13 +15,12 @@ import r2r_fx
 from cli_models import small_cnn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)  # subprocesses import this checkout's r2r_fx, not whichever one is installed
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "r2r-rewrite")
 SHAPE = ["--input-shape", "2,3,16,16"]
 
 
 def run(*args: str, cwd: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE, ROOT])}
+    env = {**os.environ, "PYTHONPATH": HERE}
     return subprocess.run([SCRIPT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -134,7 +133,7 @@ def test_random_method_fails_verification_and_writes_nothing(files):
 
 def test_deepen_at_node_and_python_dash_m(files):
     point = json.loads(run("model.pt2", "--plan", "--json", cwd=files).stdout)["insertion_points"][0]["node"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE, ROOT])}
+    env = {**os.environ, "PYTHONPATH": HERE}
     proc = subprocess.run(
         [sys.executable, "-m", "r2r_fx", "model.pt2", "--deepen-at", point, "-o", "d.pt2"],
         cwd=files,

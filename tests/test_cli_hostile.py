@@ -28,12 +28,12 @@ from r2r_fx import cli, outputs
 from cli_models import other_cnn, small_cnn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)  # subprocesses import this checkout's r2r_fx, not whichever one is installed
+ROOT = os.path.dirname(HERE)
 TOOLS = os.path.join(ROOT, "tools")
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "r2r-rewrite")
 SHAPE = ["--input-shape", "2,3,16,16"]
 FACTORY = ["cli_models:small_cnn", *SHAPE]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE, TOOLS, ROOT])}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE, TOOLS])}
 
 
 class _Payload:
@@ -571,7 +571,7 @@ def test_console_script_exit_codes_and_imports_from_the_current_directory(files,
     (tmp_path / "mymodels.py").write_text("from cli_models import small_cnn as make\n")
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([HERE, ROOT]),
+        "PYTHONPATH": HERE,
     }  # cli_models importable; the current directory only by r2r-rewrite
     proc = _script("mymodels:make", *SHAPE, "--widen", "2", "--plan", cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
