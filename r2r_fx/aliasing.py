@@ -11,8 +11,9 @@ The block also makes ``x`` require grad. Where nothing before ``x`` does (no tra
 upstream: a frozen stem, the input side), in-place writes after it that autograd never saw in the
 original model become writes to tensors that require grad. On an output of ``split`` (a multi-output
 view) or on a tensor an earlier op may have saved for backward, autograd refuses them and the grown
-model fails in train mode; such an ``x`` is refused too (other writes, like ``relu_`` on a norm's
-output, are fine). Views,
+model fails in train mode, and so on a tensor whose producer keeps its own output for backward
+(``sigmoid``, ``tanh``, ``exp``: an op not known to be free of this is assumed to keep it); such an
+``x`` is refused too (other writes, like ``relu_`` on a norm's output, are fine). Views,
 in-place ops and eval-mode dropout put their output in their input's alias class; an op whose aliasing
 is not known from this table or from its ATen schema is assumed to allocate.
 """
@@ -171,15 +172,44 @@ def grad_starts_before_a_write(gm: torch.fx.GraphModule) -> dict[str, str]:
 _MULTI_VIEW = {"split", "chunk", "unbind", "tensor_split", "split_with_sizes"}
 # readers that keep nothing of their input for backward (or only its size)
 _NOT_SAVING = {"add", "sub", "neg", "cat", "concat", "clone", "contiguous", "size", "dim", "numel", "sym_size"}
+# producers whose backward does not keep their own output (relu, sigmoid, tanh, exp, softmax, ... do;
+# an op not listed here is assumed to keep it)
+_OUTPUT_NOT_SAVED = _NOT_SAVING | {
+    "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "convolution",
+    "_convolution", "linear", "addmm", "mm", "bmm", "matmul", "baddbmm", "mul", "div", "batch_norm",
+    "_native_batch_norm_legit", "_native_batch_norm_legit_no_training", "native_batch_norm",
+    "_native_batch_norm_legit_functional", "layer_norm", "native_layer_norm", "group_norm",
+    "native_group_norm", "instance_norm", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "mean", "sum", "embedding",
+    "gelu", "silu", "hardswish", "pad", "constant_pad_nd", "interpolate", "upsample_nearest2d",
+    "upsample_bilinear2d", "_to_copy", "zeros", "ones", "full", "zeros_like", "ones_like", "full_like",
+}  # fmt: skip
+_OUTPUT_NOT_SAVED_MODULES = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
+    nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d, nn.Embedding, nn.GELU, nn.SiLU, nn.Hardswish, nn.Upsample,
+)  # fmt: skip
+
+
+def _keeps_its_output(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
+    """Whether ``node``'s backward may keep the tensor it returns (then writing it in place breaks it)."""
+    if node.op in ("placeholder", "get_attr"):
+        return False
+    if node.op == "call_module":
+        return not isinstance(gm.get_submodule(str(node.target)), _OUTPUT_NOT_SAVED_MODULES + _VIEW_MODULES)
+    return _name(node) not in _OUTPUT_NOT_SAVED and not _may_alias_first_input(node, gm)
 
 
 def _tracked_write_fails(
     writer: torch.fx.Node, aliases: set[torch.fx.Node], order: dict[torch.fx.Node, int], gm: torch.fx.GraphModule
 ) -> bool:
     """Whether autograd would refuse ``writer``'s in-place write once the tensor requires grad: the memory
-    is an output of a multi-output view op (split, chunk, unbind), or an op read it earlier and may have
-    saved it for backward."""
+    is an output of a multi-output view op (split, chunk, unbind), its producer keeps its output for
+    backward (sigmoid, tanh, exp, ...), or an op read it earlier and may have saved it."""
     for member in aliases:
+        if not _writes_first_input(member, gm) and _keeps_its_output(member, gm):
+            return True
         if member.target is operator.getitem and isinstance(member.args[0], torch.fx.Node):
             if _name(member.args[0]) in _MULTI_VIEW:
                 return True

@@ -1044,3 +1044,35 @@ def test_prelu_slopes_grow_with_their_channels(via):
     would call widenable."""
     grown = grown_or_refused(_Slopes(), torch.randn(2, 3, 4, 5), widen(), via=via)
     assert grown is not None and widened_groups(grown) == 2
+
+
+class _SigmoidThenReluInPlace(nn.Module):
+    """Nothing before ``sigmoid`` requires grad; its output, which sigmoid keeps for backward, is later
+    written in place (fuzzer seed 16500223)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act, self.dw = nn.ReLU(inplace=True), nn.Conv2d(3, 3, 3, padding=1, groups=3)
+        self.head = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        h = torch.matmul(x, x.transpose(-1, -2)) * 0.25
+        return self.head(self.dw(self.act(h.sigmoid())))
+
+
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+def test_deepen_before_an_op_that_keeps_its_output_written_in_place_later(via):
+    model, x = _SigmoidThenReluInPlace(), torch.randn(2, 3, 5, 4)
+    gm = r2r_fx.capture(model, (x,), via=via)
+    points = {p.node for p in r2r_fx.insertion_points(gm)}
+    grown_anywhere = 0
+    for node in [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]:
+        try:
+            grown = r2r_fx.deepen(copy.deepcopy(gm), at=node, method="netmorph", seed=0, check=False)
+        except r2r_fx.R2RError:
+            assert node not in points, node
+            continue
+        grown_anywhere += 1
+        grown.train()
+        grown(x).sum().backward()  # raised "modified by an inplace operation" after matmul and mul
+    assert grown_anywhere >= 2 and not any(n.startswith(("matmul", "mul")) for n in points), points
