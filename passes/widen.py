@@ -60,6 +60,7 @@ def plan_new_channels(
             "consumers": g.consumers,
             "status": "skipped",
             "reason": g.reason,
+            "kind": g.kind,
         }
         if g.id not in chosen:
             entry["reason"] = entry["reason"] or "not selected"

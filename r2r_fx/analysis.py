@@ -109,16 +109,25 @@ class WidthGroup:
     widenable: bool = True
     reason: str = ""
     norms: tuple[str, ...] = ()  # the norms reading this group: a normalised stream (grows by whole copies)
+    heads: bool = False  # its channels are attention heads (each a block of head-size positions)
 
     @property
     def stream(self) -> bool:
         """Whether the group is a normalised stream (see the module docstring)."""
         return bool(self.norms)
 
+    @property
+    def kind(self) -> str:
+        """ "stream" (normalised residual stream), "heads" (attention heads) or "channels" (the rest:
+        MLP hidden widths, convolution channels)."""
+        return "stream" if self.norms else "heads" if self.heads else "channels"
+
     def __repr__(self) -> str:
         state = "widenable" if self.widenable else f"frozen: {self.reason}"
         if self.norms:
             state += f", stream normalised by {', '.join(self.norms)}"
+        elif self.heads:
+            state += ", attention heads"
         return (
             f"WidthGroup(id={self.id}, width={self.width}, producers={self.producers}, "
             f"consumers={self.consumers}, {state})"
@@ -176,6 +185,7 @@ class _Builder:
         self.granularities: list[tuple[Slot, int, str]] = []
         self.param_users: set[tuple[str, str]] = set()
         self.norms: list[NormSite] = []
+        self.head_slots: list[Slot] = []
         # Qualified name -> submodule, gathered once rather than one get_submodule walk per lookup.
         self.modules: dict[str, torch.nn.Module] = dict(gm.named_modules(remove_duplicate=False))
         self._slots_seen: list[Slot] = []
@@ -225,6 +235,11 @@ class _Builder:
         assert kind in ("layer", "rms"), kind
         self._touch(x, out)
         self.norms.append(NormSite(node.name, kind, x, out, affine))
+
+    def heads(self, slot: Slot, node: torch.fx.Node) -> None:
+        """``slot`` holds attention heads: a reshape splitting a channel axis into it grows along it."""
+        self._touch(slot)
+        self.head_slots.append(slot)
 
     def uses_param(self, get_attr: torch.fx.Node, user: torch.fx.Node) -> None:
         self.param_users.add((get_attr.name, user.name))
@@ -282,6 +297,7 @@ class Analysis:
         self.set_roots: list[Slot] = []
         self.set_width: list[int] = []
         self._bound_roots = {self._uf.find((f"param:{p}", a)) for (p, a) in b.bindings}
+        self._head_roots = self._heads()
         self._resolve()
 
     @property
@@ -448,9 +464,34 @@ class Analysis:
             return Layout(before * sub.outer, tuple((a, n, i * after) for a, n, i in sub.pieces))
         return self._set_layout(root)
 
+    def _heads(self) -> set[Slot]:
+        """The classes holding attention heads: those the rules named, and, through a reshape that makes
+        a head axis from several axes (``repeat_kv``: kv heads x group size; ``bmm``: batch x heads),
+        the one of them that is split from a projection's outputs (the kv heads, the heads)."""
+        find = self._uf.find
+        heads = {find(s) for s in self._builder.head_slots}
+        merges = [(find(whole), [find(m) for m in ms]) for whole, ms in self._builder.merges]
+        # projection outputs: bound classes, and the pieces a split cuts them into (GPT-2's packed qkv)
+        projected = set(self._bound_roots)
+        for whole, parts, _ in self._builder.concats:
+            if find(whole) in self._bound_roots:
+                projected.update(find(p) for p in parts)
+        split_from_projection = {r for whole, roots in merges if whole in projected for r in roots}
+        changed = True
+        while changed:
+            changed = False
+            for whole, roots in merges:
+                if whole not in heads or any(r in heads or r in self._bound_roots for r in roots):
+                    continue
+                elsewhere = [r for r in roots if r in split_from_projection]
+                if len(elsewhere) == 1:
+                    heads.add(elsewhere[0])
+                    changed = True
+        return heads
+
     def _width_bearing(self, slot: Slot) -> bool:
         root = self._uf.find(slot)
-        if root in self._bound_roots:
+        if root in self._bound_roots or root in self._head_roots:
             return True
         if root in self._concat_of:
             return any(self._width_bearing(p) for p in self._concat_of[root][0])
@@ -564,6 +605,7 @@ class Analysis:
                 widenable=not reason,
                 reason=reason,
                 norms=norms,
+                heads=any(self.set_roots[a] in self._head_roots for a in channel_sets),
             )
             for a in channel_sets:
                 self.group_of_set[a] = group.id

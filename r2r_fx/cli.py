@@ -489,7 +489,14 @@ def _print_plan(
     if args.json:
         plan = {
             "groups": [
-                {"id": g.id, "width": g.width, "producers": g.producers, "widenable": g.widenable, "reason": g.reason}
+                {
+                    "id": g.id,
+                    "width": g.width,
+                    "kind": g.kind,
+                    "producers": g.producers,
+                    "widenable": g.widenable,
+                    "reason": g.reason,
+                }
                 for g in groups
             ],
             "insertion_points": [
@@ -502,11 +509,12 @@ def _print_plan(
         print(json.dumps(plan, indent=2))
         return
     _say(args, "width groups:")
-    _say(args, f"  {'id':>4}  {'width':>6}  {'status':10}  producers / reason")
+    _say(args, f"  {'id':>4}  {'width':>6}  {'kind':8}  {'status':10}  producers / reason")
     for g in groups:
         status = "widenable" if g.widenable else "frozen"
         detail = ", ".join(g.producers[:4]) + (" ..." if len(g.producers) > 4 else "")
-        _say(args, f"  {g.id:>4}  {g.width:>6}  {status:10}  {detail}{'' if g.widenable else ' -- ' + g.reason}")
+        reason = "" if g.widenable else " -- " + g.reason
+        _say(args, f"  {g.id:>4}  {g.width:>6}  {g.kind:8}  {status:10}  {detail}{reason}")
     _say(args, "insertion points (* = default, one per stage):")
     for p in points:
         _say(args, f"  {'*' if p.default else ' '} {p.node:30s} {str(list(p.shape)):22s} {p.kind}")

@@ -68,6 +68,7 @@ class GroupChange:
     reason: str = ""
     producers: tuple[str, ...] = ()
     consumers: tuple[str, ...] = ()
+    kind: str = ""  # the group's kind: "stream", "heads" or "channels" (``WidthGroup.kind``)
 
 
 @dataclass(frozen=True)

@@ -148,15 +148,9 @@ EXPECTED = {
             ],
             None,  # a LayerNorm stream: grows by whole copies (tests/test_stream.py)
         ),
-        (16, ["blocks_0_attn_q"], "reshape splits"),
-        (16, ["blocks_0_attn_k"], "reshape splits"),
-        (16, ["blocks_0_attn_v"], "reshape splits"),
-        (16, [], "reshape splits"),
+        (2, ["blocks_0_attn_q", "blocks_0_attn_k", "blocks_0_attn_v"], None),  # heads (tests/test_heads.py)
         (32, ["blocks_0_fc1"], None),
-        (16, ["blocks_1_attn_q"], "reshape splits"),
-        (16, ["blocks_1_attn_k"], "reshape splits"),
-        (16, ["blocks_1_attn_v"], "reshape splits"),
-        (16, [], "reshape splits"),
+        (2, ["blocks_1_attn_q", "blocks_1_attn_k", "blocks_1_attn_v"], None),
         (32, ["blocks_1_fc1"], None),
         (10, ["head"], "model output"),
     ],

@@ -233,8 +233,11 @@ def test_mlp_hidden_width_is_widenable(name):
     groups = r2r_fx.width_groups(gm)
     mlp = [g for g in groups if g.widenable and g.width == INTERMEDIATE]
     assert len(mlp) == LAYERS, groups
-    # Query/key/value projections split into heads: frozen with that reason (heads are not widened yet).
-    assert any(not g.widenable and "reshape splits a channel axis" in g.reason for g in groups), groups
+    # Query/key/value projections split into heads: one group of heads per layer (Llama: its 2 kv
+    # heads, each with its 2 query heads), widenable.
+    heads = [g for g in groups if g.kind == "heads"]
+    assert [g.width for g in heads] == [2 if name == "llama" else HEADS] * LAYERS, groups
+    assert all(g.widenable for g in heads) and not any("reshape splits" in g.reason for g in groups), groups
     # The residual stream (normalised by LayerNorm): it grows by whole copies where nothing else holds
     # it (BERT's classifier); frozen where it is a model output (BERT's last hidden state), tied to the
     # LM head (GPT-2), or normalised by a decomposed RMSNorm (Llama).
@@ -248,10 +251,11 @@ def test_mlp_hidden_width_is_widenable(name):
     assert stream.width == HIDDEN and stream.widenable == (not expected_stream), stream
     assert expected_stream in stream.reason and (bool(stream.norms) == (name != "llama")), stream
     if name == "bert_classifier":  # pooler -> classifier and the stream as well
-        assert sum(g.widenable for g in groups) == LAYERS + 2, groups
+        assert sum(g.widenable for g in groups) == 2 * LAYERS + 2, groups
     grown = r2r_fx.widen(gm, factor=2.0, seed=0)
-    grown_mlp = [g for g in r2r_fx.width_groups(grown) if g.width == 2 * INTERMEDIATE]
-    assert len(grown_mlp) == LAYERS
+    grown_groups = r2r_fx.width_groups(grown)
+    assert len([g for g in grown_groups if g.width == 2 * INTERMEDIATE]) == LAYERS
+    assert [g.width for g in grown_groups if g.kind == "heads"] == [g.width * 2 for g in heads]
 
 
 @pytest.mark.parametrize("name", ["bert", "bert_classifier", "gpt2", "llama"])

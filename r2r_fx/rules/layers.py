@@ -4,7 +4,6 @@ fix-ups: which parameter axes index which channels."""
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -389,20 +388,7 @@ def _attention_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModul
     freeze_all(c, node, f"attention {node.name}: widening attention heads is not supported yet")
 
 
-@register_rule(
-    F.scaled_dot_product_attention,
-    aten.scaled_dot_product_attention,
-    torch.matmul,
-    torch.bmm,
-    aten.matmul,
-    aten.bmm,
-    aten.mm,
-    "method:matmul",
-    operator.matmul,
-    torch.einsum,
-    aten.baddbmm,
-    torch.baddbmm,
-)
+@register_rule(aten.mm, torch.einsum, aten.baddbmm, torch.baddbmm)
 def _contraction(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     freeze_all(c, node, f"{describe(node, gm)} contracts activations (attention-style products are not widened)")
 

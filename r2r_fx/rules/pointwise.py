@@ -214,10 +214,32 @@ def _metadata(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> No
     axes = _queried_axes(node, len(shape))
     if not axes:
         return
-    misuse = _number_use(node)
-    if misuse is not None:
-        for a in axes:
-            c.freeze((x.name, a), f"its size is used as a number by {misuse.name}")
+    for a, misuse in _misused_axes(node, axes, len(shape)).items():
+        c.freeze((x.name, a), f"its size is used as a number by {misuse.name}")
+
+
+def _misused_axes(node: torch.fx.Node, axes: list[int], rank: int) -> dict[int, torch.fx.Node]:
+    """Axis -> the first user treating its size as a number; ``x.shape[i]`` (an int index) reads axis i
+    only, any other use of the whole shape reads every queried axis."""
+    found: dict[int, torch.fx.Node] = {}
+    for user in node.users:
+        index = user.args[1] if user.target is operator.getitem and user.args[0] is node else None
+        if isinstance(index, int) and len(axes) == rank and -rank <= index < rank:
+            misuse, hit = _number_use(user), [positive_axis(index, rank)]
+        else:
+            misuse, hit = _number_use_of(user, node), axes
+        for a in hit if misuse is not None else ():
+            found.setdefault(a, misuse)
+    return found
+
+
+def _number_use_of(user: torch.fx.Node, node: torch.fx.Node) -> torch.fx.Node | None:
+    """Whether ``user`` (of the size query ``node``) treats a size as a number: ``_number_use`` for one user."""
+    if user.target is operator.getitem and user.args[0] is node:
+        return _number_use(user)
+    if user.target in _SHAPE_ARGUMENT_TARGETS and user.args and user.args[0] is not node:
+        return None
+    return user
 
 
 def _queried_axes(node: torch.fx.Node, rank: int) -> list[int]:
@@ -241,14 +263,9 @@ _SHAPE_ARGUMENT_TARGETS = ("view", "reshape", "expand", torch.reshape, aten.view
 def _number_use(node: torch.fx.Node) -> torch.fx.Node | None:
     """The first user that treats a size (or an element of a shape) as a number, or None."""
     for user in node.users:
-        if user.target is operator.getitem and user.args[0] is node:
-            found = _number_use(user)
-            if found is not None:
-                return found
-            continue
-        if user.target in _SHAPE_ARGUMENT_TARGETS and user.args and user.args[0] is not node:
-            continue
-        return user
+        found = _number_use_of(user, node)
+        if found is not None:
+            return found
     return None
 
 

@@ -244,12 +244,53 @@ def _shapes_of_a_view(c: Couplings, node: torch.fx.Node, what: str) -> tuple[tup
     return shape, out
 
 
+def _size_arguments(c: Couplings, node: torch.fx.Node, out: Sequence[int]) -> None:
+    """The sizes a view/reshape/expand is given: an int is rewritten when its axis grows, ``-1`` follows;
+    a size read from a tensor and passed on as it is grows with that tensor's axis (coupled to it); any
+    other computed size (``b * heads``) would keep its old factors, so its axis keeps its width."""
+    packet = getattr(node.target, "overloadpacket", None)
+    if node.op == "call_method" and node.target in ("view", "reshape", "expand") or node.target is torch.reshape:
+        dims = node.args[1:]
+    elif packet in (aten.view, aten.reshape, aten.expand, aten._unsafe_view, aten.view_copy):
+        dims = node.args[1:2]
+    else:
+        return
+    sizes = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else list(dims)
+    if len(sizes) != len(out):
+        return
+    for i, size in enumerate(sizes):
+        if not isinstance(size, torch.fx.Node):
+            continue
+        read = _size_read(size)
+        if read is not None and shape_of(read[0]) is not None and shape_of(read[0])[read[1]] == out[i]:
+            c.same((read[0].name, read[1]), (node.name, i))
+        else:
+            c.freeze((node.name, i), f"size computed at run time by {size.name}")
+
+
+def _size_read(size: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:
+    """``(tensor, axis)`` when ``size`` is ``t.shape[a]``, ``t.size(a)`` or ``sym_size(t, a)``."""
+    if size.target is operator.getitem and isinstance(size.args[0], torch.fx.Node) and isinstance(size.args[1], int):
+        query = size.args[0]
+        if query.target is getattr and query.args[1] == "shape" or (query.target == "size" and len(query.args) == 1):
+            t = query.args[0]
+            rank = len(shape_of(t) or ())
+            return (t, size.args[1] % rank) if rank and -rank <= size.args[1] < rank else None
+        return None
+    is_size = size.target == "size" or getattr(size.target, "overloadpacket", None) is aten.sym_size
+    if is_size and len(size.args) == 2 and isinstance(size.args[1], int) and isinstance(size.args[0], torch.fx.Node):
+        rank = len(shape_of(size.args[0]) or ())
+        return (size.args[0], size.args[1] % rank) if rank and -rank <= size.args[1] < rank else None
+    return None
+
+
 def _reshape(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     x = node.args[0]
     shapes = _shapes_of_a_view(c, node, "reshape")
     if shapes is None:
         return
     shape, out = shapes
+    _size_arguments(c, node, out)
     blocks = factor_reshape(shape, out)
     if blocks is None:
         freeze_all(c, node, f"{node.name} reshapes across several axes at once")
@@ -353,6 +394,7 @@ def _expand(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None
     if shapes is not None:
         shape, out = shapes
         broadcast_into(c, node.args[0], shape, node, out)
+        _size_arguments(c, node, out)
 
 
 @register_rule(torch.stack, aten.stack)
