@@ -114,6 +114,14 @@ def _select(analysis: Analysis, groups: Iterable[int | str] | None) -> set[int]:
                 raise GrowthError(f"unknown width group id {key}; valid ids are 0..{len(analysis.groups) - 1}")
             chosen.add(key)
             continue
+        if key.startswith("kind:"):  # every group of a kind: "kind:stream", "kind:heads", "kind:channels"
+            kinds = {g.kind for g in analysis.groups}
+            if key[5:] not in ("stream", "heads", "channels"):
+                raise GrowthError(f"unknown group kind {key[5:]!r}; kinds are stream, heads and channels")
+            chosen.update(g.id for g in analysis.groups if g.kind == key[5:])
+            if key[5:] not in kinds:
+                raise GrowthError(f"no width group is of kind {key[5:]!r}; this model has {', '.join(sorted(kinds))}")
+            continue
         targets = {n.name: str(n.target) for n in analysis.gm.graph.nodes}
         hits = [g.id for g in analysis.groups if key in g.producers or key in {targets[p] for p in g.producers}]
         if not hits:
@@ -221,6 +229,10 @@ def widen(
     **method_options: Any,
 ) -> torch.fx.GraphModule:
     """Return a widened copy of ``gm`` (``factor=2.0`` by default); the input is untouched.
+
+    ``groups`` picks what grows: width group ids, producer node names, or a kind, ``"kind:stream"``
+    (normalised residual streams), ``"kind:heads"`` (attention heads) or ``"kind:channels"`` (the
+    rest). Growing kinds by different factors is one call per kind.
 
     ``method``: a name ("r2r", the default; "net2net", "netmorph", or "random", the non-preserving
     baseline) or a :class:`~r2r_fx.methods.Method`; ``method_options`` go to its constructor

@@ -106,7 +106,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--inputs", help="example inputs saved with torch.save (a tensor or a tuple/list of tensors)")
     p.add_argument("--widen", metavar="FACTOR|+N", help="widen every widenable group by FACTOR > 1, or by +N channels")
-    p.add_argument("--groups", help="comma-separated width group ids (or producer names) to widen")
+    p.add_argument(
+        "--groups",
+        help="comma-separated width group ids, producer names or kinds to widen "
+        "(kind:stream, kind:heads, kind:channels)",
+    )
     p.add_argument("--deepen", type=int, metavar="N", help="insert N >= 1 residual blocks at each stage's end")
     p.add_argument("--deepen-at", action="append", default=[], metavar="NODE", help="insert after NODE (repeatable)")
     p.add_argument("--method", default="r2r", help="growth method: r2r (default), net2net, netmorph, random")

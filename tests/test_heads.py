@@ -280,3 +280,54 @@ def _rel_on(model, grown, x, train) -> float:
     with torch.no_grad():
         ref, got = model.train(train)(x), grown.train(train)(x)
     return float((ref - got).abs().max() / ref.abs().max())
+
+
+def test_groups_are_chosen_by_kind():
+    torch.manual_seed(0)
+    model = Net(depth=1).eval()
+    gm = r2r_fx.capture(model, (torch.randn(2, T, 8),))
+    kinds = {g.id: g.kind for g in r2r_fx.width_groups(gm)}
+    assert sorted(set(kinds.values())) == ["channels", "heads", "stream"], kinds
+    for kind in ("heads", "stream", "channels"):
+        grown = r2r_fx.widen(gm, groups=[f"kind:{kind}"], factor=2.0, seed=0)
+        widened = {g["id"] for g in grown.meta["r2r_record"][-1]["groups"] if g["status"] == "widened"}
+        expected = {i for i, k in kinds.items() if k == kind and r2r_fx.width_groups(gm)[i].widenable}
+        assert widened == expected and widened, (kind, widened)
+        assert _rel(model, grown, False) <= RTOL
+    with pytest.raises(r2r_fx.GrowthError, match="unknown group kind"):
+        r2r_fx.widen(gm, groups=["kind:mlp"], factor=2.0)
+    plain = r2r_fx.capture(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)), (torch.randn(2, 8),))
+    with pytest.raises(r2r_fx.GrowthError, match="no width group is of kind 'heads'"):
+        r2r_fx.widen(plain, groups=["kind:heads"], factor=2.0)
+
+
+class _WindowAttention(nn.Module):
+    """Swin-like: cyclic shift (roll), zero-width padding of the channel axis, and a relative-position
+    bias table (a parameter with one column per head) looked up by an index buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.o = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.table = nn.Parameter(torch.randn(2 * T - 1, HEADS))
+        pos = torch.arange(T)
+        self.register_buffer("rel", (pos[:, None] - pos[None, :] + T - 1).flatten())
+
+    def forward(self, x):
+        b = x.shape[0]
+        x = F.pad(torch.roll(x, shifts=1, dims=1), (0, 0, 0, 0))
+        q, k, v = self.qkv(x).reshape(b, T, 3, HEADS, D // HEADS).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.table[self.rel].view(T, T, HEADS).permute(2, 0, 1)
+        y = torch.softmax(q @ k.transpose(-2, -1) * (D // HEADS) ** -0.5 + bias, -1) @ v
+        return self.o(torch.roll(y.transpose(1, 2).reshape(b, T, D), shifts=-1, dims=1))
+
+
+def test_window_attention_with_a_relative_position_table():
+    torch.manual_seed(0)
+    m = _WindowAttention().eval()
+    gm = r2r_fx.capture(m, (torch.randn(2, T, D),), via="export")
+    groups = r2r_fx.width_groups(gm)
+    assert not any("unsupported op" in g.reason or "padded axis" in g.reason for g in groups), groups
+    grown = r2r_fx.widen(gm, factor=2.0, seed=0, check=False)
+    assert grown.get_parameter("table").shape[1] == 2 * HEADS or not any(g.kind == "heads" for g in groups)
+    for train in (False, True):
+        assert _rel_on(m, grown, torch.randn(3, T, D), train) <= RTOL

@@ -125,11 +125,12 @@ def _pad(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     if shape is None or not isinstance(pad, (list, tuple)):
         freeze_all(c, node, "padding without static sizes")
         return
-    padded_axes = len(pad) // 2  # pads the last axes, last axis first
     rank = len(shape)
+    # pads the last axes, last axis first; a (0, 0) pair leaves its axis as it is (Swin pads H and W only)
+    padded = {rank - 1 - i for i in range(len(pad) // 2) if not (pad[2 * i] == 0 and pad[2 * i + 1] == 0)}
     out = shape_of(node)
     for a in range(rank):
-        if a >= rank - padded_axes:
+        if a in padded:
             c.freeze((x.name, a), "padded axis")
             c.freeze((node.name, a), "padded axis")
         elif out is not None and out[a] == shape[a]:

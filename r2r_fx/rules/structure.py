@@ -72,7 +72,24 @@ register_rule(torch.split, "method:split", aten.split, aten.split_with_sizes)(
 register_rule(torch.chunk, "method:chunk", aten.chunk)(lambda c, node, gm: _split(c, node, gm, chunked=True))
 
 
-@register_rule(torch.tensor_split, torch.unbind, "method:unbind", "method:tensor_split", aten.unbind)
+@register_rule(torch.unbind, "method:unbind", aten.unbind)
+def _unbind(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    """``unbind(x, dim)``: one output per index of ``dim`` (which keeps its size), the other axes shared
+    (timm's ``q, k, v = qkv.unbind(0)``)."""
+    x, dim = node.args[0], node_arg(node, 1, "dim", 0)
+    shape, outs = shape_of(x), tensor_shapes(node)
+    if shape is None or not outs or not isinstance(dim, int) or len(outs) != shape[positive_axis(dim, len(shape))]:
+        freeze_all(c, node, f"{describe(node, gm)} without static shapes")
+        return
+    dim = positive_axis(dim, len(shape))
+    c.freeze((x.name, dim), f"unbound by {node.name}")
+    for out_name, _ in outs:
+        for a in range(len(shape)):
+            if a != dim:
+                c.same((x.name, a), (out_name, a if a < dim else a - 1))
+
+
+@register_rule(torch.tensor_split, "method:tensor_split")
 def _unsupported_split(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     freeze_all(c, node, f"{describe(node, gm)} is not supported")
 
@@ -409,3 +426,48 @@ def _stack(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
         for a in range(len(out) - 1):
             c.same((t.name, a), (node.name, a if a < dim else a + 1))
     c.freeze((node.name, dim), f"stacked axis of {node.name}")
+
+
+@register_rule(torch.roll, "method:roll", aten.roll)
+def _roll(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    """``roll(x, shifts, dims)`` moves entries along ``dims`` only (Swin's shifted windows)."""
+    x, dims = node.args[0], node_arg(node, 2, "dims")
+    shape = shape_of(x)
+    dims = [dims] if isinstance(dims, int) else dims
+    if shape is None or not dims or not all(isinstance(d, int) for d in dims):
+        freeze_all(c, node, f"{describe(node, gm)} over the flattened tensor or computed axes")
+        return
+    rolled = {positive_axis(d, len(shape)) for d in dims}
+    for a in range(len(shape)):
+        if a in rolled:
+            c.freeze((x.name, a), f"rolled by {node.name}")
+            c.freeze((node.name, a), f"rolled by {node.name}")
+        else:
+            c.same((x.name, a), (node.name, a))
+
+
+@register_rule(aten.index)
+def _gather(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    """``x[..., idx, ...]`` with one index tensor (a relative-position table looked up by a buffer):
+    the indexed axis is replaced by the index's axes, the others keep their channels."""
+    x, indices = node.args[0], node_arg(node, 1, "indices")
+    shape, out = shape_of(x), shape_of(node)
+    tensors = [i for i, t in enumerate(indices or ()) if t is not None]
+    if shape is None or out is None or len(tensors) != 1 or shape_of(indices[tensors[0]]) is None:
+        freeze_all(c, node, f"{describe(node, gm)} with several or unknown index tensors")
+        return
+    k, index = tensors[0], indices[tensors[0]]
+    extra = len(shape_of(index))
+    if len(out) != len(shape) - 1 + extra:
+        freeze_all(c, node, f"{describe(node, gm)} with an unexpected output shape")
+        return
+    for a in range(len(shape)):
+        if a < k:
+            c.same((x.name, a), (node.name, a))
+        elif a > k:
+            c.same((x.name, a), (node.name, a - 1 + extra))
+    c.freeze((x.name, k), f"indexed by {node.name}")
+    for a in range(k, k + extra):
+        c.freeze((node.name, a), f"indexed by {node.name}")
+    for a in range(extra):
+        c.freeze((index.name, a), f"index of {node.name}")
