@@ -1,6 +1,7 @@
 """Normalised residual streams (issue 17, first slice): a stream read by LayerNorm/RMSNorm grows by
-whole copies (``d -> k*d``), exactly, in pre-LN and post-LN models; other widths are refused with the
-reason; readers' columns are split with R2R's zero-sum noise so every new weight gets a gradient.
+whole copies (``d -> k*d``), exactly, in pre-LN and post-LN models; other widths of a post-LN stream
+are refused with the reason (mean channels: tests/test_stream_tail.py); readers' columns are split
+with R2R's zero-sum noise so every new weight gets a gradient.
 
 The models are defined here. Errors are relative, max|delta| / max|y|, on fresh random inputs.
 """
@@ -236,14 +237,17 @@ def test_copies_separate_under_r2r_not_net2net():
     assert gaps["net2net"] < 1e-5 < 0.01 < gaps["r2r"], gaps
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_non_integer_stream_is_refused(name):
-    model, inputs, _ = MODELS[name]()
+def test_non_integer_post_ln_stream_is_refused():
+    """Post-LN: the output of a norm (tail 0) becomes the stream the next norm reads, so only whole
+    copies are exact; pre-LN streams take mean channels (tests/test_stream_tail.py)."""
+    model, inputs, _ = _post_ln()
     gm = r2r_fx.capture(model, inputs)
     stream = _stream(gm)
+    assert stream.integer_only.startswith("post-LN"), stream.integer_only
     grown = r2r_fx.widen(gm, factor=1.5, seed=0)
     (change,) = [g for g in growth_history(grown)[-1].groups if g.id == stream.id]
     assert change.status == "skipped" and "whole copies" in change.reason and "16 -> 24" in change.reason
+    assert "post-LN" in change.reason and change.width_after == 16
     assert _rel(grown(*inputs), gm(*inputs)) <= RTOL  # the rest (MLP hidden) still grew exactly
 
 
