@@ -302,18 +302,24 @@ def test_layer_norm_over_two_axes_stays_frozen():
     assert not group.widenable and "normalised over" in group.reason and not group.norms
 
 
+def trained_adam(gm, fresh, steps: int = 3) -> torch.optim.Adam:
+    """An Adam optimizer over ``gm`` after ``steps`` training steps on fresh inputs (``gm`` left in eval)."""
+    gm.train()
+    optimizer = torch.optim.Adam(gm.parameters(), lr=1e-3)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        gm(*fresh()).square().mean().backward()
+        optimizer.step()
+    gm.eval()
+    return optimizer
+
+
 def test_optimizer_state_of_a_stream_reader_is_carried_to_every_share():
     """Every share of a reader's column gets the old column's gradient (the copies are equal), so each
     carries the old column's Adam moments; a writer's copy 0 keeps its state, the new copies start at 0."""
     model, inputs, fresh = _vit()
     gm = r2r_fx.capture(model, inputs)
-    gm.train()
-    optimizer = torch.optim.Adam(gm.parameters(), lr=1e-3)
-    for _ in range(3):
-        optimizer.zero_grad()
-        gm(*fresh()).square().mean().backward()
-        optimizer.step()
-    gm.eval()
+    optimizer = trained_adam(gm, fresh)
     grown = r2r_fx.widen(gm, factor=2.0, seed=0)
     carried = r2r_fx.carry_optimizer(optimizer, gm, grown)
     old_state = {name: optimizer.state[p] for name, p in gm.named_parameters()}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_stream import ONNX_RTOL, RTOL, Attention, _independent_error, _rel
+from test_stream import ONNX_RTOL, RTOL, Attention, _independent_error, _rel, trained_adam
 from torch import nn
 
 import r2r_fx
@@ -148,6 +148,7 @@ def test_mean_channels_in_float64(kind):
     gm = r2r_fx.capture(model, inputs)
     for width in WIDTHS:
         grown = r2r_fx.widen(gm, factor=width / D, seed=0)
+        assert _stream(grown).width == width
         x = _ids(4)
         with torch.no_grad():
             assert _rel(grown(*x), model(*x)) <= 1e-12, (kind, width)
@@ -192,7 +193,7 @@ def test_other_methods_fill_zero_tail_columns(method):
     gm = r2r_fx.capture(model, inputs)
     for width in (96, 200):
         grown = r2r_fx.widen(gm, factor=width / D, method=method, seed=0)
-        assert growth_history(grown)[-1].exact is True
+        assert growth_history(grown)[-1].exact is True and _stream(grown).width == width
         assert _independent_error(model, grown, fresh, False) <= RTOL
         for reader in (grown.head, grown.probe, grown.get_submodule("blocks.0.fc1")):
             assert not reader.weight[:, 3 * D if width == 200 else D :].any()
@@ -229,13 +230,7 @@ def test_record_says_copies_tail_and_changed_entries():
 def test_optimizer_state_of_rescaled_norm_weights_starts_afresh():
     model, inputs, fresh = _case()
     gm = r2r_fx.capture(model, inputs)
-    gm.train()
-    optimizer = torch.optim.Adam(gm.parameters(), lr=1e-3)
-    for _ in range(3):
-        optimizer.zero_grad()
-        gm(*fresh()).square().mean().backward()
-        optimizer.step()
-    gm.eval()
+    optimizer = trained_adam(gm, fresh)
     grown = r2r_fx.widen(gm, factor=96 / D, seed=0)
     carried = r2r_fx.carry_optimizer(optimizer, gm, grown)
     old = {n: optimizer.state[p] for n, p in gm.named_parameters()}
