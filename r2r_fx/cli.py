@@ -489,7 +489,14 @@ def _print_plan(
     if args.json:
         plan = {
             "groups": [
-                {"id": g.id, "width": g.width, "producers": g.producers, "widenable": g.widenable, "reason": g.reason}
+                {
+                    "id": g.id,
+                    "width": g.width,
+                    "producers": g.producers,
+                    "widenable": g.widenable,
+                    "reason": g.reason,
+                    "integer_only": g.integer_only,  # a stream that only whole copies keep exact: why
+                }
                 for g in groups
             ],
             "insertion_points": [
@@ -506,7 +513,8 @@ def _print_plan(
     for g in groups:
         status = "widenable" if g.widenable else "frozen"
         detail = ", ".join(g.producers[:4]) + (" ..." if len(g.producers) > 4 else "")
-        _say(args, f"  {g.id:>4}  {g.width:>6}  {status:10}  {detail}{'' if g.widenable else ' -- ' + g.reason}")
+        why = g.reason if not g.widenable else f"whole copies only: {g.integer_only}" if g.integer_only else ""
+        _say(args, f"  {g.id:>4}  {g.width:>6}  {status:10}  {detail}{' -- ' + why if why else ''}")
     _say(args, "insertion points (* = default, one per stage):")
     for p in points:
         _say(args, f"  {'*' if p.default else ' '} {p.node:30s} {str(list(p.shape)):22s} {p.kind}")

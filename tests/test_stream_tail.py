@@ -266,7 +266,7 @@ def test_per_channel_op_on_the_stream_allows_whole_copies_only(stream_op, op):
     model, inputs, fresh = _case(stream_op=stream_op)
     gm = r2r_fx.capture(model, inputs)
     stream = _stream(gm)
-    assert stream.widenable and op in stream.integer_only, stream
+    assert stream.widenable and op in stream.integer_only and "whole copies only" in repr(stream), stream
     grown = r2r_fx.widen(gm, factor=1.5, seed=0)
     change = _change(grown, stream)
     assert change.status == "skipped" and change.width_after == D and "whole copies" in change.reason
