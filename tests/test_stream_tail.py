@@ -319,3 +319,15 @@ def test_bert_is_post_ln(name):
     assert _change(doubled, stream).status == "widened"
     report = r2r_fx.verify(model, doubled, inputs)
     assert report.ok and report.max_rel_error <= RTOL, report
+
+
+def test_norm_without_weight_allows_whole_copies_only():
+    """No gamma to rescale by sqrt(kd/D): the copies' statistics would change."""
+    model, inputs, fresh = _case()
+    model.norm = nn.LayerNorm(D, elementwise_affine=False)
+    gm = r2r_fx.capture(model, inputs)
+    stream = _stream(gm)
+    assert "no weight to rescale" in stream.integer_only, stream
+    assert _change(r2r_fx.widen(gm, factor=1.5, seed=0), stream).status == "skipped"
+    doubled = r2r_fx.widen(gm, factor=2.0, seed=0)
+    assert _independent_error(model, doubled, fresh, False) <= RTOL
