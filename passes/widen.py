@@ -9,9 +9,12 @@ in eval and train mode. Concatenation, split and flatten are handled by the grou
 channels sit right after their own channel set, wherever it appears. Grouped convolutions grow by
 whole groups (the group count goes up), GroupNorm likewise.
 
-A normalised stream (a group read by LayerNorm/RMSNorm, ``WidthGroup.norms``) grows by whole copies
-only, ``d -> k*d`` (``r2r_fx.surgery.grow_stream``); other widths (mean channels) are refused with
-the reason.
+A normalised stream (a group read by LayerNorm/RMSNorm, ``WidthGroup.norms``) of ``d`` channels
+grows to ``D = k*d + r``: ``k`` whole copies and ``r`` mean channels (the mean of every writer's rows,
+or zero rows under RMSNorm), with the norms' gamma and eps rescaled by ``kd/D`` so that their outputs'
+copies are unchanged and their tails 0 (``r2r_fx.streams``, ``r2r_fx.surgery.grow_stream``). Where
+the graph breaks the tail (post-LN, an activation or layer scale on the stream, ...) the group is
+``integer_only`` and ``r > 0`` is refused with that reason.
 """
 
 from __future__ import annotations
@@ -84,24 +87,26 @@ def plan_new_channels(
 
 
 def _plan_stream(analysis, g, factor, extra, method, new_channels: dict[int, int], entry: dict) -> None:
-    """A normalised stream of ``d`` channels: ``(k-1)*d`` new channels for a whole ``k``, else refused."""
+    """A normalised stream of ``d`` channels grows to ``D = k*d + r``; ``r > 0`` (mean channels) only
+    where the analysis found the tail exact (``g.integer_only`` empty), else refused with its reason."""
     (a,) = g.channel_sets
     d = analysis.set_width[a]
     want = d * (factor - 1) if factor is not None else extra
     e = int(math.ceil(round(want, 6)))
+    k, r = divmod(d + e, d)
     norms = ", ".join(g.norms[:3]) + (", ..." if len(g.norms) > 3 else "")
     if method is not None and not method.supports_streams:
         entry["reason"] = f"{method.name} has no fill for a normalised stream (normalised by {norms})"
     elif e == 0:
         entry["reason"] = "nothing to add"
-    elif e % d:
+    elif r and g.integer_only:
         entry["reason"] = (
-            f"stream normalised by {norms}: grows by whole copies only ({d} -> {2 * d}, {3 * d}, ...); "
-            f"{d} -> {d + e} needs mean channels (not implemented)"
+            f"stream normalised by {norms}: {d} -> {d + e} needs mean channels, not exact here ({g.integer_only});"
+            f" it grows by whole copies only ({d} -> {2 * d}, {3 * d}, ...)"
         )
     else:
         new_channels[a] = e
-        entry.update(status="widened", reason="", width_after=d + e)
+        entry.update(status="widened", reason="", width_after=d + e, k=k, r=r)
 
 
 def _select(analysis: Analysis, groups: Iterable[int | str] | None) -> set[int]:
@@ -150,8 +155,11 @@ def grow_parameters(
         for axis, layout, role in sorted(axes):
             sets = layout.channel_sets()
             if any(a in streams for a in sets):  # plain layout: one channel set (checked by the analysis)
-                d = analysis.set_width[sets[0]]
-                stream_plan.append((axis, (d + streams[sets[0]]) // d, role, d))
+                d, forms = analysis.set_width[sets[0]], analysis.stream_forms[sets[0]]
+                k, r = divmod(d + streams[sets[0]], d)
+                fill = _stream_fill(param, role, forms)
+                read = forms.reads.get((param, axis), "zero")
+                stream_plan.append((axis, k, r, role, fill, forms.tail, read, d))
             elif any(others.get(a) for a in sets):
                 plan.append((axis, axis_index(layout, others, sources), role))
         if not plan and not stream_plan:
@@ -159,13 +167,23 @@ def grow_parameters(
         old = get_tensor(gm, param)
         with torch.no_grad():
             new = method.grow(old, plan, generator) if plan else old.detach().clone()
-            for axis, k, role, _ in stream_plan:  # the group's constraint: copies, shared columns
-                new = grow_stream(new, axis, k, role, method, generator)
+            for axis, k, r, _, fill, tail, read, _ in stream_plan:  # the group's constraint
+                new = grow_stream(new, axis, k, fill, method, generator, r=r, tail=tail, read=read)
         axes = {axis: AxisChange(role, tuple(tuple(r) for r in idx.runs)) for axis, idx, role in plan}
-        for axis, _, role, d in stream_plan:  # old entries stay at 0..d-1; a reader's old columns change
-            axes[axis] = AxisChange(f"stream_{role}", ((0, 0, d),))
+        for axis, k, r, role, fill, _, _, d in stream_plan:  # old entries stay at 0..d-1
+            changed = (fill == "in" and k > 1) or (fill == "norm_weight" and r > 0)  # W/k shares, gamma*s
+            axes[axis] = AxisChange(f"stream_{role}", ((0, 0, d),), old_changed=changed)
         changes += replace_param(gm, param, new, analysis.aliases(param), axes)  # recorded under each tied name
     return changes
+
+
+def _stream_fill(param: str, role: str, forms) -> str:
+    """How a stream axis of ``param`` is filled (``grow_stream``): its binding role, or the norm's own."""
+    if role == "channel" and param in forms.norm_weights:
+        return "norm_weight"
+    if role == "channel" and param in forms.norm_biases:
+        return "norm_bias"
+    return role
 
 
 class WidenPass(Pass):

@@ -18,15 +18,15 @@ set in its layout, and the group records the first reason.
 Normalised streams. A LayerNorm/RMSNorm over the last axis does not freeze its input: its rule
 calls ``normalize`` and the channel set it normalises becomes a *stream* (the group's ``norms``).
 A stream is a constraint on the fill, not only on the width: the norm's statistics read every channel,
-so R2R's new pairs ``[U; U]`` would change them (error 0.17). A stream of ``d`` channels grows only by
-whole copies, ``D = k*d``: every writer's rows, every per-channel value and every norm parameter is
-repeated ``k`` times and every reader's columns are split into ``k`` shares summing to the old column.
-Then the mean ``(1/kd) * k * sum x = mu`` and the variance (or mean square) are unchanged, so eps and
-gamma stay, the norm's output is ``k`` copies of the old one, and every reader sees ``sum_j W_j y = W y``.
-Copies survive any channel-wise op (activations, biases, residual adds, layer scales), so this holds
-pre-LN and post-LN alike. A stream must be one channel set with the plain layout (outer 1, one piece,
-inner 1) at every slot and parameter axis; anything else (LN over a concat, a flattened stream, ties
-to other channel sets) freezes it.
+so R2R's new pairs ``[U; U]`` would change them (error 0.17). A stream of ``d`` channels grows to
+``D = k*d + r``: ``k`` copies of every writer's rows, per-channel value and norm parameter, readers'
+columns split into ``k`` shares summing to the old column (then mean and variance are unchanged), and,
+when ``r > 0``, ``r`` *mean channels* whose exactness the graph decides (:mod:`r2r_fx.streams`: the
+group's ``integer_only`` says why only whole copies are exact, e.g. post-LN or an activation on the
+stream). Copies survive any channel-wise op, so ``r = 0`` holds pre-LN and post-LN alike. A stream
+must be one channel set with the plain layout (outer 1, one piece, inner 1) at every slot and
+parameter axis; anything else (LN over a concat, a flattened stream, ties to other channel sets)
+freezes it.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from r2r_fx import rules as _rules
 from r2r_fx.compat import has_forward_hooks
 from r2r_fx.graph import describe, tensor_shapes
 from r2r_fx.rules import Slot, freeze_all, rule_for
+from r2r_fx.streams import StreamForms, stream_forms
 
 __all__ = ["Analysis", "Binding", "Layout", "NormSite", "WidthGroup", "analyze", "hidden_weights", "width_groups"]
 
@@ -108,7 +109,8 @@ class WidthGroup:
     granularity: int = 2
     widenable: bool = True
     reason: str = ""
-    norms: tuple[str, ...] = ()  # the norms reading this group: a normalised stream (grows by whole copies)
+    norms: tuple[str, ...] = ()  # the norms reading this group: a normalised stream (r2r_fx.streams)
+    integer_only: str = ""  # a stream that only whole copies keep exact: why (r2r_fx.streams)
     heads: bool = False  # its channels are attention heads (each a block of head-size positions)
 
     @property
@@ -128,6 +130,8 @@ class WidthGroup:
             state += f", stream normalised by {', '.join(self.norms)}"
         elif self.heads:
             state += ", attention heads"
+        if self.integer_only:
+            state += f", whole copies only: {self.integer_only}"
         return (
             f"WidthGroup(id={self.id}, width={self.width}, producers={self.producers}, "
             f"consumers={self.consumers}, {state})"
@@ -281,7 +285,7 @@ class Analysis:
 
     Read it through ``groups`` (the :class:`WidthGroup` list), ``layout(slot)``, ``size(slot)``,
     ``same_channels(a, b)``, ``group_of(channel_set)``, ``set_width[channel_set]``, ``bound_params()``,
-    ``aliases(param)`` and ``coupling_graph``; everything else is private."""
+    ``aliases(param)``, ``stream_forms[channel_set]`` and ``coupling_graph``; everything else is private."""
 
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         self.gm = gm
@@ -582,6 +586,7 @@ class Analysis:
 
         self.groups: list[WidthGroup] = []
         self.group_of_set: dict[int, int] = {}
+        self.stream_forms: dict[int, StreamForms] = {}  # channel set -> what its tail needs
         for component in sorted(nx.connected_components(ties), key=min):
             channel_sets = sorted(component)
             if not layer_sets.intersection(channel_sets):
@@ -609,6 +614,9 @@ class Analysis:
             )
             for a in channel_sets:
                 self.group_of_set[a] = group.id
+            if norms and group.widenable:
+                forms = self.stream_forms[channel_sets[0]] = stream_forms(self, b, group)
+                group.integer_only = forms.integer_only
             self.groups.append(group)
 
     def _streams(self, slots_of: dict[int, list[Slot]], freeze_layout) -> dict[int, tuple[str, ...]]:

@@ -500,6 +500,7 @@ def _print_plan(
                     "producers": g.producers,
                     "widenable": g.widenable,
                     "reason": g.reason,
+                    "integer_only": g.integer_only,  # a stream that only whole copies keep exact: why
                 }
                 for g in groups
             ],
@@ -517,8 +518,8 @@ def _print_plan(
     for g in groups:
         status = "widenable" if g.widenable else "frozen"
         detail = ", ".join(g.producers[:4]) + (" ..." if len(g.producers) > 4 else "")
-        reason = "" if g.widenable else " -- " + g.reason
-        _say(args, f"  {g.id:>4}  {g.width:>6}  {g.kind:8}  {status:10}  {detail}{reason}")
+        why = g.reason if not g.widenable else f"whole copies only: {g.integer_only}" if g.integer_only else ""
+        _say(args, f"  {g.id:>4}  {g.width:>6}  {g.kind:8}  {status:10}  {detail}{' -- ' + why if why else ''}")
     _say(args, "insertion points (* = default, one per stage):")
     for p in points:
         _say(args, f"  {'*' if p.default else ' '} {p.node:30s} {str(list(p.shape)):22s} {p.kind}")

@@ -14,11 +14,13 @@ a gradient. Random values are uniform with the standard deviation of the layer's
 class tokens) are copied from randomly chosen existing channels, so they keep their range
 (running variances stay positive).
 
-Normalised streams (a width group under LayerNorm/RMSNorm, ``WidthGroup.norms``) grow by whole
-copies, filled by ``r2r_fx.surgery.grow_stream``: the constraint fixes the writers' rows and the
-per-channel values; a method chooses only ``split_stream``, how a reader's column ``W`` is shared among
-the ``k`` copies (the shares must add up to ``W``). A method without ``supports_streams`` is refused
-on such groups.
+Normalised streams (a width group under LayerNorm/RMSNorm, ``WidthGroup.norms``) grow by ``k`` whole
+copies plus ``r`` mean channels, filled by ``r2r_fx.surgery.grow_stream``: the constraint fixes the
+writers' rows, the per-channel values, the norms' weights and eps; a method chooses only
+``split_stream``, how a reader's column ``W`` is shared among the ``k`` copies (the shares must add up
+to ``W``), ``stream_tail``, a reader's tail columns (free on a norm's output, summing to zero on the
+stream itself; default zeros, as Net2Net and NetMorph keep), and ``tail_gamma`` (R2R: random). A
+method without ``supports_streams`` is refused on such groups.
 
 Deepening (``block``; ``r2r_fx.passes.deepen`` finds the places and inserts the blocks): R2R's
 block (``R2R.block``) and the random baseline are residual ``x + z(x)``; Net2Net and NetMorph insert
@@ -128,6 +130,21 @@ class Method:
         method; ``tensor`` is the parameter, already grown along its other axes)."""
         raise NotImplementedError
 
+    def stream_tail(
+        self, tensor: torch.Tensor, axis: int, r: int, free: bool, generator: torch.Generator
+    ) -> torch.Tensor:
+        """A reader's ``r`` tail columns of a stream grown by mean channels (``tensor``: its old columns).
+        ``free``: the reader sees a zero tail (a norm's output), any values are exact; else it sees the
+        mean tail and the columns must sum to zero along ``axis``. Default: zeros (exact either way)."""
+        shape = list(tensor.shape)
+        shape[axis] = r
+        return torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
+
+    def tail_gamma(self, gamma: torch.Tensor, axis: int, r: int, generator: torch.Generator) -> torch.Tensor:
+        """The ``r`` tail entries of a norm weight (``gamma``: the copies' rescaled weight); they scale a
+        tail that is exactly 0, so any value is exact. Default: the mean of ``gamma``."""
+        return gamma.mean(axis, keepdim=True).expand(*gamma.shape[:axis], r, *gamma.shape[axis + 1 :]).clone()
+
     # -- helpers shared by methods
     def _scale(self, tensor: torch.Tensor) -> float:
         if tensor.numel() > 1:
@@ -197,6 +214,25 @@ class R2R(Method):
         v = self._uniform((k, *tensor.shape), self._scale(tensor), tensor, generator)
         return tensor.unsqueeze(0) / k + (v - v.mean(0, keepdim=True))
 
+    def stream_tail(self, tensor, axis, r, free, generator):
+        """Random columns at the layer's scale on a zero tail (LEMON's); on a mean tail opposite pairs
+        ``[V, -V]`` across the tail channels, which hold equal values (an odd one out is 0)."""
+        shape = list(tensor.shape)
+        shape[axis] = r if free else r // 2
+        v = self._uniform(shape, self._scale(tensor), tensor, generator)
+        if free:
+            return v
+        parts = [v, -v] + ([torch.zeros_like(v.narrow(axis, 0, 1))] if r % 2 else [])
+        return torch.cat(parts, dim=axis)
+
+    def tail_gamma(self, gamma, axis, r, generator):
+        """Random at gamma's scale: uniform around its mean, with its spread (at least 10% of the mean)."""
+        mean = gamma.mean(axis, keepdim=True)
+        spread = max(float(gamma.std()) if gamma.numel() > 1 else 0.0, 0.1 * float(mean.abs().max()))
+        shape = list(gamma.shape)
+        shape[axis] = r
+        return mean + self._uniform(shape, spread, gamma, generator)
+
     def grow(self, tensor, axes, generator):
         with torch.no_grad():
             t = self._grown(tensor.detach(), [a for a in axes if a[1].grows], self._scale(tensor), generator)
@@ -260,6 +296,12 @@ class RandomPad(Method):
         """The old columns as they were, random columns for the copies (not preserving)."""
         new = self._uniform((k - 1, *tensor.shape), self._scale(tensor), tensor, generator)
         return torch.cat([tensor.unsqueeze(0), new])
+
+    def stream_tail(self, tensor, axis, r, free, generator):
+        """Random tail columns, whatever the reader sees (not preserving on a mean tail)."""
+        shape = list(tensor.shape)
+        shape[axis] = r
+        return self._uniform(shape, self._scale(tensor), tensor, generator)
 
     def grow(self, tensor, axes, generator):
         with torch.no_grad():

@@ -6,7 +6,8 @@ went; per-parameter state tensors of the parameter's shape (SGD momentum, Adam's
 ``exp_avg_sq``) are grown the same way, other state (Adam's ``step``) is copied. A reader of a
 normalised stream grown by whole copies has each old column split into ``k`` shares that add up to
 it; the stream's copies are equal, so every share gets exactly the old column's gradient, and every
-share carries the old column's state. Parameters that did
+share carries the old column's state. Entries a stream rescaled (a norm weight's ``gamma*sqrt(kd/D)``
+when mean channels are added, ``AxisChange.old_changed``) start with fresh state, like new ones. Parameters that did
 not exist before (inserted blocks) join the first parameter group with fresh state.
 """
 
@@ -46,6 +47,8 @@ def _grow_like(state: torch.Tensor, changes: list[ParamChange]) -> torch.Tensor:
                 d = change.shape_before[axis]
                 for j in range(1, change.shape_after[axis] // d):
                     target.narrow(axis, j * d, d).copy_(target.narrow(axis, 0, d))
+            elif info.old_changed:  # rescaled values (a norm weight's gamma*s): their moments start afresh
+                target.index_fill_(axis, old_positions(info.old_runs).to(state.device), 0)
         state = target
     return state
 

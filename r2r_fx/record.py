@@ -39,12 +39,14 @@ class AxisChange:
     """One grown axis of a parameter: its role (``out``, ``in``, ``channel``, ``kernel``) and where the
     old entries sit, as runs ``(new_start, old_start, length)``.
 
-    On a normalised stream grown by whole copies the role is ``stream_<role>``: the old entries sit at
-    ``0..d-1`` and copy ``j`` at ``j*d..``; for ``stream_in`` (a reader's columns) the old positions
-    hold a share of the old column, not its value (the ``k`` shares add up to it)."""
+    On a normalised stream the role is ``stream_<role>``: the old entries sit at ``0..d-1``, copy ``j``
+    at ``j*d..`` and the ``r`` tail channels last. ``old_changed``: the old positions no longer hold the
+    old values: for ``stream_in`` (a reader's columns, ``k > 1``) a share of the old column (the ``k``
+    shares add up to it), for a norm weight grown with a tail ``gamma * sqrt(kd/D)``."""
 
     role: str
     old_runs: tuple[tuple[int, int, int], ...]
+    old_changed: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class GroupChange:
     producers: tuple[str, ...] = ()
     consumers: tuple[str, ...] = ()
     kind: str = ""  # the group's kind: "stream", "heads" or "channels" (``WidthGroup.kind``)
+    k: int = 0  # a normalised stream: whole copies of its old width ...
+    r: int = 0  # ... and mean channels after them (width_after = k * width_before + r)
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,9 @@ class GrowthRecord:
                 tuple(p["shape_before"]),
                 tuple(p["shape_after"]),
                 {
-                    int(a): AxisChange(info["role"], tuple(tuple(r) for r in info["old_runs"]))
+                    int(a): AxisChange(
+                        info["role"], tuple(tuple(r) for r in info["old_runs"]), bool(info.get("old_changed", False))
+                    )
                     for a, info in p["axes"].items()
                 },
             )

@@ -5,9 +5,10 @@ channel_set, the grown axis keeps each channel set's old entries in place and ap
 channels right after them, in two halves of ``e/2`` channels (R2R's pairs). :class:`AxisIndex`
 turns that into index tensors once; a :class:`~r2r_fx.methods.Method` decides the values.
 
-A normalised stream (``WidthGroup.norms``) grows differently, by whole copies (:func:`grow_stream`):
-the group's constraint, not the method, decides its writers, per-channel values and norm parameters;
-the method only chooses how each reader's column is shared among the copies.
+A normalised stream (``WidthGroup.norms``) grows differently, by whole copies plus mean channels
+(:func:`grow_stream`, maths in ``r2r_fx.streams``): the group's constraint, not the method, decides
+its writers, per-channel values, norm parameters and eps; the method only chooses how each reader's
+column is shared among the copies, the readers' tail columns and the norm weights' tail.
 
 After the parameters, width-dependent constants are fixed: module attributes (``in_channels``,
 ``num_features``, ``groups``, ...) and int shape arguments of view/reshape/expand/split nodes.
@@ -15,6 +16,7 @@ After the parameters, width-dependent constants are fixed: module attributes (``
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from r2r_fx.analysis import Analysis, Layout, hidden_weights
 from r2r_fx.errors import GrowthError
 from r2r_fx.graph import attr_at, shape_of, tensor_shapes
 from r2r_fx.rules import expand_ellipsis, fix_for
+from r2r_fx.streams import rescaled_eps, tail_scale
 
 __all__ = [
     "channel_sources",
@@ -110,34 +113,90 @@ def axis_index(layout: Layout, new_channels: Mapping[int, int], sources: Mapping
     )
 
 
-def grow_stream(t: torch.Tensor, axis: int, k: int, role: str, method, generator: torch.Generator) -> torch.Tensor:
-    """``t`` grown along ``axis`` (a normalised stream of ``d`` channels, plain layout) to ``k*d``.
+def grow_stream(
+    t: torch.Tensor,
+    axis: int,
+    k: int,
+    role: str,
+    method,
+    generator: torch.Generator,
+    *,
+    r: int = 0,
+    tail: str = "mean",
+    read: str = "zero",
+) -> torch.Tensor:
+    """``t`` grown along ``axis`` (a normalised stream of ``d`` channels, plain layout) to ``k*d + r``.
 
-    Copy ``j`` of old channel ``i`` sits at ``j*d + i`` (copy 0 is the old channel, in place).
+    Copy ``j`` of old channel ``i`` sits at ``j*d + i`` (copy 0 is the old channel, in place); the
+    ``r`` tail channels come last. With ``s = sqrt(kd/D)`` (1 when ``r = 0``):
 
     - Writers and per-channel values (roles ``out``, ``channel``, ``data``: embedding and projection
-      rows, biases, position embeddings, class tokens, LN/RMS weight and bias): ``k`` exact copies.
-      A stream ``x' = [x, ..., x]`` then has mean ``mu`` and variance (mean square) ``sigma^2``
-      unchanged (``kd/D = 1``), so eps and the norm weights stay as they are and the norm's output is
-      ``[y, ..., y]``.
+      rows, biases, position embeddings, class tokens): ``k`` exact copies, and a tail of the mean of
+      the old entries along ``axis`` (``tail="mean"``) or zeros (``"zero"``, a stream only RMSNorms read).
+    - ``norm_weight``: ``gamma*s`` on every copy, ``method.tail_gamma`` on the tail; ``norm_bias``:
+      copies, tail 0. The norm's eps becomes ``eps*kd/D`` (``fix_widths``), so its output is
+      ``[y, ..., y, 0]`` (see ``r2r_fx.streams``).
     - Readers (role ``in``): the old column ``W`` is split into shares ``W_0 .. W_{k-1}`` with
       ``sum_j W_j = W`` (so ``sum_j W_j y = W y``), chosen by ``method.split_stream``
-      (R2R: ``W/k + V_j - mean(V)``, for ``k = 2`` the pair ``[W/2 + V, W/2 - V]``). The split is checked
-      here: an exact method whose shares do not add up to ``W`` is an error, not a changed model.
+      (R2R: ``W/k + V_j - mean(V)``, for ``k = 2`` the pair ``[W/2 + V, W/2 - V]``); the tail columns
+      come from ``method.stream_tail``: free where the reader sees a zero tail (``read="zero"``),
+      summing to zero where it sees the mean (``read="mean"``). Both are checked here for an exact
+      method: shares that do not add up, or a mean tail read by columns that do not cancel, are an
+      error, not a changed model.
     """
-    if k == 1:
+    if k == 1 and not r:
         return t
-    if role != "in":
-        return torch.cat([t] * k, dim=axis)
+    d = t.shape[axis]
+    scale = math.sqrt(k * d / (k * d + r)) if r else 1.0
+    if role == "in":
+        parts = list(_shares(t, axis, k, method, generator).unbind(0)) if k > 1 else [t]
+        if r:
+            parts.append(_tail_columns(t, axis, r, read, method, generator))
+        return torch.cat(parts, dim=axis)
+    if role == "norm_weight" and r:
+        copies = t * scale
+        gamma = method.tail_gamma(copies, axis, r, generator)
+        _check_shape(method, "tail_gamma", gamma, _with(t, axis, r))
+        return torch.cat([copies] * k + [gamma.to(t.dtype)], dim=axis)
+    parts = [t] * k
+    if r:
+        if role == "norm_bias" or tail == "zero":
+            parts.append(torch.zeros(_with(t, axis, r), dtype=t.dtype, device=t.device))
+        else:
+            parts.append(t.mean(axis, keepdim=True).expand(_with(t, axis, r)))
+    return torch.cat(parts, dim=axis)
+
+
+def _with(t: torch.Tensor, axis: int, n: int) -> tuple[int, ...]:
+    shape = list(t.shape)
+    shape[axis] = n
+    return tuple(shape)
+
+
+def _check_shape(method, what: str, value: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(value.shape) != shape:
+        raise GrowthError(f"{method.name}.{what} returned shape {tuple(value.shape)}, not {shape}")
+
+
+def _shares(t: torch.Tensor, axis: int, k: int, method, generator: torch.Generator) -> torch.Tensor:
     shares = method.split_stream(t, axis, k, generator)
-    if tuple(shares.shape) != (k, *t.shape):
-        raise GrowthError(f"{method.name}.split_stream returned shape {tuple(shares.shape)}, not {(k, *t.shape)}")
+    _check_shape(method, "split_stream", shares, (k, *t.shape))
     if method.exact:
         total, scale = shares.sum(0), float(t.abs().max()) if t.numel() else 0.0
         err = float((total - t).abs().max()) if t.numel() else 0.0
         if not err <= 1e-5 * max(scale, float(shares.abs().max()) if shares.numel() else 0.0, 1e-30):
             raise GrowthError(f"{method.name}.split_stream: the shares do not add up to the column (error {err:.3g})")
-    return torch.cat(list(shares.unbind(0)), dim=axis)
+    return shares
+
+
+def _tail_columns(t: torch.Tensor, axis: int, r: int, read: str, method, generator: torch.Generator) -> torch.Tensor:
+    columns = method.stream_tail(t, axis, r, read == "zero", generator)
+    _check_shape(method, "stream_tail", columns, _with(t, axis, r))
+    if method.exact and read != "zero" and columns.numel():
+        err = float(columns.sum(axis).abs().max())
+        if not err <= 1e-5 * max(float(columns.abs().max()), 1e-30):
+            raise GrowthError(f"{method.name}.stream_tail: columns reading a mean tail do not sum to 0 ({err:.3g})")
+    return columns.to(t.dtype)
 
 
 def _merge_runs(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
@@ -189,8 +248,35 @@ def fix_widths(gm: torch.fx.GraphModule, analysis: Analysis, new_channels: Mappi
             _fix_module(gm.get_submodule(str(node.target)), node, width)
         elif node.op in ("call_function", "call_method"):
             _fix_args(node, width)
+    _fix_stream_eps(gm, analysis, new_channels)
     gm.graph.lint()
     gm.recompile()
+
+
+def _fix_stream_eps(gm: torch.fx.GraphModule, analysis: Analysis, new_channels: Mapping[int, int]) -> None:
+    """``eps * kd/D`` for every norm of a stream that gains ``r > 0`` tail channels (a module's
+    attribute once per module, a call's argument by position or keyword; an RMSNorm's default eps,
+    None, is written out as ``finfo(dtype).eps * kd/D``)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    done: set[str] = set()
+    for a, forms in analysis.stream_forms.items():
+        d, e = analysis.set_width[a], new_channels.get(a, 0)
+        k, r = divmod(d + e, d)
+        if not e or not r:
+            continue
+        factor = tail_scale(d, k, r)
+        for site in forms.eps:
+            eps = rescaled_eps(site, factor)
+            if site.module is not None:
+                if site.module not in done:
+                    gm.get_submodule(site.module).eps = eps
+                    done.add(site.module)
+                continue
+            node = nodes[site.node]
+            if len(node.args) > site.index:
+                node.args = (*node.args[: site.index], eps, *node.args[site.index + 1 :])
+            else:
+                node.kwargs = {**node.kwargs, "eps": eps}
 
 
 def _fix_module(m: nn.Module, node: torch.fx.Node, width) -> None:
@@ -284,7 +370,7 @@ def _fix_args(node: torch.fx.Node, width) -> None:
 
 def _fix_norm_shape(node: torch.fx.Node, width) -> None:
     """``layer_norm(x, (d,), ...)`` / ``rms_norm``: a constant normalized shape follows the grown last axis
-    (eps stays: a stream grows by whole copies, see ``grow_stream``)."""
+    (eps: ``_fix_stream_eps``)."""
     x = node.args[0]
     in_args = len(node.args) > 1
     ns = node.args[1] if in_args else node.kwargs.get("normalized_shape")

@@ -471,3 +471,15 @@ def _gather(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None
         c.freeze((node.name, a), f"indexed by {node.name}")
     for a in range(extra):
         c.freeze((index.name, a), f"index of {node.name}")
+
+
+@register_rule(
+    "method:new_zeros", "method:new_ones", "method:new_empty", "method:new_full",
+    aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_full,
+)  # fmt: skip
+def _new_tensor(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
+    """``x.new_zeros(size)``: a new tensor of the given sizes (they keep their width); ``x`` gives only
+    its dtype and device (Swin builds its shifted-window mask this way)."""
+    for name, shape in tensor_shapes(node):
+        for a in range(len(shape)):
+            c.freeze((name, a), f"made by {node.name}")
