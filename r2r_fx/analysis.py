@@ -26,7 +26,8 @@ gamma stay, the norm's output is ``k`` copies of the old one, and every reader s
 Copies survive any channel-wise op (activations, biases, residual adds, layer scales), so this holds
 pre-LN and post-LN alike. A stream must be one channel set with the plain layout (outer 1, one piece,
 inner 1) at every slot and parameter axis; anything else (LN over a concat, a flattened stream, ties
-to other channel sets) freezes it.
+to other channel sets) freezes it. Norms written out as ops (``r2r_fx.rules.norm_idioms``) count as norms.
+A tensor tied between an embedding and a head stays tied where ``r2r_fx.stream_ties`` shows it exact.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from r2r_fx import rules as _rules
 from r2r_fx.compat import has_forward_hooks
 from r2r_fx.graph import describe, tensor_shapes
 from r2r_fx.rules import Slot, freeze_all, rule_for
+from r2r_fx.stream_ties import fill_roles, find_tied_heads
 
 __all__ = ["Analysis", "Binding", "Layout", "NormSite", "WidthGroup", "analyze", "hidden_weights", "width_groups"]
 
@@ -495,6 +497,8 @@ class Analysis:
                     freeze_layout(self.layout(p), reason)
 
         stream_sets = self._streams(slots_of, freeze_layout)
+        self.tied_heads, untied = find_tied_heads(self, b.bindings, b.norms)  # kept tied: see r2r_fx.stream_ties
+        self._fill_roles = fill_roles(self.tied_heads)
 
         # Role conflicts on one parameter axis (e.g. a weight tied between an embedding and a head).
         self.producers: dict[int, list[str]] = defaultdict(list)
@@ -503,8 +507,9 @@ class Analysis:
         for (param, axis), binds in b.bindings.items():
             layout = self.layout((f"param:{param}", axis))
             roles = {x.role for x in binds}
-            if len(roles) > 1:
-                freeze_layout(layout, f"parameter {param} axis {axis} is used as {' and '.join(sorted(roles))}")
+            if len(roles) > 1 and (param, axis) not in self.tied_heads:
+                reason = f"parameter {param} axis {axis} is used as {' and '.join(sorted(roles))}"
+                freeze_layout(layout, reason + untied.get((param, axis), ""))
             for x in binds:
                 if x.role in ("out", "in"):
                     layer_sets.update(layout.channel_sets())
@@ -600,10 +605,12 @@ class Analysis:
         return self._builder.aliases.get(param) or [param]
 
     def bound_params(self) -> dict[str, list[tuple[int, Layout, str]]]:
-        """For each parameter with bindings: (axis, layout, role) per bound axis."""
+        """For each parameter with bindings: (axis, layout, role) per bound axis; the role is the one the
+        fill follows (a tie kept on a stream: ``out`` for the tied axis, ``scaled`` for its norms' weights)."""
         out: dict[str, list[tuple[int, Layout, str]]] = defaultdict(list)
         for (param, axis), binds in self._builder.bindings.items():
-            out[param].append((axis, self.layout((f"param:{param}", axis)), binds[0].role))
+            role = self._fill_roles.get((param, axis), binds[0].role)
+            out[param].append((axis, self.layout((f"param:{param}", axis)), role))
         return out
 
 

@@ -119,7 +119,9 @@ def grow_stream(t: torch.Tensor, axis: int, k: int, role: str, method, generator
       rows, biases, position embeddings, class tokens, LN/RMS weight and bias): ``k`` exact copies.
       A stream ``x' = [x, ..., x]`` then has mean ``mu`` and variance (mean square) ``sigma^2``
       unchanged (``kd/D = 1``), so eps and the norm weights stay as they are and the norm's output is
-      ``[y, ..., y]``.
+      ``[y, ..., y]``. Role ``scaled`` (the weights of a norm before a head tied to the embedding,
+      ``r2r_fx.stream_ties``): copies of ``t/k``, so the head, whose columns are copies too, reads
+      ``k`` copies of ``y/k``.
     - Readers (role ``in``): the old column ``W`` is split into shares ``W_0 .. W_{k-1}`` with
       ``sum_j W_j = W`` (so ``sum_j W_j y = W y``), chosen by ``method.split_stream``
       (R2R: ``W/k + V_j - mean(V)``, for ``k = 2`` the pair ``[W/2 + V, W/2 - V]``). The split is checked
@@ -128,7 +130,7 @@ def grow_stream(t: torch.Tensor, axis: int, k: int, role: str, method, generator
     if k == 1:
         return t
     if role != "in":
-        return torch.cat([t] * k, dim=axis)
+        return torch.cat([t / k if role == "scaled" else t] * k, dim=axis)
     shares = method.split_stream(t, axis, k, generator)
     if tuple(shares.shape) != (k, *t.shape):
         raise GrowthError(f"{method.name}.split_stream returned shape {tuple(shares.shape)}, not {(k, *t.shape)}")
