@@ -365,7 +365,10 @@ def update_shapes(gm: torch.fx.GraphModule, analysis: Analysis, new_channels: Ma
         meta = node.meta.get("tensor_meta")
         if meta is None:
             continue
-        if hasattr(meta, "shape") and hasattr(meta, "dtype"):
+        if node.op == "get_attr" and hasattr(meta, "shape") and isinstance(attr_at(gm, str(node.target)), torch.Tensor):
+            # a parameter a layer reads (no slot of its own in the analysis): its shape is the tensor's
+            node.meta["tensor_meta"] = meta._replace(shape=attr_at(gm, str(node.target)).shape)
+        elif hasattr(meta, "shape") and hasattr(meta, "dtype"):
             node.meta["tensor_meta"] = grown(node.name, meta)
         elif isinstance(meta, (tuple, list)):
             node.meta["tensor_meta"] = type(meta)(
