@@ -268,7 +268,7 @@ class Analysis:
 
     Read it through ``groups`` (the :class:`WidthGroup` list), ``layout(slot)``, ``size(slot)``,
     ``same_channels(a, b)``, ``group_of(channel_set)``, ``set_width[channel_set]``, ``bound_params()``,
-    ``aliases(param)`` and ``coupling_graph``; everything else is private."""
+    ``aliases(param)``, ``tied_heads`` and ``coupling_graph``; everything else is private."""
 
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         self.gm = gm

@@ -41,7 +41,8 @@ class AxisChange:
 
     On a normalised stream grown by whole copies the role is ``stream_<role>``: the old entries sit at
     ``0..d-1`` and copy ``j`` at ``j*d..``; for ``stream_in`` (a reader's columns) the old positions
-    hold a share of the old column, not its value (the ``k`` shares add up to it)."""
+    hold a share of the old column, not its value (the ``k`` shares add up to it); for ``stream_scaled``
+    (the weights of a norm before a head tied to the embedding) every copy holds the old value over ``k``."""
 
     role: str
     old_runs: tuple[tuple[int, int, int], ...]

@@ -209,15 +209,15 @@ class OtherTensorScaled(nn.Module):
 
 
 class MeanNotSquared(nn.Module):
-    """``x * rsqrt(mean(x))``: a mean, not a mean square."""
+    """``x * rsqrt(mean(x ** 3))``: a mean of cubes, not a mean square."""
 
     def __init__(self) -> None:
         super().__init__()
         self.embed, self.head = nn.Embedding(VOCAB, DIM), nn.Linear(DIM, 4)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids).exp()
-        return self.head(x * torch.rsqrt(x.mean(-1, keepdim=True) + 1e-6))
+        x = self.embed(ids).abs()
+        return self.head(x * torch.rsqrt(x.pow(3).mean(-1, keepdim=True) + 1e-6))
 
 
 @pytest.mark.parametrize("via", ["symbolic_trace", "export"])
