@@ -19,7 +19,7 @@ from torch import nn
 import r2r_fx
 from r2r_fx.record import growth_history
 
-from helpers import assert_function_preserved
+from helpers import assert_function_preserved, assert_new_weights_train
 
 DIM, VOCAB = 16, 50
 
@@ -114,7 +114,8 @@ def _stream(gm: torch.fx.GraphModule) -> r2r_fx.WidthGroup:
 
 
 def _doubles(model: nn.Module, inputs: tuple, gm: torch.fx.GraphModule, norms: int) -> torch.fx.GraphModule:
-    """The stream (``norms`` norm sites) is widenable, grows 2x, and the grown model is the same function."""
+    """The stream (``norms`` norm sites) is widenable, grows 2x, the grown model is the same function,
+    and its new weights train."""
     stream = _stream(gm)
     assert stream.widenable, stream.reason
     assert len(stream.norms) == norms, stream.norms
@@ -124,6 +125,7 @@ def _doubles(model: nn.Module, inputs: tuple, gm: torch.fx.GraphModule, norms: i
     again = _stream(grown)  # the grown graph analyses again, and its stream could grow again
     assert again.width == 2 * stream.width and again.widenable, again
     report = assert_function_preserved(model, grown, inputs)
+    assert_new_weights_train(grown, inputs)  # copies, shares and tied columns all get gradients
     print(f"eval {report.eval_rel_error:.2e} train {report.train_rel_error:.2e} onnx {report.onnx_max_rel_error:.2e}")
     return grown
 
