@@ -31,7 +31,7 @@ from r2r_fx.rules.norm_idioms import CASTS, real_users
 if TYPE_CHECKING:
     from r2r_fx.analysis import Analysis, Binding, NormSite
 
-__all__ = ["TiedHead", "find_tied_heads"]
+__all__ = ["TiedHead", "fill_roles", "find_tied_heads"]
 
 # Ops between a norm and a head that commute with scaling their input (one tensor in, linear in it).
 _COMMUTING = CASTS | {
