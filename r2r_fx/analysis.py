@@ -15,18 +15,13 @@ splits form one :class:`WidthGroup`.
 Fail closed: a slot frozen by a rule (unknown op, model input/output, ...) freezes every channel
 set in its layout, and the group records the first reason.
 
-Normalised streams. A LayerNorm/RMSNorm over the last axis does not freeze its input: its rule
-calls ``normalize`` and the channel set it normalises becomes a *stream* (the group's ``norms``).
-A stream is a constraint on the fill, not only on the width: the norm's statistics read every channel,
-so R2R's new pairs ``[U; U]`` would change them (error 0.17). A stream of ``d`` channels grows to
-``D = k*d + r``: ``k`` copies of every writer's rows, per-channel value and norm parameter, readers'
-columns split into ``k`` shares summing to the old column (then mean and variance are unchanged), and,
-when ``r > 0``, ``r`` *mean channels* whose exactness the graph decides (:mod:`r2r_fx.streams`: the
-group's ``integer_only`` says why only whole copies are exact, e.g. post-LN or an activation on the
-stream). Copies survive any channel-wise op, so ``r = 0`` holds pre-LN and post-LN alike. A stream
-must be one channel set with the plain layout (outer 1, one piece, inner 1) at every slot and
-parameter axis; anything else (LN over a concat, a flattened stream, ties to other channel sets)
-freezes it.
+Normalised streams. A LayerNorm/RMSNorm over the last axis (or one written out as ops,
+``r2r_fx.rules.norm_idioms``) does not freeze its input: its rule calls ``normalize`` and the channel
+set becomes a *stream* (the group's ``norms``), which grows by whole copies plus mean channels where
+exact (``r2r_fx.streams``; a tied embedding/head: ``r2r_fx.stream_ties``). A stream must be one channel
+set with the plain layout (outer 1, one piece, inner 1) at every slot and parameter axis.
+Attention heads: a reshape that splits a channel axis grows along the member an attention rule named
+as heads (``heads``; ``Analysis._heads`` follows them through ``repeat_kv`` and ``batch * heads``).
 """
 
 from __future__ import annotations
@@ -46,6 +41,7 @@ from r2r_fx import rules as _rules
 from r2r_fx.compat import has_forward_hooks
 from r2r_fx.graph import describe, tensor_shapes
 from r2r_fx.rules import Slot, freeze_all, rule_for
+from r2r_fx.stream_ties import fill_roles, find_tied_heads
 from r2r_fx.streams import StreamForms, stream_forms
 
 __all__ = ["Analysis", "Binding", "Layout", "NormSite", "WidthGroup", "analyze", "hidden_weights", "width_groups"]
@@ -285,7 +281,8 @@ class Analysis:
 
     Read it through ``groups`` (the :class:`WidthGroup` list), ``layout(slot)``, ``size(slot)``,
     ``same_channels(a, b)``, ``group_of(channel_set)``, ``set_width[channel_set]``, ``bound_params()``,
-    ``aliases(param)``, ``stream_forms[channel_set]`` and ``coupling_graph``; everything else is private."""
+    ``aliases(param)``, ``stream_forms[channel_set]``, ``tied_heads`` and ``coupling_graph``; everything
+    else is private."""
 
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         self.gm = gm
@@ -540,6 +537,8 @@ class Analysis:
                     freeze_layout(self.layout(p), reason)
 
         stream_sets = self._streams(slots_of, freeze_layout)
+        self.tied_heads, untied = find_tied_heads(self, b.bindings, b.norms)  # kept tied: see r2r_fx.stream_ties
+        self._fill_roles = fill_roles(self.tied_heads)
 
         # Role conflicts on one parameter axis (e.g. a weight tied between an embedding and a head).
         self.producers: dict[int, list[str]] = defaultdict(list)
@@ -548,8 +547,9 @@ class Analysis:
         for (param, axis), binds in b.bindings.items():
             layout = self.layout((f"param:{param}", axis))
             roles = {x.role for x in binds}
-            if len(roles) > 1:
-                freeze_layout(layout, f"parameter {param} axis {axis} is used as {' and '.join(sorted(roles))}")
+            if len(roles) > 1 and (param, axis) not in self.tied_heads:
+                reason = f"parameter {param} axis {axis} is used as {' and '.join(sorted(roles))}"
+                freeze_layout(layout, reason + untied.get((param, axis), ""))
             for x in binds:
                 if x.role in ("out", "in"):
                     layer_sets.update(layout.channel_sets())
@@ -617,6 +617,10 @@ class Analysis:
             if norms and group.widenable:
                 forms = self.stream_forms[channel_sets[0]] = stream_forms(self, b, group)
                 group.integer_only = forms.integer_only
+                if not group.integer_only and any(
+                    set(self.layout((f"param:{p}", a)).channel_sets()) & set(channel_sets) for p, a in self.tied_heads
+                ):
+                    group.integer_only = "the embedding and the head stay one tensor (the last norm scaled by 1/k)"
             self.groups.append(group)
 
     def _streams(self, slots_of: dict[int, list[Slot]], freeze_layout) -> dict[int, tuple[str, ...]]:
@@ -650,10 +654,12 @@ class Analysis:
         return self._builder.aliases.get(param) or [param]
 
     def bound_params(self) -> dict[str, list[tuple[int, Layout, str]]]:
-        """For each parameter with bindings: (axis, layout, role) per bound axis."""
+        """For each parameter with bindings: (axis, layout, role) per bound axis; the role is the one the
+        fill follows (a tie kept on a stream: ``out`` for the tied axis, ``scaled`` for its norms' weights)."""
         out: dict[str, list[tuple[int, Layout, str]]] = defaultdict(list)
         for (param, axis), binds in self._builder.bindings.items():
-            out[param].append((axis, self.layout((f"param:{param}", axis)), binds[0].role))
+            role = self._fill_roles.get((param, axis), binds[0].role)
+            out[param].append((axis, self.layout((f"param:{param}", axis)), role))
         return out
 
 

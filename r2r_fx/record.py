@@ -42,7 +42,8 @@ class AxisChange:
     On a normalised stream the role is ``stream_<role>``: the old entries sit at ``0..d-1``, copy ``j``
     at ``j*d..`` and the ``r`` tail channels last. ``old_changed``: the old positions no longer hold the
     old values: for ``stream_in`` (a reader's columns, ``k > 1``) a share of the old column (the ``k``
-    shares add up to it), for a norm weight grown with a tail ``gamma * sqrt(kd/D)``."""
+    shares add up to it), for a norm weight grown with a tail ``gamma * sqrt(kd/D)``, for
+    ``stream_scaled`` (the weights of a norm before a head tied to the embedding) the old value over ``k``."""
 
     role: str
     old_runs: tuple[tuple[int, int, int], ...]

@@ -136,6 +136,9 @@ def grow_stream(
     - ``norm_weight``: ``gamma*s`` on every copy, ``method.tail_gamma`` on the tail; ``norm_bias``:
       copies, tail 0. The norm's eps becomes ``eps*kd/D`` (``fix_widths``), so its output is
       ``[y, ..., y, 0]`` (see ``r2r_fx.streams``).
+    - ``scaled`` (the weights of a norm before a head tied to the embedding, ``r2r_fx.stream_ties``):
+      copies of ``t/k``, so the head, whose columns are copies too, reads ``k`` copies of ``y/k``
+      (whole copies only: the analysis makes such a stream ``integer_only``).
     - Readers (role ``in``): the old column ``W`` is split into shares ``W_0 .. W_{k-1}`` with
       ``sum_j W_j = W`` (so ``sum_j W_j y = W y``), chosen by ``method.split_stream``
       (R2R: ``W/k + V_j - mean(V)``, for ``k = 2`` the pair ``[W/2 + V, W/2 - V]``); the tail columns
@@ -158,6 +161,10 @@ def grow_stream(
         gamma = method.tail_gamma(copies, axis, r, generator)
         _check_shape(method, "tail_gamma", gamma, _with(t, axis, r))
         return torch.cat([copies] * k + [gamma.to(t.dtype)], dim=axis)
+    if role == "scaled":
+        if r:
+            raise GrowthError("a norm before a tied head grows by whole copies only")
+        return torch.cat([t / k] * k, dim=axis)
     parts = [t] * k
     if r:
         if role == "norm_bias" or tail == "zero":
@@ -449,7 +456,10 @@ def update_shapes(gm: torch.fx.GraphModule, analysis: Analysis, new_channels: Ma
         meta = node.meta.get("tensor_meta")
         if meta is None:
             continue
-        if hasattr(meta, "shape") and hasattr(meta, "dtype"):
+        if node.op == "get_attr" and hasattr(meta, "shape") and isinstance(attr_at(gm, str(node.target)), torch.Tensor):
+            # a parameter a layer reads (no slot of its own in the analysis): its shape is the tensor's
+            node.meta["tensor_meta"] = meta._replace(shape=attr_at(gm, str(node.target)).shape)
+        elif hasattr(meta, "shape") and hasattr(meta, "dtype"):
             node.meta["tensor_meta"] = grown(node.name, meta)
         elif isinstance(meta, (tuple, list)):
             node.meta["tensor_meta"] = type(meta)(

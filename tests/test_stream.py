@@ -251,12 +251,17 @@ def test_non_integer_post_ln_stream_is_refused():
     assert _rel(grown(*inputs), gm(*inputs)) <= RTOL  # the rest (MLP hidden) still grew exactly
 
 
-def test_tied_embedding_stream_stays_frozen():
+def test_tied_embedding_stream_keeps_the_tie():
+    """The tied embedding/head grows by copies for both uses, the final norm's weight halves
+    (``r2r_fx.stream_ties``; refusals in tests/test_stream_idioms.py)."""
     torch.manual_seed(0)
     model, inputs = ToyDecoder(tied=True).eval(), (torch.randint(0, 50, (2, 7)),)
     gm = r2r_fx.capture(model, inputs)
     stream = _stream(gm)
-    assert not stream.widenable and "embed.weight" in stream.reason and "in and out" in stream.reason
+    assert stream.widenable, stream.reason
+    grown = r2r_fx.widen(gm, factor=2.0, seed=0)
+    assert grown.embed.weight is grown.lm_head.weight and grown.embed.weight.shape == (50, 32)
+    assert _rel(grown(*inputs), model(*inputs)) <= RTOL
 
 
 def test_transformer_encoder_layer_stays_frozen():

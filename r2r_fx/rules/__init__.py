@@ -15,14 +15,15 @@ A rule looks at one fx node and tells the :class:`Couplings` builder what it kno
 Ops without a rule freeze every axis of every tensor they touch (fail closed). Rules work on both
 graph levels: module-level (``call_module``, torch functions, tensor methods) and ATen-level.
 The registry lives in ``registry``; the built-in rules are grouped by op family (``pointwise``,
-``layers``, ``attention``, ``spatial``, ``reductions``, ``structure``), each a table of ops and the rule they share.
+``layers``, ``attention``, ``spatial``, ``reductions``, ``structure``), each a table of ops and the rule they share;
+``norm_idioms`` recognises norms written out as ops (the decomposed RMSNorm, for ``reductions``).
 A layer type is supported in one place: ``register_layer(cls, couple, fix)``.
 """
 
 from __future__ import annotations
 
 from r2r_fx.graph import param_name, shape_of, tensor_shapes
-from r2r_fx.rules import attention, layers, pointwise, reductions, registry, spatial, structure
+from r2r_fx.rules import attention, layers, norm_idioms, pointwise, reductions, registry, spatial, structure
 from r2r_fx.rules.common import freeze_all
 from r2r_fx.rules.layers import conv_layer, linear_layer
 from r2r_fx.rules.registry import *  # noqa: F403 - the registry's public names (its __all__)
@@ -41,3 +42,4 @@ __all__ = [
 ]
 
 _FAMILIES = (attention, layers, pointwise, reductions, spatial, structure)  # importing them registers the built-ins
+_IDIOMS = (norm_idioms,)  # matchers the rules call (no registrations of their own)

@@ -14,7 +14,7 @@ from r2r_fx.graph import describe, shape_of, tensor_shapes
 from r2r_fx.rules.common import broadcast_into, freeze_all, node_arg, positive_axis, same_axes
 from r2r_fx.rules.registry import Couplings, register_rule
 
-_DTYPE_ONLY = {"to", "type_as", aten.to, aten._to_copy}  # another tensor argument gives only dtype/device
+_DTYPE_ONLY = {"to", "type_as", aten.to, aten._to_copy, aten.type_as}  # another tensor argument gives only dtype/device
 
 
 def elementwise(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
@@ -162,6 +162,7 @@ _POINTWISE_ATEN = (
     "detach",
     "_to_copy",
     "to",
+    "type_as",
     "neg",
     "exp",
     "abs",

@@ -1,4 +1,8 @@
-"""Reductions and softmax: reduced axes keep their width (the reduction would see new channels)."""
+"""Reductions and softmax: reduced axes keep their width (the reduction would see new channels).
+
+One exception: the mean of a decomposed RMSNorm (``r2r_fx.rules.norm_idioms``) registers a norm, so the
+reduced axis becomes a normalised stream (it grows by whole copies, which leave the mean square as it is).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from r2r_fx.compat import aten
-from r2r_fx.graph import describe, shape_of
+from r2r_fx.graph import describe, shape_of, target_name
 from r2r_fx.rules.common import freeze_all, node_arg, positive_axis, same_axes
+from r2r_fx.rules.norm_idioms import decomposed_rms_norm
 from r2r_fx.rules.registry import Couplings, register_rule
 
 
@@ -33,6 +38,13 @@ def _reduction(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> N
         freeze_all(c, node, f"{describe(node, gm)} over dynamic axes")
         return
     axes, keepdim = parsed
+    idiom = decomposed_rms_norm(node, axes, keepdim) if target_name(node) == "mean" else None
+    if idiom is not None:
+        last = len(shape) - 1
+        c.normalize((idiom.x.name, last), (idiom.out.name, last), idiom.out, "rms", idiom.affine)
+        same_axes(c, x, node.name, last)
+        c.freeze((node.name, last), f"reduced by {node.name}")  # the size-1 mean square
+        return
     out_axis = 0
     for a in range(len(shape)):
         if a in axes:
