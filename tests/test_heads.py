@@ -331,3 +331,29 @@ def test_window_attention_with_a_relative_position_table():
     assert grown.get_parameter("table").shape[1] == 2 * HEADS or not any(g.kind == "heads" for g in groups)
     for train in (False, True):
         assert _rel_on(m, grown, torch.randn(3, T, D), train) <= RTOL
+
+
+class _MaskFromNewZeros(nn.Module):
+    """``x.new_zeros(...)`` reads only x's dtype and device: x's channels stay free (Swin's shifted-window
+    mask); the new tensor's own sizes keep their width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(D, D), nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        mask = h.new_zeros((T, T)).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -1e4)
+        return self.b(h + (mask.softmax(-1) @ h) * 0.5)
+
+
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+def test_a_new_tensor_leaves_its_template_free(via):
+    torch.manual_seed(0)
+    m = _MaskFromNewZeros().eval()
+    gm = r2r_fx.capture(m, (torch.randn(2, T, D),), via=via)
+    (hidden,) = [g for g in r2r_fx.width_groups(gm) if g.width == D and g.producers]
+    assert hidden.widenable, hidden
+    grown = r2r_fx.widen(gm, factor=2.0, seed=0, check=False)
+    for train in (False, True):
+        assert _rel_on(m, grown, torch.randn(3, T, D), train) <= RTOL
