@@ -1315,13 +1315,14 @@ def _conv_kernel(gm: Any, node: Any) -> int | None:
 
 
 def _is_random_in_train(model: nn.Module, inputs: tuple[Any, ...]) -> bool:
-    """Whether two train-mode runs under other seeds differ. Each runs on its own copy: a layer that
-    changes its state per call (spectral norm's power iteration) is not randomness."""
-    torch.manual_seed(11)
-    a = _leaves(_run(copy.deepcopy(model), inputs, True))
-    torch.manual_seed(12)
-    b = _leaves(_run(copy.deepcopy(model), inputs, True))
-    return any(x.shape != y.shape or not torch.equal(x, y) for x, y in zip(a, b))
+    """Whether train-mode runs under other seeds differ. Each runs on its own copy: a layer that
+    changes its state per call (spectral norm's power iteration) is not randomness. Four seeds: an
+    output that reads few dropout draws can come out the same for two (seed 17400883: 11 and 12)."""
+    runs = []
+    for seed in (11, 12, 13, 14):
+        torch.manual_seed(seed)
+        runs.append(_leaves(_run(copy.deepcopy(model), inputs, True)))
+    return any(x.shape != y.shape or not torch.equal(x, y) for b in runs[1:] for x, y in zip(runs[0], b))
 
 
 class _Reference:
