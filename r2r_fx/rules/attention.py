@@ -22,24 +22,17 @@ import torch.nn.functional as F
 
 from r2r_fx.compat import aten
 from r2r_fx.graph import describe, param_name, shape_of
-from r2r_fx.rules.common import freeze_all, node_arg
+from r2r_fx.rules.common import broadcast_into, freeze_all, node_arg
 from r2r_fx.rules.registry import Couplings, register_rule
 
 
 def _batch_axes(c: Couplings, node: torch.fx.Node, operands: Sequence[torch.fx.Node], out: Sequence[int]) -> None:
-    """The leading (batch) axes of ``operands`` broadcast into ``node``'s: an axis of the output's size
-    keeps its channels, a broadcast one (size 1) its width; the one before the matrix axes holds heads."""
-    batch = len(out) - 2
+    """The leading (batch) axes of ``operands`` broadcast into ``node``'s; the one before the matrix
+    axes holds heads."""
     for x in operands:
-        shape = shape_of(x)
-        offset = batch - (len(shape) - 2)
-        for a in range(len(shape) - 2):
-            if shape[a] == out[a + offset]:
-                c.same((x.name, a), (node.name, a + offset))
-            else:
-                c.freeze((x.name, a), f"broadcast by {node.name}")
-    if batch >= 1:
-        c.heads((node.name, batch - 1), node)
+        broadcast_into(c, x, shape_of(x)[:-2], node, out[:-2])
+    if len(out) > 2:
+        c.heads((node.name, len(out) - 3), node)
 
 
 def _activations(node: torch.fx.Node, operands: Sequence[object]) -> bool:
