@@ -21,7 +21,7 @@ set becomes a *stream* (the group's ``norms``), which grows by whole copies plus
 exact (``r2r_fx.streams``; a tied embedding/head: ``r2r_fx.stream_ties``). A stream must be one channel
 set with the plain layout (outer 1, one piece, inner 1) at every slot and parameter axis.
 Attention heads: a reshape that splits a channel axis grows along the member an attention rule named
-as heads (``heads``; ``Analysis._heads`` follows them through ``repeat_kv`` and ``batch * heads``).
+as heads (``heads``; ``r2r_fx.heads`` follows them through ``repeat_kv`` and ``batch * heads``).
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ import torch.nn.utils.parametrize
 from r2r_fx import rules as _rules
 from r2r_fx.compat import has_forward_hooks
 from r2r_fx.graph import describe, tensor_shapes
+from r2r_fx.heads import head_roots
 from r2r_fx.rules import Slot, freeze_all, rule_for
 from r2r_fx.stream_ties import fill_roles, find_tied_heads
-from r2r_fx.streams import StreamForms, stream_forms
+from r2r_fx.streams import StreamForms, find_streams, stream_forms
 
 __all__ = ["Analysis", "Binding", "Layout", "NormSite", "WidthGroup", "analyze", "hidden_weights", "width_groups"]
 
@@ -298,7 +299,7 @@ class Analysis:
         self.set_roots: list[Slot] = []
         self.set_width: list[int] = []
         self._bound_roots = {self._uf.find((f"param:{p}", a)) for (p, a) in b.bindings}
-        self._head_roots = self._heads()
+        self._head_roots = head_roots(self._uf.find, b, self._bound_roots)
         self._resolve()
 
     @property
@@ -465,31 +466,6 @@ class Analysis:
             return Layout(before * sub.outer, tuple((a, n, i * after) for a, n, i in sub.pieces))
         return self._set_layout(root)
 
-    def _heads(self) -> set[Slot]:
-        """The classes holding attention heads: those the rules named, and, through a reshape that makes
-        a head axis from several axes (``repeat_kv``: kv heads x group size; ``bmm``: batch x heads),
-        the one of them that is split from a projection's outputs (the kv heads, the heads)."""
-        find = self._uf.find
-        heads = {find(s) for s in self._builder.head_slots}
-        merges = [(find(whole), [find(m) for m in ms]) for whole, ms in self._builder.merges]
-        # projection outputs: bound classes, and the pieces a split cuts them into (GPT-2's packed qkv)
-        projected = set(self._bound_roots)
-        for whole, parts, _ in self._builder.concats:
-            if find(whole) in self._bound_roots:
-                projected.update(find(p) for p in parts)
-        split_from_projection = {r for whole, roots in merges if whole in projected for r in roots}
-        changed = True
-        while changed:
-            changed = False
-            for whole, roots in merges:
-                if whole not in heads or any(r in heads or r in self._bound_roots for r in roots):
-                    continue
-                elsewhere = [r for r in roots if r in split_from_projection]
-                if len(elsewhere) == 1:
-                    heads.add(elsewhere[0])
-                    changed = True
-        return heads
-
     def _width_bearing(self, slot: Slot) -> bool:
         root = self._uf.find(slot)
         if root in self._bound_roots or root in self._head_roots:
@@ -536,7 +512,7 @@ class Analysis:
                 for p in parts:
                     freeze_layout(self.layout(p), reason)
 
-        stream_sets = self._streams(slots_of, freeze_layout)
+        stream_sets = self.stream_sets = find_streams(self, b, slots_of, freeze_layout)
         self.tied_heads, untied = find_tied_heads(self, b.bindings, b.norms)  # kept tied: see r2r_fx.stream_ties
         self._fill_roles = fill_roles(self.tied_heads)
 
@@ -623,32 +599,6 @@ class Analysis:
                     group.integer_only = "the embedding and the head stay one tensor (the last norm scaled by 1/k)"
             self.groups.append(group)
 
-    def _streams(self, slots_of: dict[int, list[Slot]], freeze_layout) -> dict[int, tuple[str, ...]]:
-        """The channel sets normalised by a LayerNorm/RMSNorm (-> the norms' node names), kept in
-        ``self.stream_sets``. Fail closed: a norm over anything but one channel set with the plain layout,
-        and a stream reaching any slot or parameter axis in another layout, freeze what they touch."""
-        b = self._builder
-        found: dict[int, list[str]] = defaultdict(list)
-        for site in b.norms:
-            layout = self.layout(site.in_slot)
-            if not _plain(layout):
-                freeze_layout(layout, f"normalised over by {site.node} across a concatenation or a reshaped axis")
-                continue
-            found[layout.pieces[0][0]].append(site.node)
-        for a, norms in found.items():
-            for slot in slots_of.get(a, ()):
-                if not _plain(self.layout(slot)):
-                    reason = f"the stream normalised by {norms[0]} reaches {slot[0]} concatenated or reshaped"
-                    freeze_layout(self.layout(slot), reason)
-        for param, axis in b.bindings:
-            layout = self.layout((f"param:{param}", axis))
-            hit = [a for a in layout.channel_sets() if a in found]
-            if hit and not _plain(layout):
-                reason = f"parameter {param} axis {axis} reads the stream normalised by {found[hit[0]][0]} reshaped"
-                freeze_layout(layout, reason)
-        self.stream_sets: dict[int, tuple[str, ...]] = {a: tuple(_unique(n)) for a, n in found.items()}
-        return self.stream_sets
-
     def aliases(self, param: str) -> list[str]:
         """Every name under which the tensor bound as ``param`` is held (tied parameters)."""
         return self._builder.aliases.get(param) or [param]
@@ -671,11 +621,6 @@ def hidden_weights(module: torch.nn.Module) -> str:
         if has_forward_hooks(m):
             return "forward hooks (spectral_norm, weight_norm, ...), which may compute or change its weights"
     return ""
-
-
-def _plain(layout: Layout) -> bool:
-    """One channel set, one position per channel, no repeats: the only layout streams grow along."""
-    return layout.outer == 1 and len(layout.pieces) == 1 and layout.pieces[0][2] == 1
 
 
 def _unique(items) -> list[str]:

@@ -36,7 +36,7 @@ from r2r_fx.rules.common import node_arg
 if TYPE_CHECKING:
     from r2r_fx.analysis import Analysis, WidthGroup
 
-__all__ = ["EpsSite", "StreamForms", "rescaled_eps", "stream_forms", "tail_scale"]
+__all__ = ["EpsSite", "StreamForms", "find_streams", "rescaled_eps", "stream_forms", "tail_scale"]
 
 _SAME = {
     "neg",
@@ -270,3 +270,33 @@ def rescaled_eps(site: EpsSite, factor: float) -> float:
     """``eps * kd/D`` (an RMSNorm's default eps, None, is ``finfo(dtype).eps``)."""
     eps = site.value if site.value is not None else torch.finfo(site.dtype).eps
     return float(eps) * factor
+
+
+def find_streams(analysis: Analysis, b: Any, slots_of: dict, freeze_layout) -> dict[int, tuple[str, ...]]:
+    """The channel sets normalised by a LayerNorm/RMSNorm (-> the norms' node names). Fail closed: a
+    norm over anything but one channel set with the plain layout, and a stream reaching any slot or
+    parameter axis in another layout, freeze what they touch (``freeze_layout(layout, reason)``)."""
+    found: dict[int, list[str]] = {}
+    for site in b.norms:
+        layout = analysis.layout(site.in_slot)
+        if not _plain(layout):
+            freeze_layout(layout, f"normalised over by {site.node} across a concatenation or a reshaped axis")
+            continue
+        found.setdefault(layout.pieces[0][0], []).append(site.node)
+    for a, norms in found.items():
+        for slot in slots_of.get(a, ()):
+            if not _plain(analysis.layout(slot)):
+                reason = f"the stream normalised by {norms[0]} reaches {slot[0]} concatenated or reshaped"
+                freeze_layout(analysis.layout(slot), reason)
+    for param, axis in b.bindings:
+        layout = analysis.layout((f"param:{param}", axis))
+        hit = [a for a in layout.channel_sets() if a in found]
+        if hit and not _plain(layout):
+            reason = f"parameter {param} axis {axis} reads the stream normalised by {found[hit[0]][0]} reshaped"
+            freeze_layout(layout, reason)
+    return {a: tuple(dict.fromkeys(n)) for a, n in found.items()}
+
+
+def _plain(layout) -> bool:
+    """One channel set, one position per channel, no repeats: the only layout streams grow along."""
+    return layout.outer == 1 and len(layout.pieces) == 1 and layout.pieces[0][2] == 1
