@@ -28,12 +28,21 @@ import torch.fx
 
 from r2r_fx.analysis import Analysis, analyze
 from r2r_fx.errors import GrowthError
+from r2r_fx.heads import keep_score_scales
 from r2r_fx.methods import Method, get_method
 from r2r_fx.passbase import Pass, PassResult, copy_graph_module, make_generator
 from r2r_fx.record import AxisChange, GroupChange, GrowthRecord, ParamChange, append_record, replace_param
 from r2r_fx.surgery import axis_index, channel_sources, fix_widths, get_tensor, grow_stream, update_shapes
 
-__all__ = ["WidenPass", "plan_new_channels", "widen"]
+__all__ = ["KINDS", "WidenPass", "plan_new_channels", "widen", "wants_head_size"]
+
+KINDS = ("stream", "heads", "head_size", "channels")
+
+
+def wants_head_size(groups: Iterable[int | str] | None) -> bool:
+    """Whether a group selection asks for head sizes (``"kind:head_size"``), which a separate analysis
+    finds (``analyze(gm, head_size=True)``: heads and head sizes do not grow in one pass)."""
+    return groups is not None and "kind:head_size" in [g for g in groups if isinstance(g, str)]
 
 
 def plan_new_channels(
@@ -74,12 +83,13 @@ def plan_new_channels(
         elif g.widenable:
             step = g.granularity
             per_set = {}
+            own = [a for a in g.channel_sets if a not in analysis.key_sets]  # a key set mirrors its query set
             for a in g.channel_sets:
-                want = analysis.set_width[a] * (factor - 1) if factor is not None else extra / len(g.channel_sets)
+                want = analysis.set_width[a] * (factor - 1) if factor is not None else extra / len(own)
                 per_set[a] = int(math.ceil(round(want, 6) / step)) * step
             if any(per_set.values()):
                 new_channels.update(per_set)
-                entry.update(status="widened", reason="", width_after=g.width + sum(per_set.values()))
+                entry.update(status="widened", reason="", width_after=g.width + sum(per_set[a] for a in own))
             else:
                 entry["reason"] = "nothing to add"
         report.append(GroupChange(**{**entry, "producers": tuple(g.producers), "consumers": tuple(g.consumers)}))
@@ -119,10 +129,10 @@ def _select(analysis: Analysis, groups: Iterable[int | str] | None) -> set[int]:
                 raise GrowthError(f"unknown width group id {key}; valid ids are 0..{len(analysis.groups) - 1}")
             chosen.add(key)
             continue
-        if key.startswith("kind:"):  # every group of a kind: "kind:stream", "kind:heads", "kind:channels"
+        if key.startswith("kind:"):  # every group of a kind: "kind:stream", "kind:heads", "kind:channels", ...
             kinds = {g.kind for g in analysis.groups}
-            if key[5:] not in ("stream", "heads", "channels"):
-                raise GrowthError(f"unknown group kind {key[5:]!r}; kinds are stream, heads and channels")
+            if key[5:] not in KINDS:
+                raise GrowthError(f"unknown group kind {key[5:]!r}; kinds are {', '.join(KINDS)}")
             chosen.update(g.id for g in analysis.groups if g.kind == key[5:])
             if key[5:] not in kinds:
                 raise GrowthError(f"no width group is of kind {key[5:]!r}; this model has {', '.join(sorted(kinds))}")
@@ -150,6 +160,9 @@ def grow_parameters(
     streams = {a: e for a, e in new_channels.items() if e and a in analysis.stream_sets}
     others = {a: e for a, e in new_channels.items() if a not in streams}
     sources = channel_sources(others, analysis.set_width, generator)
+    for q, k in analysis.contracted:  # k's new head-size channels pair with q's (Net2Net: copy j, halve k_j)
+        if q in sources:
+            sources[k] = sources[q]
     for param, axes in analysis.bound_params().items():
         plan, stream_plan = [], []
         for axis, layout, role in sorted(axes):
@@ -161,7 +174,11 @@ def grow_parameters(
                 read = forms.reads.get((param, axis), "zero")
                 stream_plan.append((axis, k, r, role, fill, forms.tail, read, d))
             elif any(others.get(a) for a in sets):
-                plan.append((axis, axis_index(layout, others, sources), role))
+                keys = analysis.key_sets.intersection(sets)  # k's head size: q's fill with the consumer's sign
+                if keys:
+                    plan.append((axis, axis_index(layout, others, sources, only=keys), "in"))
+                if keys != set(sets):
+                    plan.append((axis, axis_index(layout, others, sources, only=set(sets) - keys), role))
         if not plan and not stream_plan:
             continue
         old = get_tensor(gm, param)
@@ -169,7 +186,7 @@ def grow_parameters(
             new = method.grow(old, plan, generator) if plan else old.detach().clone()
             for axis, k, r, _, fill, tail, read, _ in stream_plan:  # the group's constraint
                 new = grow_stream(new, axis, k, fill, method, generator, r=r, tail=tail, read=read)
-        axes = {axis: AxisChange(role, tuple(tuple(r) for r in idx.runs)) for axis, idx, role in plan}
+        axes = {axis: AxisChange(role, tuple(tuple(r) for r in idx.runs)) for axis, idx, role in reversed(plan)}
         for axis, k, r, role, fill, _, _, d in stream_plan:  # old entries stay at 0..d-1
             changed = (fill == "in" and k > 1) or (fill == "norm_weight" and r > 0)  # W/k shares, gamma*s
             axes[axis] = AxisChange(f"stream_{role}", ((0, 0, d),), old_changed=changed)
@@ -204,12 +221,12 @@ class WidenPass(Pass):
     ) -> None:
         if factor is None and extra is None:
             factor = 2.0
-        self.factor, self.extra, self.groups = factor, extra, groups
+        self.factor, self.extra, self.groups = factor, extra, None if groups is None else list(groups)
         self.method = get_method(method, **method_options)
         self.seed, self.check = seed, check
 
     def transform(self, gm: torch.fx.GraphModule) -> PassResult:
-        analysis = analyze(gm)
+        analysis = analyze(gm, head_size=wants_head_size(self.groups))
         new_channels, report = plan_new_channels(
             analysis, factor=self.factor, extra=self.extra, groups=self.groups, method=self.method
         )
@@ -223,6 +240,7 @@ class WidenPass(Pass):
         changes = grow_parameters(grown, analysis, new_channels, self.method, generator)
         fix_widths(grown, analysis, new_channels)
         update_shapes(grown, analysis, new_channels)
+        keep_score_scales(grown, analysis, new_channels)
         record = GrowthRecord(
             "widen",
             self.method.name,

@@ -40,7 +40,7 @@ import torch.nn.utils.parametrize
 from r2r_fx import rules as _rules
 from r2r_fx.compat import has_forward_hooks
 from r2r_fx.graph import describe, tensor_shapes
-from r2r_fx.heads import head_roots
+from r2r_fx.heads import contract_ties, head_roots
 from r2r_fx.rules import Slot, freeze_all, rule_for
 from r2r_fx.stream_ties import fill_roles, find_tied_heads
 from r2r_fx.streams import StreamForms, find_streams, stream_forms
@@ -109,6 +109,7 @@ class WidthGroup:
     norms: tuple[str, ...] = ()  # the norms reading this group: a normalised stream (r2r_fx.streams)
     integer_only: str = ""  # a stream that only whole copies keep exact: why (r2r_fx.streams)
     heads: bool = False  # its channels are attention heads (each a block of head-size positions)
+    head_size: bool = False  # its channels are positions within attention heads (a head-size analysis)
 
     @property
     def stream(self) -> bool:
@@ -117,9 +118,12 @@ class WidthGroup:
 
     @property
     def kind(self) -> str:
-        """ "stream" (normalised residual stream), "heads" (attention heads) or "channels" (the rest:
-        MLP hidden widths, convolution channels)."""
-        return "stream" if self.norms else "heads" if self.heads else "channels"
+        """ "stream" (normalised residual stream), "heads" (attention heads), "head_size" (positions in
+        each head, from ``analyze(gm, head_size=True)``) or "channels" (the rest: MLP hidden widths,
+        convolution channels)."""
+        if self.norms:
+            return "stream"
+        return "head_size" if self.head_size else "heads" if self.heads else "channels"
 
     def __repr__(self) -> str:
         state = "widenable" if self.widenable else f"frozen: {self.reason}"
@@ -174,8 +178,9 @@ class _Builder:
     union-find).
     """
 
-    def __init__(self, gm: torch.fx.GraphModule) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, head_size: bool = False) -> None:
         self.gm = gm
+        self.head_size_mode = head_size
         self._uf = _UnionFind()
         self.edges: list[tuple[Slot, Slot, str]] = []
         self.sizes: dict[Slot, int] = {}
@@ -187,6 +192,8 @@ class _Builder:
         self.param_users: set[tuple[str, str]] = set()
         self.norms: list[NormSite] = []
         self.head_slots: list[Slot] = []
+        self.head_size_slots: list[Slot] = []
+        self.contracts: list[tuple[Slot, Slot, str]] = []  # (q side, k side, node) of a product
         # Qualified name -> submodule, gathered once rather than one get_submodule walk per lookup.
         self.modules: dict[str, torch.nn.Module] = dict(gm.named_modules(remove_duplicate=False))
         self._slots_seen: list[Slot] = []
@@ -242,6 +249,22 @@ class _Builder:
         self._touch(slot)
         self.head_slots.append(slot)
 
+    def head_size(self, slot: Slot, node: torch.fx.Node) -> None:
+        """``slot`` is the head size of an attention output (grows only in head-size analyses)."""
+        self._touch(slot)
+        self.head_size_slots.append(slot)
+
+    def contract(self, a: Slot, b: Slot, node: torch.fx.Node, reason: str) -> None:
+        """``node`` contracts axis ``a`` with axis ``b`` (``q`` with ``k``): frozen with ``reason``,
+        except in a head-size analysis, where they grow together (``r2r_fx.heads``)."""
+        if not self.head_size_mode:
+            for slot in (a, b):
+                self.freeze(slot, f"{reason} (a head size grows only when asked for: kind:head_size)")
+            return
+        self._touch(a, b)
+        self.contracts.append((a, b, node.name))
+        self.head_size_slots.extend((a, b))
+
     def uses_param(self, get_attr: torch.fx.Node, user: torch.fx.Node) -> None:
         self.param_users.add((get_attr.name, user.name))
 
@@ -285,9 +308,10 @@ class Analysis:
     ``aliases(param)``, ``stream_forms[channel_set]``, ``tied_heads`` and ``coupling_graph``; everything
     else is private."""
 
-    def __init__(self, gm: torch.fx.GraphModule) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, *, head_size: bool = False) -> None:
         self.gm = gm
-        b = self._builder = _Builder(gm)
+        self.head_size = head_size  # head sizes grow instead of heads (``r2r_fx.heads``)
+        b = self._builder = _Builder(gm, head_size)
         self._collect()
         self._uf = b._uf
         self._conflicts: dict[Slot, str] = {}
@@ -300,6 +324,8 @@ class Analysis:
         self.set_width: list[int] = []
         self._bound_roots = {self._uf.find((f"param:{p}", a)) for (p, a) in b.bindings}
         self._head_roots = head_roots(self._uf.find, b, self._bound_roots)
+        if head_size:  # the merges grow along the head size instead
+            self._head_roots = {self._uf.find(s) for s in b.head_size_slots}
         self._resolve()
 
     @property
@@ -551,6 +577,11 @@ class Analysis:
             for lay in layouts[1:]:
                 for (a, _, _), (b_, _, _) in zip(layouts[0].pieces, lay.pieces):
                     ties.add_edge(a, b_)
+        self.key_sets: set[int] = set()  # head sizes on the k side of a product (r2r_fx.heads)
+        self.contracted: list[tuple[int, int]] = []  # (q set, k set): new channels derive from the same ones
+        if self.head_size:
+            self.contracted, self.key_sets = contract_ties(self, b, freeze_layout)
+            ties.add_edges_from(self.contracted)
         gran: dict[int, int] = defaultdict(lambda: 2)
         for slot, k, node in b.granularities:
             layout = self.layout(slot)
@@ -577,7 +608,7 @@ class Analysis:
                 reason = f"the stream normalised by {norms[0]} is tied to other channel sets (an equal split)"
             group = WidthGroup(
                 id=len(self.groups),
-                width=sum(self.set_width[a] for a in channel_sets),
+                width=sum(self.set_width[a] for a in channel_sets if a not in self.key_sets),  # k mirrors q
                 channel_sets=channel_sets,
                 slots=sorted({s for a in channel_sets for s in slots_of[a]}, key=str),
                 producers=_unique(p for a in channel_sets for p in self.producers.get(a, [])),
@@ -586,7 +617,8 @@ class Analysis:
                 widenable=not reason,
                 reason=reason,
                 norms=norms,
-                heads=any(self.set_roots[a] in self._head_roots for a in channel_sets),
+                heads=not self.head_size and any(self.set_roots[a] in self._head_roots for a in channel_sets),
+                head_size=self.head_size and any(self.set_roots[a] in self._head_roots for a in channel_sets),
             )
             for a in channel_sets:
                 self.group_of_set[a] = group.id
@@ -627,13 +659,16 @@ def _unique(items) -> list[str]:
     return list(dict.fromkeys(items))  # first occurrences, in order
 
 
-def analyze(gm: torch.fx.GraphModule) -> Analysis:
-    """Run the width-group analysis on a captured graph (shapes must be recorded)."""
+def analyze(gm: torch.fx.GraphModule, *, head_size: bool = False) -> Analysis:
+    """Run the width-group analysis on a captured graph (shapes must be recorded).
+
+    ``head_size``: attention reshapes grow along the head size instead of the heads (one or the other
+    per analysis; growing both is two passes)."""
     if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
         from r2r_fx.capture import example_inputs_of, record_shapes
 
         record_shapes(gm, example_inputs_of(gm))
-    return Analysis(gm)
+    return Analysis(gm, head_size=head_size)
 
 
 def width_groups(gm: torch.fx.GraphModule) -> list[WidthGroup]:

@@ -8,15 +8,21 @@ heads x group size; ``bmm``: batch x heads) to the member split from a projectio
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from r2r_fx.compat import aten
+from r2r_fx.graph import shape_of
 from r2r_fx.rules import Slot
 
 if TYPE_CHECKING:
     from r2r_fx.analysis import _Builder
 
-__all__ = ["head_roots"]
+__all__ = ["contract_ties", "head_roots", "keep_score_scales"]
 
 
 def head_roots(find: Callable[[Slot], Slot], b: _Builder, bound_roots: set[Slot]) -> set[Slot]:
@@ -42,3 +48,75 @@ def head_roots(find: Callable[[Slot], Slot], b: _Builder, bound_roots: set[Slot]
                 heads.add(elsewhere[0])
                 changed = True
     return heads
+
+
+def contract_ties(analysis: Any, b: _Builder, freeze_layout: Callable[[Any, str], None]) -> tuple[list, set[int]]:
+    """The ties a head-size analysis adds: for each product contracting ``q``'s head size with ``k``'s,
+    the two channel sets grow together (``(q_set, k_set)`` edges), ``k``'s set with the opposite sign
+    (returned as the *key sets*: its producer's rows and bias take opposite pairs, Net2Net's halves,
+    NetMorph's zeros, the fill of a consumer's columns), so ``q'.k' = q.k + a.b - a.b``.
+
+    Fail closed: a head size that is not one whole channel set at the product (split for a rotary
+    embedding, reshaped), a set on the ``q`` side of one product and the ``k`` side of another, and any
+    parameter on a key set other than its producer's rows and bias (a per-channel scale would get the
+    wrong sign), or read as data on either side (rotary tables), freeze the group with the reason."""
+    edges, key_sets, query_sets = [], set(), set()
+    for q, k, node in b.contracts:
+        lq, lk = analysis.layout(q), analysis.layout(k)
+        if not (_plain(lq) and _plain(lk)) or lq.pieces[0][0] == lk.pieces[0][0]:
+            reason = f"the head size of {node} is split, reshaped or contracted with itself (rotary embedding?)"
+            freeze_layout(lq, reason)
+            freeze_layout(lk, reason)
+            continue
+        edges.append((lq.pieces[0][0], lk.pieces[0][0]))
+        query_sets.add(lq.pieces[0][0])
+        key_sets.add(lk.pieces[0][0])
+    for a in query_sets & key_sets:
+        freeze_layout(
+            analysis.layout(analysis.set_roots[a]),
+            "a head size on the query side of one product and the key side of another",
+        )
+    tied = query_sets | key_sets
+    layouts = {key: analysis.layout((f"param:{key[0]}", key[1])) for key in b.bindings}
+    producers = {  # the layers writing a key set (their biases take the sign too)
+        x.node
+        for key, binds in b.bindings.items()
+        if set(layouts[key].channel_sets()) & key_sets
+        for x in binds
+        if x.role == "out"
+    }
+    for (param, axis), binds in b.bindings.items():
+        layout = layouts[(param, axis)]
+        sets = set(layout.channel_sets())
+        if not sets & tied:
+            continue
+        for x in binds:
+            bad = x.role == "data" or (
+                sets & key_sets and not (x.role == "out" or (x.role == "channel" and x.node in producers))
+            )
+            if bad:
+                reason = (
+                    f"parameter {param} axis {axis} is read on the head size of q/k as {x.role}"
+                    " (only a projection's rows and bias take the key side's sign)"
+                )
+                freeze_layout(layout, reason)
+    return edges, key_sets
+
+
+def _plain(layout: Any) -> bool:
+    return layout.outer == 1 and len(layout.pieces) == 1 and layout.pieces[0][2] == 1
+
+
+def keep_score_scales(gm: torch.fx.GraphModule, analysis: Any, new_channels: Mapping[int, int]) -> None:
+    """Scaled dot-product attention nodes whose head size grew keep the old score scale: SDPA's default
+    ``1 / sqrt(E)`` would follow the new ``E`` and change every score, so ``scale=`` is set to the old
+    value (an explicit scale already is the old one)."""
+    sdpa = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in sdpa or node.kwargs.get("scale") is not None:
+            continue
+        q = node.args[0]
+        slot = (q.name, len(shape_of(q)) - 1)
+        if any(new_channels.get(a) for a in analysis.layout(slot).channel_sets()):
+            node.update_kwarg("scale", analysis.size(slot) ** -0.5)
+    gm.recompile()

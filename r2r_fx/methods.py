@@ -174,7 +174,7 @@ class Method:
             grown = torch.zeros(shape, dtype=t.dtype, device=t.device)
         target = grown
         scattered = []
-        for axis, idx, _ in axes:
+        for axis, idx in {axis: idx for axis, idx, _ in reversed(axes)}.items():  # one placement per axis
             if len(idx.runs) == 1:
                 target = target.narrow(axis, idx.runs[0][0], idx.old_size)
             else:

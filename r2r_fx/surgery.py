@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -74,8 +74,17 @@ def channel_sources(
     return {a: torch.randint(0, max(1, widths[a]), (e,), generator=generator) for a, e in new_channels.items() if e}
 
 
-def axis_index(layout: Layout, new_channels: Mapping[int, int], sources: Mapping[int, torch.Tensor]) -> AxisIndex:
-    """Index tensors for growing one axis (vectorised over ``outer``; a loop over the few pieces)."""
+def axis_index(
+    layout: Layout,
+    new_channels: Mapping[int, int],
+    sources: Mapping[int, torch.Tensor],
+    only: Collection[int] | None = None,
+) -> AxisIndex:
+    """Index tensors for growing one axis (vectorised over ``outer``; a loop over the few pieces).
+
+    ``only``: the new entries listed are those of these channel sets (the axis still grows by all of
+    ``new_channels``), so one axis can take two fills (a packed q/k projection: ``k``'s rows take the
+    opposite sign of ``q``'s)."""
     old_w = sum(n * inner for _, n, inner in layout.pieces)
     new_w = sum((n + new_channels.get(a, 0)) * inner for a, n, inner in layout.pieces)
     outer = layout.outer
@@ -89,7 +98,7 @@ def axis_index(layout: Layout, new_channels: Mapping[int, int], sources: Mapping
         old_map[:, off_old : off_old + span] = rows * new_w + off_new + torch.arange(span)
         for o in range(outer):
             runs.append((o * new_w + off_new, o * old_w + off_old, span))
-        if e:
+        if e and (only is None or channel_set in only):
             half = (e // 2) * inner
             start = rows * new_w + off_new + span
             firsts.append((start + torch.arange(half)).reshape(-1))

@@ -5,10 +5,11 @@ axis just before the two matrix axes is where attention heads live (``(batch, he
 head_dim)``), and the rules say so with ``c.heads``. A reshape that splits a projection's outputs into
 ``(heads, head_dim)`` then grows along the heads: a new head is a whole block of ``head_dim``
 positions, R2R pairs give two identical heads whose outputs the next projection's opposite columns
-cancel. What the products contract (the head size of ``q`` and ``k``) keeps its width: growing it
-changes every score unless the new entries cancel and the score scale is kept (not done here). The
-key axis keeps its width too (a new key changes every softmax), and so does anything the op
-broadcasts.
+cancel. What the products contract (the head size of ``q`` and ``k``) is named with ``c.contract``:
+it grows only when asked for head sizes (``analyze(gm, head_size=True)``, ``r2r_fx.heads``), with
+identical pairs on the ``q`` side and opposite pairs on the ``k`` side, so the new terms of every
+score cancel; the value side's head size (the output's last axis) is named with ``c.head_size``. The
+key axis keeps its width (a new key changes every softmax), and so does anything the op broadcasts.
 """
 
 from __future__ import annotations
@@ -57,9 +58,8 @@ def _matmul(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None
     _batch_axes(c, node, (a, b), out)
     c.same((a.name, len(shape_of(a)) - 2), (node.name, len(out) - 2))
     c.same((b.name, len(shape_of(b)) - 1), (node.name, len(out) - 1))
-    reason = f"contracted by {node.name} (a head size does not grow: the scores would change)"
-    c.freeze((a.name, len(shape_of(a)) - 1), reason)
-    c.freeze((b.name, len(shape_of(b)) - 2), reason)
+    c.contract((a.name, len(shape_of(a)) - 1), (b.name, len(shape_of(b)) - 2), node, f"contracted by {node.name}")
+    c.head_size((node.name, len(out) - 1), node)
 
 
 @register_rule(F.scaled_dot_product_attention, aten.scaled_dot_product_attention)
@@ -81,9 +81,10 @@ def _sdpa(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
     c.same((k.name, len(shape_of(k)) - 2), (v.name, len(shape_of(v)) - 2))
     c.same((v.name, len(shape_of(v)) - 1), (node.name, last))
     c.freeze((k.name, len(shape_of(k)) - 2), f"key axis of {node.name} (a new key changes every softmax)")
-    reason = f"head size of q and k in {node.name} (growing it changes the scores and their scale)"
-    c.freeze((q.name, len(shape_of(q)) - 1), reason)
-    c.freeze((k.name, len(shape_of(k)) - 1), reason)
+    c.contract(
+        (q.name, len(shape_of(q)) - 1), (k.name, len(shape_of(k)) - 1), node, f"head size of q and k in {node.name}"
+    )
+    c.head_size((node.name, last), node)
     if mask is not None:
         shape = shape_of(mask)
         scores = (*out[:-1], shape_of(k)[-2])

@@ -1,0 +1,72 @@
+"""Head size grows exactly: q's new positions in identical pairs, k's in opposite pairs (so every new
+score term cancels), v's and the output columns as plain R2R, and SDPA's default scale kept at the old
+head size. Independent checks against the eager model on fresh inputs, eval and train, and ORT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_heads import HEADS, RTOL, D, Net, T, _rel
+
+import r2r_fx
+
+from helpers import assert_function_preserved
+
+CASES = {"sdpa": {}, "manual": {"style": "manual"}, "gqa": {"kv_heads": 2}}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_head_size_grows_exactly(case):
+    torch.manual_seed(0)
+    model = Net(**CASES[case]).eval()
+    gm = r2r_fx.capture(model, (torch.randn(2, T, 8),), via="export")
+    groups = [g for g in r2r_fx.analyze(gm, head_size=True).groups if g.kind == "head_size"]
+    assert len(groups) == 4 and all(g.widenable and g.width == D // HEADS for g in groups), groups
+    grown = r2r_fx.widen(gm, factor=2.0, groups=["kind:head_size"], seed=0, check=False)
+    q = grown.get_submodule("attn.0.q")
+    assert q.weight.shape[0] == 2 * D
+    for train in (False, True):
+        assert _rel(model, grown, train) <= RTOL, (case, train)
+    assert_function_preserved(model, grown, (torch.randn(2, T, 8),))
+
+
+def test_key_side_takes_opposite_pairs_and_the_scale_is_kept():
+    torch.manual_seed(0)
+    model = Net().eval()
+    gm = r2r_fx.capture(model, (torch.randn(2, T, 8),), via="export")
+    grown = r2r_fx.widen(gm, factor=2.0, groups=["kind:head_size"], seed=0, check=False)
+    hd = D // HEADS
+    q, k = grown.get_submodule("attn.0.q").weight, grown.get_submodule("attn.0.k").weight
+    new = torch.arange(hd, 2 * hd)  # head 0's new positions: two halves of hd/2
+    a, b = new[: hd // 2], new[hd // 2 :]
+    assert torch.equal(q[a], q[b]) and torch.equal(k[a], -k[b])
+    scales = [n.kwargs.get("scale") for n in grown.graph.nodes if "scaled_dot_product" in str(n.target)]
+    assert scales and all(s == pytest.approx(hd**-0.5) for s in scales)
+    for n in grown.graph.nodes:  # without the kept scale the model changes: the check can fail
+        if "scaled_dot_product" in str(n.target):
+            n.update_kwarg("scale", None)
+    grown.recompile()
+    assert _rel(model, grown, False) > 1e-3
+
+
+@pytest.mark.parametrize("method", ["net2net", "netmorph"])
+def test_other_methods_grow_head_size(method):
+    torch.manual_seed(0)
+    model = Net(kv_heads=2).eval()
+    gm = r2r_fx.capture(model, (torch.randn(2, T, 8),), via="export")
+    grown = r2r_fx.widen(gm, factor=2.0, groups=["kind:head_size"], method=method, seed=0, check=False)
+    for train in (False, True):
+        assert _rel(model, grown, train) <= RTOL, (method, train)
+
+
+def test_rotary_head_size_stays_and_what_grows_is_exact():
+    torch.manual_seed(0)
+    model = Net(rope=True, style="manual").eval()
+    gm = r2r_fx.capture(model, (torch.randn(2, T, 8),), via="export")
+    sized = [g for g in r2r_fx.analyze(gm, head_size=True).groups if g.kind == "head_size" and g.widenable]
+    assert len(sized) == 2, sized  # only the value side: q/k under the rotation keep their size
+    grown = r2r_fx.widen(gm, factor=2.0, groups=["kind:head_size"], seed=0, check=False)
+    assert grown.get_submodule("attn.0.q").weight.shape[0] == D
+    for train in (False, True):
+        assert _rel(model, grown, train) <= RTOL, train
+    assert not any(g.kind == "head_size" for g in r2r_fx.analyze(gm).groups)
