@@ -92,6 +92,11 @@ class Layout:
     def channel_sets(self) -> list[int]:
         return [a for a, _, _ in self.pieces]
 
+    @property
+    def plain(self) -> bool:
+        """One channel set, one position per channel, no repeats (what streams and head sizes grow along)."""
+        return self.outer == 1 and len(self.pieces) == 1 and self.pieces[0][2] == 1
+
 
 @dataclass
 class WidthGroup:
@@ -323,9 +328,10 @@ class Analysis:
         self.set_roots: list[Slot] = []
         self.set_width: list[int] = []
         self._bound_roots = {self._uf.find((f"param:{p}", a)) for (p, a) in b.bindings}
-        self._head_roots = head_roots(self._uf.find, b, self._bound_roots)
-        if head_size:  # the merges grow along the head size instead
+        if head_size:  # the merges grow along the head size instead of the heads
             self._head_roots = {self._uf.find(s) for s in b.head_size_slots}
+        else:
+            self._head_roots = head_roots(self._uf.find, b, self._bound_roots)
         self._resolve()
 
     @property

@@ -1,9 +1,12 @@
-"""Attention heads in the width analysis: which classes of slots hold heads.
+"""Attention heads and head sizes in the width analysis.
 
 A reshape that splits a projection's output axis into ``(heads, head_dim)`` is a *merge* in the
-analysis; it grows along the member an attention rule named as heads (``Couplings.heads``). This module
-follows those marks through reshapes that build a head axis from several axes (``repeat_kv``: kv
-heads x group size; ``bmm``: batch x heads) to the member split from a projection's outputs.
+analysis; it grows along the member an attention rule named as heads (``Couplings.heads``).
+``head_roots`` follows those marks through reshapes that build a head axis from several axes
+(``repeat_kv``: kv heads x group size; ``bmm``: batch x heads) to the member split from a projection's
+outputs. A head-size analysis (``analyze(gm, head_size=True)``) grows the other member instead:
+``contract_ties`` ties ``q``'s head size to ``k``'s with the opposite sign on ``k``, and
+``keep_score_scales`` keeps SDPA's default score scale at the old head size.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def contract_ties(analysis: Any, b: _Builder, freeze_layout: Callable[[Any, str]
     edges, key_sets, query_sets = [], set(), set()
     for q, k, node in b.contracts:
         lq, lk = analysis.layout(q), analysis.layout(k)
-        if not (_plain(lq) and _plain(lk)) or lq.pieces[0][0] == lk.pieces[0][0]:
+        if not (lq.plain and lk.plain) or lq.pieces[0][0] == lk.pieces[0][0]:
             reason = f"the head size of {node} is split, reshaped or contracted with itself (rotary embedding?)"
             freeze_layout(lq, reason)
             freeze_layout(lk, reason)
@@ -103,15 +106,12 @@ def contract_ties(analysis: Any, b: _Builder, freeze_layout: Callable[[Any, str]
     return edges, key_sets
 
 
-def _plain(layout: Any) -> bool:
-    return layout.outer == 1 and len(layout.pieces) == 1 and layout.pieces[0][2] == 1
-
-
 def keep_score_scales(gm: torch.fx.GraphModule, analysis: Any, new_channels: Mapping[int, int]) -> None:
     """Scaled dot-product attention nodes whose head size grew keep the old score scale: SDPA's default
     ``1 / sqrt(E)`` would follow the new ``E`` and change every score, so ``scale=`` is set to the old
     value (an explicit scale already is the old one)."""
     sdpa = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
+    changed = False
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in sdpa or node.kwargs.get("scale") is not None:
             continue
@@ -119,4 +119,6 @@ def keep_score_scales(gm: torch.fx.GraphModule, analysis: Any, new_channels: Map
         slot = (q.name, len(shape_of(q)) - 1)
         if any(new_channels.get(a) for a in analysis.layout(slot).channel_sets()):
             node.update_kwarg("scale", analysis.size(slot) ** -0.5)
-    gm.recompile()
+            changed = True
+    if changed:
+        gm.recompile()

@@ -279,24 +279,19 @@ def find_streams(analysis: Analysis, b: Any, slots_of: dict, freeze_layout) -> d
     found: dict[int, list[str]] = {}
     for site in b.norms:
         layout = analysis.layout(site.in_slot)
-        if not _plain(layout):
+        if not layout.plain:
             freeze_layout(layout, f"normalised over by {site.node} across a concatenation or a reshaped axis")
             continue
         found.setdefault(layout.pieces[0][0], []).append(site.node)
     for a, norms in found.items():
         for slot in slots_of.get(a, ()):
-            if not _plain(analysis.layout(slot)):
+            if not analysis.layout(slot).plain:
                 reason = f"the stream normalised by {norms[0]} reaches {slot[0]} concatenated or reshaped"
                 freeze_layout(analysis.layout(slot), reason)
     for param, axis in b.bindings:
         layout = analysis.layout((f"param:{param}", axis))
         hit = [a for a in layout.channel_sets() if a in found]
-        if hit and not _plain(layout):
+        if hit and not layout.plain:
             reason = f"parameter {param} axis {axis} reads the stream normalised by {found[hit[0]][0]} reshaped"
             freeze_layout(layout, reason)
     return {a: tuple(dict.fromkeys(n)) for a, n in found.items()}
-
-
-def _plain(layout) -> bool:
-    """One channel set, one position per channel, no repeats: the only layout streams grow along."""
-    return layout.outer == 1 and len(layout.pieces) == 1 and layout.pieces[0][2] == 1
