@@ -20,7 +20,7 @@ the graph breaks the tail (post-LN, an activation or layer scale on the stream, 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -39,10 +39,12 @@ __all__ = ["KINDS", "WidenPass", "plan_new_channels", "widen", "wants_head_size"
 KINDS = ("stream", "heads", "head_size", "channels")
 
 
-def wants_head_size(groups: Iterable[int | str] | None) -> bool:
-    """Whether a group selection asks for head sizes (``"kind:head_size"``), which a separate analysis
-    finds (``analyze(gm, head_size=True)``: heads and head sizes do not grow in one pass)."""
-    return groups is not None and "kind:head_size" in [g for g in groups if isinstance(g, str)]
+def wants_head_size(groups: Iterable[int | str] | None, sizes: Mapping[int | str, int] | None = None) -> bool:
+    """Whether a group selection (or the keys of ``sizes``) asks for head sizes (``"kind:head_size"``),
+    which a separate analysis finds (``analyze(gm, head_size=True)``: heads and head sizes do not grow
+    in one pass)."""
+    keys = [*(groups or ()), *(sizes or {})]
+    return "kind:head_size" in [g for g in keys if isinstance(g, str)]
 
 
 def plan_new_channels(
@@ -52,15 +54,23 @@ def plan_new_channels(
     extra: int | None,
     groups: Iterable[int | str] | None,
     method: Method | None = None,
+    sizes: Mapping[int | str, int] | None = None,
 ) -> tuple[dict[int, int], list[GroupChange]]:
-    """Channels to add per channel set, and a report line per width group (widened or skipped, with reason)."""
-    if (factor is None) == (extra is None):
+    """Channels to add per channel set, and a report line per width group (widened or skipped, with reason).
+
+    ``sizes`` (instead of ``factor``/``extra``/``groups``) maps group selectors to the width each
+    selected group is to have (see :func:`widen`)."""
+    if sizes is not None:
+        if factor is not None or extra is not None or groups is not None:
+            raise GrowthError("sizes= names the groups and their widths: give it without factor=, extra= or groups=")
+        targets = _targets(analysis, sizes)
+    elif (factor is None) == (extra is None):
         raise GrowthError("give exactly one of factor= or extra=")
     if factor is not None and factor < 1:
         raise GrowthError(f"factor must be >= 1, got {factor}")
     if extra is not None and extra < 0:
         raise GrowthError(f"extra must be >= 0, got {extra}")
-    chosen = _select(analysis, groups)
+    chosen = set(targets) if sizes is not None else _select(analysis, groups)
     new_channels: dict[int, int] = {}
     report: list[GroupChange] = []
     for g in analysis.groups:
@@ -74,26 +84,56 @@ def plan_new_channels(
             "reason": g.reason,
             "kind": g.kind,
         }
+        # this group's growth: the common factor/extra, or with sizes= its own extra
+        g_factor, g_extra = (
+            (None, targets[g.id] - g.width) if sizes is not None and g.id in targets else (factor, extra)
+        )
         if g.id not in chosen:
             entry["reason"] = entry["reason"] or "not selected"
         elif g.widenable and method is not None and method.refuses(g):
             entry["reason"] = method.refuses(g)
         elif g.widenable and g.norms:
-            _plan_stream(analysis, g, factor, extra, method, new_channels, entry)
+            _plan_stream(analysis, g, g_factor, g_extra, method, new_channels, entry)
         elif g.widenable:
             step = g.granularity
             per_set = {}
             own = [a for a in g.channel_sets if a not in analysis.key_sets]  # a key set mirrors its query set
             for a in g.channel_sets:
-                want = analysis.set_width[a] * (factor - 1) if factor is not None else extra / len(own)
+                want = analysis.set_width[a] * (g_factor - 1) if g_factor is not None else g_extra / len(own)
                 per_set[a] = int(math.ceil(round(want, 6) / step)) * step
             if any(per_set.values()):
                 new_channels.update(per_set)
                 entry.update(status="widened", reason="", width_after=g.width + sum(per_set[a] for a in own))
             else:
                 entry["reason"] = "nothing to add"
+        if (
+            sizes is not None
+            and g.id in targets
+            and entry["status"] == "widened"
+            and entry["width_after"] != targets[g.id]
+        ):
+            raise GrowthError(
+                f"width group {g.id} ({g.kind}, width {g.width}) cannot be {targets[g.id]} wide: it grows in steps"
+                f" of {g.granularity} (to {entry['width_after']})"
+            )
         report.append(GroupChange(**{**entry, "producers": tuple(g.producers), "consumers": tuple(g.consumers)}))
     return new_channels, report
+
+
+def _targets(analysis: Analysis, sizes: Mapping[int | str, int]) -> dict[int, int]:
+    """Group id -> the width asked for; a width below the group's, or two widths for one group, is an error."""
+    targets: dict[int, int] = {}
+    for key, width in sizes.items():
+        if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+            raise GrowthError(f"sizes[{key!r}] must be a width >= 1, got {width!r}")
+        for i in sorted(_select(analysis, [key])):
+            g = analysis.groups[i]
+            if width < g.width:
+                raise GrowthError(f"sizes[{key!r}] = {width} would shrink width group {i} ({g.kind}, width {g.width})")
+            if targets.get(i, width) != width:
+                raise GrowthError(f"width group {i} is asked to be both {targets[i]} and {width} wide")
+            targets[i] = width
+    return targets
 
 
 def _plan_stream(analysis, g, factor, extra, method, new_channels: dict[int, int], entry: dict) -> None:
@@ -195,8 +235,9 @@ def grow_parameters(
 
 
 def _stream_fill(param: str, role: str, forms) -> str:
-    """How a stream axis of ``param`` is filled (``grow_stream``): its binding role, or the norm's own."""
-    if role == "channel" and param in forms.norm_weights:
+    """How a stream axis of ``param`` is filled (``grow_stream``): its binding role, or the norm's own
+    (a decomposed RMSNorm reads its weight as data)."""
+    if role in ("channel", "data") and param in forms.norm_weights:
         return "norm_weight"
     if role == "channel" and param in forms.norm_biases:
         return "norm_bias"
@@ -217,18 +258,20 @@ class WidenPass(Pass):
         method: str | Method = "r2r",
         seed: int | None = None,
         check: bool = True,
+        sizes: Mapping[int | str, int] | None = None,
         **method_options: Any,
     ) -> None:
-        if factor is None and extra is None:
+        if factor is None and extra is None and sizes is None:
             factor = 2.0
         self.factor, self.extra, self.groups = factor, extra, None if groups is None else list(groups)
+        self.sizes = None if sizes is None else dict(sizes)
         self.method = get_method(method, **method_options)
         self.seed, self.check = seed, check
 
     def transform(self, gm: torch.fx.GraphModule) -> PassResult:
-        analysis = analyze(gm, head_size=wants_head_size(self.groups))
+        analysis = analyze(gm, head_size=wants_head_size(self.groups, self.sizes))
         new_channels, report = plan_new_channels(
-            analysis, factor=self.factor, extra=self.extra, groups=self.groups, method=self.method
+            analysis, factor=self.factor, extra=self.extra, groups=self.groups, method=self.method, sizes=self.sizes
         )
         replaced = [
             get_tensor(gm, p)
@@ -247,7 +290,7 @@ class WidenPass(Pass):
             self.method.exact,
             params=tuple(changes),
             groups=tuple(report),
-            options={"factor": self.factor, "extra": self.extra},
+            options={"factor": self.factor, "extra": self.extra, "sizes": self.sizes},
         )
         append_record(grown, record)
         return PassResult(grown, bool(changes), record)
@@ -262,13 +305,23 @@ def widen(
     method: str | Method = "r2r",
     seed: int | None = None,
     check: bool = True,
+    sizes: Mapping[int | str, int] | None = None,
     **method_options: Any,
 ) -> torch.fx.GraphModule:
     """Return a widened copy of ``gm`` (``factor=2.0`` by default); the input is untouched.
 
-    ``groups`` picks what grows: width group ids, producer node names, or a kind, ``"kind:stream"``
-    (normalised residual streams), ``"kind:heads"`` (attention heads) or ``"kind:channels"`` (the
-    rest). Growing kinds by different factors is one call per kind.
+    ``groups`` picks what grows: width group ids, producer node names or module paths, or a kind,
+    ``"kind:stream"`` (normalised residual streams), ``"kind:heads"`` (attention heads),
+    ``"kind:head_size"`` (positions within each head) or ``"kind:channels"`` (the rest: MLP hidden
+    widths, convolution channels). Growing kinds by different factors is one call per kind.
+
+    ``sizes`` says the width to reach instead, per selector (the same keys as ``groups``), e.g.
+    ``{"kind:stream": 96, "kind:heads": 8, "kind:channels": 256}``: the hidden size to 96, 8 heads, every
+    MLP 256 wide. A group's width is what ``width_groups`` shows: a heads group counts the heads of its
+    key/value projection (with grouped-query attention, the kv heads; each keeps its number of query
+    heads), a head-size group the positions in one head. A width the group cannot reach exactly (R2R
+    adds channels in pairs, grouped layers in whole groups) or below its width is an error; a frozen
+    group is skipped with its reason, as with ``groups``.
 
     ``method``: a name ("r2r", the default; "net2net", "netmorph", or "random", the non-preserving
     baseline) or a :class:`~r2r_fx.methods.Method`; ``method_options`` go to its constructor
@@ -278,6 +331,13 @@ def widen(
     :class:`~r2r_fx.errors.NotPreservedError` if an exact method changed the function.
     """
     pass_ = WidenPass(
-        factor=factor, extra=extra, groups=groups, method=method, seed=seed, check=check, **method_options
+        factor=factor,
+        extra=extra,
+        groups=groups,
+        method=method,
+        seed=seed,
+        check=check,
+        sizes=sizes,
+        **method_options,
     )
     return pass_.call(gm).model

@@ -35,13 +35,13 @@ from functools import cached_property
 import networkx as nx
 import torch
 import torch.fx
-import torch.nn.utils.parametrize
 
 from r2r_fx import rules as _rules
-from r2r_fx.compat import has_forward_hooks
-from r2r_fx.graph import describe, tensor_shapes
+from r2r_fx.graph import describe, hidden_weights, tensor_shapes
 from r2r_fx.heads import contract_ties, head_roots
 from r2r_fx.rules import Slot, freeze_all, rule_for
+from r2r_fx.rules.common import freeze_hidden_uses
+from r2r_fx.rules.norm_idioms import RMSIdiom
 from r2r_fx.stream_ties import fill_roles, find_tied_heads
 from r2r_fx.streams import StreamForms, find_streams, stream_forms
 
@@ -72,6 +72,7 @@ class NormSite:
     in_slot: Slot
     out_slot: Slot
     affine: bool
+    idiom: RMSIdiom | None = None  # a decomposed RMSNorm's ops (r2r_fx.rules.norm_idioms)
 
 
 @dataclass(frozen=True)
@@ -243,11 +244,14 @@ class _Builder:
         self._touch(slot)
         self.frozen.setdefault(slot, reason)
 
-    def normalize(self, x: Slot, out: Slot, node: torch.fx.Node, kind: str, affine: bool) -> None:
-        """``node`` normalises axis ``x`` (its statistics read every channel) into ``out``."""
+    def normalize(
+        self, x: Slot, out: Slot, node: torch.fx.Node, kind: str, affine: bool, idiom: RMSIdiom | None = None
+    ) -> None:
+        """``node`` normalises axis ``x`` (its statistics read every channel) into ``out`` (``idiom``: the
+        ops of a decomposed RMSNorm ending at ``node``)."""
         assert kind in ("layer", "rms"), kind
         self._touch(x, out)
-        self.norms.append(NormSite(node.name, kind, x, out, affine))
+        self.norms.append(NormSite(node.name, kind, x, out, affine, idiom))
 
     def heads(self, slot: Slot, node: torch.fx.Node) -> None:
         """``slot`` holds attention heads: a reshape splitting a channel axis into it grows along it."""
@@ -398,6 +402,7 @@ class Analysis:
                 b.bind(str(node.target), axis, (node.name, axis), "data", node)
                 if size == 1:
                     b.freeze((node.name, axis), "size-1 axis of a parameter")
+        freeze_hidden_uses(b, nodes, gm)
         b.finish()
 
     # ------------------------------------------------------------ unification of definitions
@@ -487,8 +492,13 @@ class Analysis:
                 self._conflicts[root] = "reshape splits a channel axis"
                 return self._set_layout(root)
             if len(bearing) > 1:
-                self._conflicts[root] = "reshape merges two channel axes"
-                return self._set_layout(root)
+                # heads x head_dim with a table along head_dim (RoPE's cos/sin): the heads grow, the rest
+                # keeps its width; otherwise which axis would grow is not known
+                heads = [i for i in bearing if self._uf.find(members[i]) in self._head_roots]
+                if len(heads) != 1:
+                    self._conflicts[root] = "reshape merges two channel axes"
+                    return self._set_layout(root)
+                bearing = heads
             k = bearing[0]
             # the other members only repeat the channels (outer / inner counts): they keep their widths
             self._merged_fixed.extend(m for i, m in enumerate(members) if i != k)
@@ -530,9 +540,14 @@ class Analysis:
                 slots_of[a].extend(tensors)
         frozen_sets: dict[int, str] = {}
 
-        def freeze_layout(layout: Layout, reason: str) -> None:
+        def freeze_layout(layout: Layout, reason: str, *, primary: bool = False) -> None:
+            """Freeze every channel set of ``layout``; the first reason stays unless ``primary`` (the
+            structural cause behind the op-level reasons already given)."""
             for a in layout.channel_sets():
-                frozen_sets.setdefault(a, reason)
+                if primary:
+                    frozen_sets[a] = reason
+                else:
+                    frozen_sets.setdefault(a, reason)
 
         for slot, reason in b.frozen.items():
             freeze_layout(self.layout(slot), reason)
@@ -649,16 +664,6 @@ class Analysis:
             role = self._fill_roles.get((param, axis), binds[0].role)
             out[param].append((axis, self.layout((f"param:{param}", axis)), role))
         return out
-
-
-def hidden_weights(module: torch.nn.Module) -> str:
-    """Why a layer's weights are not what its attributes say (hooks, parametrizations), or ""."""
-    if torch.nn.utils.parametrize.is_parametrized(module):
-        return "parametrized weights (spectral or weight norm, ...)"
-    for m in module.modules():
-        if has_forward_hooks(m):
-            return "forward hooks (spectral_norm, weight_norm, ...), which may compute or change its weights"
-    return ""
 
 
 def _unique(items) -> list[str]:

@@ -31,12 +31,14 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from r2r_fx.compat import ExceptionSafeTracer, drop_export_guards, is_concrete_int, set_tracer_class, swapped_tensors
 from r2r_fx.compat import aten as _aten
 from r2r_fx.errors import CaptureError
+from r2r_fx.inline import equivalent, inlined_forwards, unsupported
 from r2r_fx.rules import LAYERS, is_stochastic_depth
 from r2r_fx.train_mode import follow_train_flags, modulize_train_flags
 from r2r_fx.tree import fresh_inputs, max_errors
@@ -299,12 +301,40 @@ def _describe_failure(exc: BaseException) -> str:
 
 class _Tracer(ExceptionSafeTracer):
     """``torch.fx.Tracer`` that keeps registered layers and torchvision's ``StochasticDepth`` as
-    layers (``call_module``), as ``nn.Dropout`` is. Traced through, ``StochasticDepth`` would record
+    layers (``call_module``), as ``nn.Dropout`` is, and traces torch's transformer layers through their
+    plain-op equivalents where a call allows (``r2r_fx.inline``; the reason it does not, if any, is kept
+    in the node's ``meta["r2r_kept_whole"]``). Traced through, ``StochasticDepth`` would record
     its ``training`` flag as the constant of the mode at capture (eval), and a captured or grown model
     put in train mode would silently skip stochastic depth.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.inlined: list[torch.fx.Node] = []  # the nodes the equivalents made
+        self._through: nn.Module | None = None  # the layer being traced through (not a leaf)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        why = unsupported(m, args, kwargs)
+        if why == "":  # traced through its plain-op equivalent (r2r_fx.inline)
+            self._through = m
+            first = len(self.graph.nodes)
+            out = super().call_module(m, equivalent(m), args, kwargs)
+            made = list(self.graph.nodes)[first:]
+            for node in made:  # projections named after their weights (``layers_0_self_attn_in_proj``)
+                weight = node.args[1] if node.target is F.linear and len(node.args) > 1 else None
+                if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
+                    node._rename(str(weight.target).removesuffix("weight").rstrip("._").replace(".", "_"))
+            self.inlined.extend(made)
+            return out
+        out = super().call_module(m, forward, args, kwargs)
+        if why and isinstance(out, torch.fx.Proxy) and out.node.op == "call_module":
+            out.node.meta["r2r_kept_whole"] = why
+        return out
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self._through is m:
+            self._through = None
+            return False
         if is_stochastic_depth(m) or type(m) in LAYERS:  # not subclasses: their forward may differ
             return True
         return super().is_leaf_module(m, module_qualified_name)
@@ -314,6 +344,9 @@ def _trace_module(model: nn.Module) -> torch.fx.GraphModule:
     """``torch.fx.symbolic_trace(model)``, with registered layers and StochasticDepth kept as layers."""
     tracer = _Tracer()
     graph = tracer.trace(model)
+    for node in reversed(tracer.inlined):  # what the caller does not read (head-averaged weights): pure ops
+        if not node.users and node.op in ("call_function", "call_method"):
+            graph.erase_node(node)
     set_tracer_class(graph, torch.fx.Tracer)  # what reloading a pickled GraphModule re-traces with: torch's own
     return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
 
@@ -357,15 +390,16 @@ def _export(model: nn.Module, inputs: tuple[Any, ...]) -> torch.fx.GraphModule:
     from r2r_fx.export import expand_for_export
 
     dynamic = tuple(_dynamic_axes(t) for t in inputs)
-    try:  # a size-1 axis would be specialised: the dynamic export sees it repeated to 2
-        example = expand_for_export(inputs, [tuple(d) if d else None for d in dynamic])
-        program = torch.export.export(model, example, strict=False, dynamic_shapes=dynamic)
-    except Exception:  # noqa: BLE001 - a dynamic batch is a nicety; retry with static shapes
-        program = torch.export.export(model, inputs, strict=False)
+    with inlined_forwards(model):
+        try:  # a size-1 axis would be specialised: the dynamic export sees it repeated to 2
+            example = expand_for_export(inputs, [tuple(d) if d else None for d in dynamic])
+            program = torch.export.export(model, example, strict=False, dynamic_shapes=dynamic)
+        except Exception:  # noqa: BLE001 - a dynamic batch is a nicety; retry with static shapes
+            program = torch.export.export(model, inputs, strict=False)
 
     def train_graph() -> torch.fx.Graph | None:
         try:
-            with _train_mode(model):
+            with _train_mode(model), inlined_forwards(model):
                 return torch.export.export(model, inputs, strict=False).graph
         except Exception:  # noqa: BLE001 - no train-mode graph: the caller marks the model eval-only
             return None

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from r2r_fx.cli_errors import UsageError, first_line, one_line
-from r2r_fx.estimate import estimate_growth, format_bytes
+from r2r_fx.estimate import channel_costs, estimate_growth, format_bytes
 from r2r_fx.loading import example_inputs, load_model
 from r2r_fx.outputs import (
     Interrupted,
@@ -109,7 +109,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--groups",
         help="comma-separated width group ids, producer names or kinds to widen "
-        "(kind:stream, kind:heads, kind:channels)",
+        "(kind:stream, kind:heads, kind:head_size, kind:channels)",
+    )
+    p.add_argument(
+        "--size",
+        action="append",
+        default=[],
+        metavar="GROUP=WIDTH",
+        help="grow the groups GROUP selects (an id, producer name or kind) to WIDTH, repeatable "
+        "(e.g. --size kind:stream=96 --size kind:heads=8); instead of --widen",
     )
     p.add_argument("--deepen", type=int, metavar="N", help="insert N >= 1 residual blocks at each stage's end")
     p.add_argument("--deepen-at", action="append", default=[], metavar="NODE", help="insert after NODE (repeatable)")
@@ -243,6 +251,17 @@ def _widen_args(text: str | list[str] | None) -> dict[str, Any] | None:
     return {"factor": factor}
 
 
+def _sizes_arg(items: list[str]) -> dict[int | str, int]:
+    sizes: dict[int | str, int] = {}
+    for item in items:
+        key, _, width = item.rpartition("=")
+        if not key.strip() or not width.strip().isdigit() or int(width) < 1:
+            raise UsageError(f"bad --size {item!r}: GROUP=WIDTH, e.g. kind:stream=96 or 3=128 (see --plan)")
+        key = key.strip()
+        sizes[int(key) if key.isdigit() else key] = int(width)
+    return sizes
+
+
 def _groups_arg(text: str | None) -> list[int | str] | None:
     if text is None:
         return None
@@ -261,6 +280,10 @@ def _check_arguments(args: argparse.Namespace) -> tuple[dict[str, Any] | None, l
     groups = _groups_arg(args.groups)
     if groups is not None and widen_kw is None:
         raise UsageError("--groups selects what --widen widens: give --widen too")
+    if args.size:
+        if widen_kw is not None:
+            raise UsageError("--size gives each group its width: use it instead of --widen (and --groups)")
+        widen_kw = {"sizes": _sizes_arg(args.size)}
     if args.deepen is not None and args.deepen < 1:
         raise UsageError(f"--deepen {args.deepen}: the number of blocks per stage must be >= 1")
     if not -(2**63) <= args.seed < 2**63:
@@ -315,7 +338,9 @@ def _run(args: argparse.Namespace) -> int:
     gm, inputs = _capture_keeping_batch(model, inputs, graph)
     timings["capture"] = time.perf_counter() - t
     t = time.perf_counter()
-    analysis = r2r_fx.analyze(gm)
+    from r2r_fx.passes.widen import wants_head_size
+
+    analysis = r2r_fx.analyze(gm, head_size=wants_head_size(groups, (widen_kw or {}).get("sizes")))
     points = r2r_fx.insertion_points(gm, analysis)
     deepen = (args.deepen or 1, list(args.deepen_at)) if args.deepen is not None or args.deepen_at else None
     if deepen and not deepen[1] and not any(p.default for p in points):
@@ -329,7 +354,7 @@ def _run(args: argparse.Namespace) -> int:
         _refuse_no_op(estimate, groups, widen_kw is not None)
     timings["analyze"] = time.perf_counter() - t
     if args.plan:
-        _print_plan(args, analysis.groups, points, estimate)
+        _print_plan(args, analysis.groups, points, estimate, channel_costs(gm, analysis))
         return EXIT_OK
     assert estimate is not None
     if estimate["memory_needed"] > estimate["memory_available"] and not args.force:
@@ -488,7 +513,11 @@ def _report(
 
 
 def _print_plan(
-    args: argparse.Namespace, groups: list[Any], points: list[Any], estimate: dict[str, Any] | None
+    args: argparse.Namespace,
+    groups: list[Any],
+    points: list[Any],
+    estimate: dict[str, Any] | None,
+    costs: dict[int, int],
 ) -> None:
     if args.json:
         plan = {
@@ -501,6 +530,7 @@ def _print_plan(
                     "widenable": g.widenable,
                     "reason": g.reason,
                     "integer_only": g.integer_only,  # a stream that only whole copies keep exact: why
+                    "params_per_channel": costs.get(g.id, 0),  # one more channel (head) adds
                 }
                 for g in groups
             ],
@@ -514,12 +544,15 @@ def _print_plan(
         print(json.dumps(plan, indent=2))
         return
     _say(args, "width groups:")
-    _say(args, f"  {'id':>4}  {'width':>6}  {'kind':8}  {'status':10}  producers / reason")
+    _say(args, "  (params/ch: the parameters one more channel of the group adds; for heads, one more head)")
+    _say(args, f"  {'id':>4}  {'width':>6}  {'kind':9}  {'params/ch':>9}  {'status':10}  producers / reason")
     for g in groups:
         status = "widenable" if g.widenable else "frozen"
         detail = ", ".join(g.producers[:4]) + (" ..." if len(g.producers) > 4 else "")
         why = g.reason if not g.widenable else f"whole copies only: {g.integer_only}" if g.integer_only else ""
-        _say(args, f"  {g.id:>4}  {g.width:>6}  {g.kind:8}  {status:10}  {detail}{' -- ' + why if why else ''}")
+        cost = f"{costs.get(g.id, 0):>9,}"
+        line = f"  {g.id:>4}  {g.width:>6}  {g.kind:9}  {cost}  {status:10}  {detail}{' -- ' + why if why else ''}"
+        _say(args, line)
     _say(args, "insertion points (* = default, one per stage):")
     for p in points:
         _say(args, f"  {'*' if p.default else ' '} {p.node:30s} {str(list(p.shape)):22s} {p.kind}")

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["available_memory", "estimate_growth", "format_bytes"]
+__all__ = ["available_memory", "channel_costs", "estimate_growth", "format_bytes"]
 
 
 def available_memory() -> int:
@@ -68,6 +68,7 @@ def estimate_growth(
             extra=widen_kw.get("extra"),
             groups=groups,
             method=get_method(method),
+            sizes=widen_kw.get("sizes"),
         )
     numel, nbytes = before_numel, before_bytes
     for name, axes in analysis.bound_params().items():
@@ -104,6 +105,26 @@ def estimate_growth(
         "groups": report,
         "widened": sum(1 for g in report if g.status == "widened"),
     }
+
+
+def channel_costs(gm: torch.fx.GraphModule, analysis: Any) -> dict[int, int]:
+    """Group id -> the parameters one more channel of it adds (one more head for a heads group), the
+    other widths as they are: every bound parameter axis gains ``outer * inner`` positions per channel."""
+    from r2r_fx.surgery import get_tensor
+
+    params = {id(p) for p in gm.parameters()}
+    costs: dict[int, int] = {}
+    for name, axes in analysis.bound_params().items():
+        t = get_tensor(gm, name)
+        if id(t) not in params:
+            continue
+        for axis, layout, _ in axes:
+            per_position = t.numel() // max(t.shape[axis], 1)
+            for a, _, inner in layout.pieces:
+                group = analysis.group_of_set.get(a)
+                if group is not None:
+                    costs[group] = costs.get(group, 0) + layout.outer * inner * per_position
+    return costs
 
 
 def _block_sizes(

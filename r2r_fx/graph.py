@@ -6,8 +6,11 @@ from typing import Any
 
 import torch.fx
 from torch import nn
+from torch.nn.utils import parametrize
 
-__all__ = ["attr_at", "describe", "param_name", "shape_of", "target_name", "tensor_shapes"]
+from r2r_fx.compat import has_forward_hooks
+
+__all__ = ["attr_at", "describe", "hidden_weights", "param_name", "shape_of", "target_name", "tensor_shapes"]
 
 
 def attr_at(root: nn.Module, target: str) -> Any:
@@ -64,3 +67,13 @@ def describe(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
     packet = getattr(node.target, "overloadpacket", None)
     name = str(packet) if packet is not None else target_name(node, gm)  # "aten.conv2d", "mylib.foo"
     return f"{name} ({node.name})"
+
+
+def hidden_weights(module: nn.Module) -> str:
+    """Why a layer's weights are not what its attributes say (hooks, parametrizations), or ""."""
+    if parametrize.is_parametrized(module):
+        return "parametrized weights (spectral or weight norm, ...)"
+    for m in module.modules():
+        if has_forward_hooks(m):
+            return "forward hooks (spectral_norm, weight_norm, ...), which may compute or change its weights"
+    return ""

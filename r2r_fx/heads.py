@@ -53,7 +53,7 @@ def head_roots(find: Callable[[Slot], Slot], b: _Builder, bound_roots: set[Slot]
     return heads
 
 
-def contract_ties(analysis: Any, b: _Builder, freeze_layout: Callable[[Any, str], None]) -> tuple[list, set[int]]:
+def contract_ties(analysis: Any, b: _Builder, freeze_layout: Callable[..., None]) -> tuple[list, set[int]]:
     """The ties a head-size analysis adds: for each product contracting ``q``'s head size with ``k``'s,
     the two channel sets grow together (``(q_set, k_set)`` edges), ``k``'s set with the opposite sign
     (returned as the *key sets*: its producer's rows and bias take opposite pairs, Net2Net's halves,
@@ -67,9 +67,17 @@ def contract_ties(analysis: Any, b: _Builder, freeze_layout: Callable[[Any, str]
     for q, k, node in b.contracts:
         lq, lk = analysis.layout(q), analysis.layout(k)
         if not (lq.plain and lk.plain) or lq.pieces[0][0] == lk.pieces[0][0]:
-            reason = f"the head size of {node} is split, reshaped or contracted with itself (rotary embedding?)"
-            freeze_layout(lq, reason)
-            freeze_layout(lk, reason)
+            if len(lq.pieces) > 1 or len(lk.pieces) > 1:
+                reason = (
+                    f"the head size of {node} is split in parts, as a rotary embedding does "
+                    "(its frequencies depend on the head size): it keeps its width"
+                )
+            elif not (lq.plain and lk.plain):
+                reason = f"the head size of {node} is reshaped: it keeps its width"
+            else:
+                reason = f"{node} contracts a head size with itself: it keeps its width"
+            freeze_layout(lq, reason, primary=True)
+            freeze_layout(lk, reason, primary=True)
             continue
         edges.append((lq.pieces[0][0], lk.pieces[0][0]))
         query_sets.add(lq.pieces[0][0])

@@ -30,11 +30,11 @@ import torch
 import torch.fx
 from torch import nn
 
-from r2r_fx.graph import param_name, target_name
+from r2r_fx.graph import param_name, shape_of, target_name
 from r2r_fx.rules.common import node_arg
 
 if TYPE_CHECKING:
-    from r2r_fx.analysis import Analysis, WidthGroup
+    from r2r_fx.analysis import Analysis, NormSite, WidthGroup
 
 __all__ = ["EpsSite", "StreamForms", "find_streams", "rescaled_eps", "stream_forms", "tail_scale"]
 
@@ -76,7 +76,22 @@ _SAME = {
 }
 _LINEAR = {"add", "add_", "iadd", "sub", "sub_", "isub"}
 _SCALE = {"mul", "mul_", "imul", "div", "div_", "truediv", "itruediv"}
-_ZERO_AT_ZERO = {"relu", "relu_", "ReLU", "gelu", "GELU", "silu", "silu_", "SiLU", "tanh", "Tanh", "hardtanh", "ReLU6"}
+_ZERO_AT_ZERO = {
+    "square",
+    "relu",
+    "relu_",
+    "ReLU",
+    "gelu",
+    "GELU",
+    "silu",
+    "silu_",
+    "SiLU",
+    "tanh",
+    "Tanh",
+    "hardtanh",
+    "ReLU6",
+}
+_POOL = {"mean", "sum"}
 _EPS_ARG = {"layer_norm": (4, 1e-5), "rms_norm": (3, None)}  # functional / ATen: (position of eps, its default)
 
 
@@ -134,13 +149,15 @@ def stream_forms(analysis: Analysis, builder: Any, group: WidthGroup) -> StreamF
     data = {b.node for b in binds if b.role == "data"}
     site_of = {s.node: s for s in sites}
     for site in sites:
-        eps = _eps_site(gm, site.node)
+        eps = _idiom_eps(site) if site.idiom is not None else _eps_site(gm, site.node)
         if isinstance(eps, str):
             reasons.append(eps)
-        else:
+        elif eps is not None:
             info.eps.append(eps)
-        weight, bias = _norm_params(gm, site.node, builder.canonical)
-        if weight is None:
+        weight, bias = _norm_params(gm, site, builder.canonical)
+        if site.idiom is not None and site.idiom.offset:
+            reasons.append(f"{site.node} scales by (1 + w): its rescale is not written yet")
+        elif weight is None:
             reasons.append(f"{site.node} has no weight to rescale by sqrt(kd/D)")
         else:
             info.norm_weights.add(weight)
@@ -161,8 +178,12 @@ def stream_forms(analysis: Analysis, builder: Any, group: WidthGroup) -> StreamF
     def inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
         return [m for m in node.all_input_nodes if m.name in carrying]
 
+    stream_axis = dict(group.slots)  # tensor -> the axis the stream is on
     for node in gm.graph.nodes:
         if node.name not in carrying:
+            continue
+        if _reduces_other_axes(node, gm, inputs(node), stream_axis):
+            forms[node.name] = forms.get(node.all_input_nodes[0].name, "invalid")
             continue
         form, why = _form(node, gm, inputs(node), forms, made_by, info.tail, writers, readers, data, site_of)
         forms[node.name] = form
@@ -183,12 +204,27 @@ def stream_forms(analysis: Analysis, builder: Any, group: WidthGroup) -> StreamF
     return info
 
 
+def _reduces_other_axes(node: torch.fx.Node, gm: torch.fx.GraphModule, ins: list, stream_axis: dict) -> bool:
+    """A mean or sum over axes other than the stream's (pooling over tokens): the same linear map on
+    every channel, so the form is kept."""
+    if target_name(node, gm) not in _POOL or len(ins) != 1 or node.args[0] is not ins[0]:
+        return False
+    rank, axis = len(shape_of(ins[0]) or ()), stream_axis.get(ins[0].name)
+    dims = node_arg(node, 1, "dim")
+    dims = [dims] if isinstance(dims, int) else dims
+    if not rank or axis is None or not isinstance(dims, (list, tuple)) or not dims:
+        return False
+    return all(isinstance(d, int) for d in dims) and axis not in {d % rank for d in dims}
+
+
 def _form(node, gm, ins, forms, made_by, tail, writers, readers, data, site_of) -> tuple[str, str]:
     """``(form, reason)`` of one tensor of the stream (reason: why it is invalid, else "")."""
     got = [forms.get(m.name, "invalid") for m in ins]
     if node.name in site_of:
         site = site_of[node.name]
         want = "mean" if site.kind == "layer" else "zero"
+        if site.idiom is not None:  # written out as ops: what it normalises is the idiom's x
+            got = [forms.get(site.idiom.x.name, "invalid")]
         if got != [want]:
             origin = next((made_by[m.name] for m in ins if made_by.get(m.name)), "")
             if origin:
@@ -226,15 +262,21 @@ def _form(node, gm, ins, forms, made_by, tail, writers, readers, data, site_of) 
         if len(got) == 1 and (is_mul or node.args[0] is ins[0]):
             return got[0], ""  # x * c or x / c, with c the same on every channel
         return "invalid", f"{node.name} ({op}) multiplies stream channels by per-channel values"
+    if op == "pow" and got == ["zero"] and node.args[0] is ins[0] and len(node.args) > 1:
+        exponent = node.args[1]
+        if isinstance(exponent, (int, float)) and not isinstance(exponent, bool) and exponent > 0:
+            return "zero", ""  # 0 ** p = 0
     if op in _ZERO_AT_ZERO and got == ["zero"]:
         return "zero", ""
     return "invalid", f"{node.name} ({op}) on the mean tail of the stream"
 
 
-def _norm_params(gm: torch.fx.GraphModule, name: str, canonical: dict[str, str]) -> tuple[str | None, str | None]:
+def _norm_params(gm: torch.fx.GraphModule, site: NormSite, canonical: dict[str, str]) -> tuple[str | None, str | None]:
     """The weight and bias parameter names of a LayerNorm/RMSNorm node (None: absent or unknown)."""
-    node = next(n for n in gm.graph.nodes if n.name == name)
-    if node.op == "call_module":
+    node = next(n for n in gm.graph.nodes if n.name == site.node)
+    if site.idiom is not None:
+        found = [param_name(site.idiom.weight) if site.idiom.weight is not None else None, None]
+    elif node.op == "call_module":
         m = gm.get_submodule(str(node.target))
         found = [f"{node.target}.{p}" if getattr(m, p, None) is not None else None for p in ("weight", "bias")]
     elif node.op == "call_function" and target_name(node) in _EPS_ARG:
@@ -244,6 +286,18 @@ def _norm_params(gm: torch.fx.GraphModule, name: str, canonical: dict[str, str])
         return None, None
     weight, bias = (canonical.get(p, p) if p else None for p in found)
     return weight, bias
+
+
+def _idiom_eps(site: NormSite) -> EpsSite | str | None:
+    """The constant of a decomposed RMSNorm's ``ms + eps`` (None: it adds no eps, nothing to rescale)."""
+    add, x = site.idiom.eps, site.idiom.x
+    if add is None:
+        return None
+    dtype = getattr(x.meta.get("tensor_meta"), "dtype", None)
+    if dtype is None or not dtype.is_floating_point:
+        return f"{site.node}: the dtype of its input is unknown"
+    index = 0 if not isinstance(add.args[0], torch.fx.Node) else 1
+    return EpsSite(add.name, None, index, float(add.args[index]), dtype)
 
 
 def _eps_site(gm: torch.fx.GraphModule, name: str) -> EpsSite | str:

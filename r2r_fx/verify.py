@@ -232,7 +232,10 @@ def check_preserved(
         if size > _F64_MAX_BYTES:
             raise NotPreservedError(pass_name, path, mode, error, RTOL)
         wide = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
-        ref64 = _run(copy.deepcopy(before).double(), wide, train, 0)
+        try:
+            ref64 = _run(copy.deepcopy(before).double(), wide, train, 0)
+        except Exception:  # noqa: BLE001 - float32 baked into the graph: the float32 error stands
+            raise NotPreservedError(pass_name, path, mode, error, RTOL) from None
         try:
             cand64 = _run(copy.deepcopy(after).double(), wide, train, 0)
             path64, error64 = worst_leaf(ref64, cand64)

@@ -10,6 +10,20 @@ from r2r_fx.rules import factor_reshape
 from zoo import ZOO
 
 # (width, producers, None if widenable else the start of the reason), in analysis order.
+_ENCODER_WRITERS = [
+    "encoder_layers_0_self_attn_out_proj",
+    "encoder_layers_0_linear2",
+    "encoder_layers_1_self_attn_out_proj",
+    "encoder_layers_1_linear2",
+]
+_ENCODER = [
+    (16, ["embed", *_ENCODER_WRITERS, "pos"], None),  # the stream (post-LN: whole copies only)
+    (2, ["encoder_layers_0_self_attn_in_proj"], None),  # heads of the packed q/k/v (r2r_fx.inline)
+    (32, ["encoder_layers_0_linear1"], None),
+    (2, ["encoder_layers_1_self_attn_in_proj"], None),
+    (32, ["encoder_layers_1_linear1"], None),
+    (5, ["head"], "model output"),
+]
 EXPECTED = {
     "conv1d": [
         (4, [], "model input"),
@@ -36,6 +50,22 @@ EXPECTED = {
         (16, ["embed"], None),
         (32, ["fc1"], None),
         (16, ["fc2"], None),
+        (10, ["head"], "model output"),
+    ],
+    "encoder_post_ln": _ENCODER,
+    "encoder_pre_ln": _ENCODER,
+    "llama_like": [
+        (16, ["embed", "blocks_0_attn_o", "blocks_0_down", "blocks_1_attn_o", "blocks_1_down"], None),
+        (2, ["blocks_0_attn_q", "blocks_0_attn_k", "blocks_0_attn_v"], None),  # kv heads (GQA), RoPE tables kept
+        (48, ["blocks_0_gate", "blocks_0_up"], None),
+        (2, ["blocks_1_attn_q", "blocks_1_attn_k", "blocks_1_attn_v"], None),
+        (48, ["blocks_1_gate", "blocks_1_up"], None),
+        (50, ["lm_head"], "model output"),
+    ],
+    "mha": [
+        (3, [], "model input"),
+        (16, ["stem", "attn_out_proj"], None),
+        (4, ["attn_in_proj"], None),  # nn.MultiheadAttention's heads
         (10, ["head"], "model output"),
     ],
     "grouped": [

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import r2r_fx
+from r2r_fx.record import growth_history
 
 
 def _torchvision_is_broken() -> bool:
@@ -66,7 +67,7 @@ finally:
     if _HIDE_TORCHVISION:
         del sys.modules["torchvision"]
 
-HIDDEN, LAYERS, HEADS, VOCAB, INTERMEDIATE = 32, 2, 4, 100, 64
+HIDDEN, LAYERS, HEADS, VOCAB, INTERMEDIATE = 64, 2, 4, 100, 128  # head size 16
 RTOL = 1e-5
 ONNX_RTOL = 1e-4
 
@@ -270,3 +271,48 @@ def test_widen_preserves_function(name):
     assert report.train_rel_error is not None and report.train_rel_error <= RTOL, report
     assert report.onnx_max_rel_error is not None and report.onnx_max_rel_error <= ONNX_RTOL, report
     assert report.ok, report
+
+
+# hidden 64 -> 96: mean channels where exact (Llama's RMSNorm: a zero tail, gamma * sqrt(2/3), eps * 2/3),
+# whole copies only where not, with the reason
+NOT_EXACT_AT_96 = {"bert_classifier": "post-LN", "gpt2": "the embedding and the head stay one tensor", "llama": ""}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_EXACT_AT_96))
+def test_hidden_64_to_96_grows_where_exact_and_says_why_not(name):
+    model, gm = _model_and_graph(name)
+    grown = r2r_fx.widen(gm, factor=1.5, seed=0, groups=["kind:stream"])
+    (stream,) = [g for g in growth_history(grown)[-1].groups if g.kind == "stream"]
+    why = NOT_EXACT_AT_96[name]
+    if why:
+        assert stream.status == "skipped" and why in stream.reason, stream
+        return
+    assert (stream.status, stream.width_before, stream.width_after) == ("widened", HIDDEN, 96), stream
+    assert grown.get_parameter("model.norm.weight").shape == (96,)
+    report = r2r_fx.verify(model, grown, (_ids(),), onnx=True)
+    assert report.eval_rel_error <= RTOL and report.train_rel_error <= RTOL, report
+    assert report.onnx_max_rel_error <= ONNX_RTOL, report
+
+
+# head size 16 -> 32: BERT's q/k/v (SDPA's scale kept); GPT-2's packed c_attn splits into (heads, head size)
+# per third, which a head size cannot grow through yet; Llama's q/k carry the rotary embedding (refused),
+# its value side grows
+HEAD_SIZE = {"bert": 2 * LAYERS, "gpt2": 0, "llama": LAYERS}
+
+
+@pytest.mark.parametrize("name", sorted(HEAD_SIZE))
+def test_head_size_16_to_32(name):
+    model, gm = _model_and_graph(name)
+    grown = r2r_fx.widen(gm, factor=2.0, seed=0, groups=["kind:head_size"])
+    changes = [g for g in growth_history(grown)[-1].groups if g.kind == "head_size"]
+    widened = [g for g in changes if g.status == "widened"]
+    assert len(widened) == HEAD_SIZE[name] and all(g.width_after == 32 for g in widened), changes
+    assert all(g.reason for g in changes if g.status != "widened")
+    if name == "gpt2":
+        assert any("concatenation of reshaped channels" in g.reason for g in changes), changes
+    if name == "llama":
+        groups = r2r_fx.analyze(gm, head_size=True).groups
+        assert sum("as a rotary embedding does" in g.reason for g in groups) == 2, groups
+    report = r2r_fx.verify(model, grown, (_ids(),), onnx=True)
+    assert report.eval_rel_error <= RTOL and report.train_rel_error <= RTOL, report
+    assert report.onnx_max_rel_error <= ONNX_RTOL, report

@@ -41,6 +41,11 @@ __all__ = [
     "Attention",
     "TransformerBlock",
     "TinyViT",
+    "TinyEncoder",
+    "TinyAttentionNet",
+    "LlamaAttention",
+    "LlamaBlock",
+    "TinyLlama",
     "GroupedBottleneck",
     "TinyResNeXt",
     "Conv1dNet",
@@ -576,6 +581,140 @@ def build_vit() -> ZooEntry:
     """Tiny ViT (17 tokens of width 16) on (2, 3, 16, 16)."""
     torch.manual_seed(0)
     return _finish(TinyViT(), _image())
+
+
+class TinyEncoder(nn.Module):
+    """Token and position embeddings, ``nn.TransformerEncoder`` (post-LN, or pre-LN with a final norm),
+    mean-pooled head."""
+
+    def __init__(self, norm_first: bool, vocab: int = 50, dim: int = 16, heads: int = 2, tokens: int = 7) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(0.1 * torch.randn(1, tokens, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=norm_first)
+        final = nn.LayerNorm(dim) if norm_first else None
+        self.encoder = nn.TransformerEncoder(layer, 2, norm=final, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(ids) + self.pos).mean(1))
+
+
+@_register("encoder_post_ln")
+def build_encoder_post_ln() -> ZooEntry:
+    """nn.TransformerEncoder, norm_first=False, on int64 token ids (2, 7)."""
+    torch.manual_seed(0)
+    return _finish(TinyEncoder(norm_first=False), torch.randint(0, 50, (_BATCH, 7)))
+
+
+@_register("encoder_pre_ln")
+def build_encoder_pre_ln() -> ZooEntry:
+    """nn.TransformerEncoder, norm_first=True, on int64 token ids (2, 7)."""
+    torch.manual_seed(0)
+    return _finish(TinyEncoder(norm_first=True), torch.randint(0, 50, (_BATCH, 7)))
+
+
+class TinyAttentionNet(nn.Module):
+    """Conv patches, one ``nn.MultiheadAttention`` (its head-averaged weights returned and dropped),
+    residual, LayerNorm, pooled head."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 4, stride=4)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x).flatten(2).transpose(1, 2)
+        a, _ = self.attn(h, h, h)
+        return self.head(self.norm(h + a).mean(1))
+
+
+@_register("mha")
+def build_mha() -> ZooEntry:
+    """nn.MultiheadAttention over 16 patches of width 16 on (2, 3, 16, 16)."""
+    torch.manual_seed(0)
+    return _finish(TinyAttentionNet(), _image())
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query attention (``kv_heads`` key/value heads, each read by ``heads // kv_heads`` query
+    heads through an expand), rotary embeddings from cos/sin tables, no biases."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, tokens: int) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.v = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.o = nn.Linear(dim, dim, bias=False)
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim)
+        angles = torch.outer(torch.arange(tokens).float(), inv_freq)
+        self.register_buffer("cos", torch.cat([angles, angles], -1).cos(), persistent=False)
+        self.register_buffer("sin", torch.cat([angles, angles], -1).sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q, k = (z * self.cos + _rotate_half(z) * self.sin for z in (q, k))
+        g = self.heads // self.kv_heads
+        k, v = (
+            z[:, :, None].expand(b, self.kv_heads, g, t, self.head_dim).reshape(b, self.heads, t, self.head_dim)
+            for z in (k, v)
+        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class LlamaBlock(nn.Module):
+    """Pre-norm decoder layer: RMSNorm, GQA with RoPE, RMSNorm, SwiGLU MLP."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, hidden: int, tokens: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
+        self.attn = LlamaAttention(dim, heads, kv_heads, tokens)
+        self.gate, self.up = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        h = self.norm2(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class TinyLlama(nn.Module):
+    """Token embedding, two Llama blocks, final RMSNorm, LM head tied to the embedding."""
+
+    def __init__(self, vocab: int = 50, dim: int = 16, heads: int = 4, kv_heads: int = 2, tokens: int = 7) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.Sequential(*(LlamaBlock(dim, heads, kv_heads, 3 * dim, tokens) for _ in range(2)))
+        self.norm = nn.RMSNorm(dim, eps=1e-6)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(self.blocks(self.embed(ids))))
+
+
+@_register("llama_like")
+def build_llama_like() -> ZooEntry:
+    """Llama-like decoder (RMSNorm, RoPE, GQA 4/2 heads, SwiGLU, tied head) on int64 ids (2, 7)."""
+    torch.manual_seed(0)
+    model = TinyLlama()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.RMSNorm):
+                m.weight.uniform_(0.5, 1.5)
+    return _finish(model, torch.randint(0, 50, (_BATCH, 7)))
 
 
 # --------------------------------------------------------------------------

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 import torch.fx
 
-from r2r_fx.graph import tensor_shapes
+from r2r_fx.graph import describe, tensor_shapes
 from r2r_fx.rules.registry import Couplings, Slot
 
-__all__ = ["broadcast_into", "freeze_all", "node_arg", "positive_axis", "same_axes", "slots_of"]
+__all__ = ["broadcast_into", "freeze_all", "freeze_hidden_uses", "node_arg", "positive_axis", "same_axes", "slots_of"]
 
 
 def node_arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -58,3 +58,20 @@ def broadcast_into(
             c.same((src.name, a), (node.name, a + offset))
         else:
             c.freeze((src.name, a), f"broadcast by {node.name}")
+
+
+def freeze_hidden_uses(b: Any, nodes: list[torch.fx.Node], gm: torch.fx.GraphModule) -> None:
+    """After every rule ran (``b``: the analysis's builder): a layer reads its own parameters without a
+    binding when its rule froze it whole (a layer captured as one call), so a parameter it shares with
+    other nodes (the same attention layer called twice, once traced through) keeps its width there too."""
+    bound_by: dict[str, set[tuple[int, str]]] = {}
+    for (param, axis), binds in b.bindings.items():
+        bound_by.setdefault(param, set()).update((axis, x.node) for x in binds)
+    for node in nodes:
+        if node.op != "call_module":
+            continue
+        for name, _ in b.module(str(node.target)).named_parameters(prefix=str(node.target)):
+            param = b.canonical.get(name, name)
+            uses = bound_by.get(param, set())
+            for axis in {a for a, _ in uses} - {a for a, n in uses if n == node.name}:
+                b.freeze((f"param:{param}", axis), f"{param} is also read by {describe(node, gm)}, whose widths stay")

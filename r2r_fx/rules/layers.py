@@ -385,7 +385,8 @@ def _assert_metadata(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule
 
 @register_rule(nn.MultiheadAttention)
 def _attention_module(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> None:
-    freeze_all(c, node, f"attention {node.name}: widening attention heads is not supported yet")
+    why = node.meta.get("r2r_kept_whole", "it was captured as one layer")
+    freeze_all(c, node, f"nn.MultiheadAttention {node.target} keeps its widths: {why}")
 
 
 @register_rule(aten.mm, torch.einsum, aten.baddbmm, torch.baddbmm)

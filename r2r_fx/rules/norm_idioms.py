@@ -38,13 +38,14 @@ CASTS = frozenset({"to", "_to_copy", "type_as", "float", "double", "half", "bflo
 class RMSIdiom:
     """A matched decomposed RMSNorm: ``x`` the normalised tensor, ``out`` the norm's output (after the
     weight multiply when ``affine``), ``weight`` the get_attr node of ``w`` (None: not a parameter
-    read directly), ``offset`` 1.0 for Gemma's ``(1 + w)``."""
+    read directly), ``offset`` 1.0 for Gemma's ``(1 + w)``, ``eps`` the node adding eps."""
 
     x: torch.fx.Node
     out: torch.fx.Node
     affine: bool
     weight: torch.fx.Node | None = None
     offset: float = 0.0
+    eps: torch.fx.Node | None = None  # the ``ms + eps`` node (None: no eps)
 
 
 def real_users(node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -125,9 +126,9 @@ def decomposed_rms_norm(mean: torch.fx.Node, axes: list[int], keepdim: bool) -> 
         return None
     if list(s.users) != [mean]:
         return None
-    root = _only_user(mean)
+    root, eps = _only_user(mean), None
     if root is not None and _plus_constant(root, mean):
-        root = _only_user(root)
+        root, eps = _only_user(root), root
     if root is None:
         return None
     y = _normalised(root, x)
@@ -141,5 +142,5 @@ def decomposed_rms_norm(mean: torch.fx.Node, axes: list[int], keepdim: bool) -> 
         other = cast.args[1] if cast.args[0] is last else cast.args[0]
         found = _weight(other)
         if found is not None and shape_of(found[0]) == (shape[-1],) and shape_of(cast) == shape:
-            return RMSIdiom(x, cast, True, found[0], found[1])
-    return RMSIdiom(x, y, False)
+            return RMSIdiom(x, cast, True, found[0], found[1], eps)
+    return RMSIdiom(x, y, False, eps=eps)

@@ -41,7 +41,7 @@ def _reduction(c: Couplings, node: torch.fx.Node, gm: torch.fx.GraphModule) -> N
     idiom = decomposed_rms_norm(node, axes, keepdim) if target_name(node) == "mean" else None
     if idiom is not None:
         last = len(shape) - 1
-        c.normalize((idiom.x.name, last), (idiom.out.name, last), idiom.out, "rms", idiom.affine)
+        c.normalize((idiom.x.name, last), (idiom.out.name, last), idiom.out, "rms", idiom.affine, idiom)
         same_axes(c, x, node.name, last)
         c.freeze((node.name, last), f"reduced by {node.name}")  # the size-1 mean square
         return

@@ -40,9 +40,10 @@ def test_widen_preserves_function(name, via):
 
 
 def assert_params_recorded(before, grown, record) -> None:
-    """The record lists exactly the tensors whose shape changed, with their shapes, and each has new entries."""
-    old = {**dict(before.named_parameters()), **dict(before.named_buffers())}
-    new = {**dict(grown.named_parameters()), **dict(grown.named_buffers())}
+    """The record lists exactly the tensors whose shape changed (under each name of a tied tensor), with
+    their shapes, and each has new entries."""
+    old = {**dict(before.named_parameters(remove_duplicate=False)), **dict(before.named_buffers())}
+    new = {**dict(grown.named_parameters(remove_duplicate=False)), **dict(grown.named_buffers())}
     changed = {n for n in old if n in new and new[n].shape != old[n].shape}
     assert changed and {c.param for c in record.params} == changed
     for c in record.params:

@@ -1,0 +1,67 @@
+"""The local zoo's transformers: exactly which width groups each has, by kind, through both capture
+paths, and every one of them grown (factor 2 and 1.5) with the function kept, compared here with the
+original model itself (eval, train, and ONNX Runtime through verify)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import r2r_fx
+from r2r_fx.record import growth_history
+
+from helpers import assert_function_preserved
+from zoo import ZOO
+
+# (kind, width, widenable, whole copies only) per group, in graph order, inputs and outputs left out
+# (post-LN and a tied embedding/head make a stream grow by whole copies only)
+STREAM, WHOLE = ("stream", 16, True, False), ("stream", 16, True, True)
+EXPECTED = {
+    "vit": [STREAM] + [("heads", 2, True, False), ("channels", 32, True, False)] * 2,
+    "encoder_post_ln": [WHOLE] + [("heads", 2, True, False), ("channels", 32, True, False)] * 2,
+    "encoder_pre_ln": [STREAM] + [("heads", 2, True, False), ("channels", 32, True, False)] * 2,
+    "mha": [STREAM, ("heads", 4, True, False)],
+    # GQA: the heads group counts key/value heads (2), each read by 2 query heads
+    "llama_like": [WHOLE] + [("heads", 2, True, False), ("channels", 48, True, False)] * 2,
+}
+
+
+def _groups(gm) -> list[tuple]:
+    return [
+        (g.kind, g.width, g.widenable, bool(g.integer_only))
+        for g in r2r_fx.width_groups(gm)
+        if g.widenable or not g.reason.startswith(("model input", "model output"))
+    ]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_transformer_groups_are_exactly_these(name, via):
+    model, inputs = ZOO[name]()
+    gm = r2r_fx.capture(model, inputs, via=via)
+    assert _groups(gm) == EXPECTED[name]
+
+
+@pytest.mark.parametrize("factor", [2.0, 1.5])
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_transformers_grow_every_group_and_keep_their_function(name, factor):
+    model, inputs = ZOO[name]()
+    gm = r2r_fx.capture(model, inputs)
+    grown = r2r_fx.widen(gm, factor=factor, seed=0)
+    changes = [g for g in growth_history(grown)[-1].groups if g.kind != "channels" or g.width_before != 3]
+    for change in changes:
+        whole_only = change.kind == "stream" and name in ("encoder_post_ln", "llama_like")
+        if factor == 1.5 and whole_only:
+            assert change.status == "skipped" and change.reason, change
+        elif change.reason.startswith(("model input", "model output")):
+            assert change.status == "skipped"
+        else:
+            assert change.status == "widened" and change.width_after > change.width_before, change
+    assert sum(p.numel() for p in grown.parameters()) > sum(p.numel() for p in gm.parameters())
+    with torch.no_grad():  # against the eager model, not the capture
+        assert _rel(grown(*inputs), model(*inputs)) <= 1e-5
+    assert_function_preserved(model, grown, inputs, onnx=factor == 2.0)
