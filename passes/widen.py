@@ -212,7 +212,8 @@ def grow_parameters(
                 k, r = divmod(d + streams[sets[0]], d)
                 fill = _stream_fill(param, role, forms)
                 read = forms.reads.get((param, axis), "zero")
-                stream_plan.append((axis, k, r, role, fill, forms.tail, read, d))
+                offset = forms.norm_offsets.get(param, 0.0)
+                stream_plan.append((axis, k, r, role, fill, forms.tail, read, d, offset))
             elif any(others.get(a) for a in sets):
                 keys = analysis.key_sets.intersection(sets)  # k's head size: q's fill with the consumer's sign
                 if keys:
@@ -224,10 +225,10 @@ def grow_parameters(
         old = get_tensor(gm, param)
         with torch.no_grad():
             new = method.grow(old, plan, generator) if plan else old.detach().clone()
-            for axis, k, r, _, fill, tail, read, _ in stream_plan:  # the group's constraint
-                new = grow_stream(new, axis, k, fill, method, generator, r=r, tail=tail, read=read)
+            for axis, k, r, _, fill, tail, read, _, offset in stream_plan:  # the group's constraint
+                new = grow_stream(new, axis, k, fill, method, generator, r=r, tail=tail, read=read, offset=offset)
         axes = {axis: AxisChange(role, tuple(tuple(r) for r in idx.runs)) for axis, idx, role in reversed(plan)}
-        for axis, k, r, role, fill, _, _, d in stream_plan:  # old entries stay at 0..d-1
+        for axis, k, r, role, fill, _, _, d, _ in stream_plan:  # old entries stay at 0..d-1
             changed = (fill == "in" and k > 1) or (fill == "norm_weight" and r > 0)  # W/k shares, gamma*s
             axes[axis] = AxisChange(f"stream_{role}", ((0, 0, d),), old_changed=changed)
         changes += replace_param(gm, param, new, analysis.aliases(param), axes)  # recorded under each tied name

@@ -32,6 +32,7 @@ from torch import nn
 
 from r2r_fx.graph import param_name, shape_of, target_name
 from r2r_fx.rules.common import node_arg
+from r2r_fx.rules.norm_idioms import real_users
 
 if TYPE_CHECKING:
     from r2r_fx.analysis import Analysis, NormSite, WidthGroup
@@ -47,6 +48,7 @@ _SAME = {
     "to",
     "_to_copy",
     "type",
+    "type_as",
     "float",
     "double",
     "half",
@@ -119,6 +121,7 @@ class StreamForms:
     integer_only: str = ""
     reads: dict[tuple[str, int], str] = field(default_factory=dict)
     norm_weights: set[str] = field(default_factory=set)
+    norm_offsets: dict[str, float] = field(default_factory=dict)  # Gemma's (1 + w): the weight's offset
     norm_biases: set[str] = field(default_factory=set)
     eps: list[EpsSite] = field(default_factory=list)
     forms: dict[str, str] = field(default_factory=dict)  # tensor (node) name -> form, for inspection
@@ -155,12 +158,12 @@ def stream_forms(analysis: Analysis, builder: Any, group: WidthGroup) -> StreamF
         elif eps is not None:
             info.eps.append(eps)
         weight, bias = _norm_params(gm, site, builder.canonical)
-        if site.idiom is not None and site.idiom.offset:
-            reasons.append(f"{site.node} scales by (1 + w): its rescale is not written yet")
-        elif weight is None:
+        if weight is None:
             reasons.append(f"{site.node} has no weight to rescale by sqrt(kd/D)")
         else:
             info.norm_weights.add(weight)
+            if site.idiom is not None and site.idiom.offset:
+                info.norm_offsets[weight] = site.idiom.offset
         if bias is not None:
             info.norm_biases.add(bias)
     for b in binds:
@@ -179,6 +182,7 @@ def stream_forms(analysis: Analysis, builder: Any, group: WidthGroup) -> StreamF
         return [m for m in node.all_input_nodes if m.name in carrying]
 
     stream_axis = dict(group.slots)  # tensor -> the axis the stream is on
+    carrying -= _idiom_weight_chains(sites)
     for node in gm.graph.nodes:
         if node.name not in carrying:
             continue
@@ -286,6 +290,19 @@ def _norm_params(gm: torch.fx.GraphModule, site: NormSite, canonical: dict[str, 
         return None, None
     weight, bias = (canonical.get(p, p) if p else None for p in found)
     return weight, bias
+
+
+def _idiom_weight_chains(sites: list[NormSite]) -> set[str]:
+    """The nodes from a decomposed RMSNorm's weight to its output (casts, Gemma's ``1 + w``): the norm's
+    own parameter, not the stream."""
+    chain: set[str] = set()
+    for site in sites:
+        idiom = site.idiom
+        node = idiom.weight if idiom is not None else None
+        while node is not None and node is not idiom.out and len(real_users(node)) == 1:
+            chain.add(node.name)
+            node = real_users(node)[0]
+    return chain
 
 
 def _idiom_eps(site: NormSite) -> EpsSite | str | None:

@@ -133,6 +133,7 @@ def grow_stream(
     r: int = 0,
     tail: str = "mean",
     read: str = "zero",
+    offset: float = 0.0,
 ) -> torch.Tensor:
     """``t`` grown along ``axis`` (a normalised stream of ``d`` channels, plain layout) to ``k*d + r``.
 
@@ -142,7 +143,8 @@ def grow_stream(
     - Writers and per-channel values (roles ``out``, ``channel``, ``data``: embedding and projection
       rows, biases, position embeddings, class tokens): ``k`` exact copies, and a tail of the mean of
       the old entries along ``axis`` (``tail="mean"``) or zeros (``"zero"``, a stream only RMSNorms read).
-    - ``norm_weight``: ``gamma*s`` on every copy, ``method.tail_gamma`` on the tail; ``norm_bias``:
+    - ``norm_weight``: ``gamma*s`` on every copy (a weight ``w`` used as ``offset + w``, Gemma's
+      ``1 + w``: ``(offset + w)*s - offset``), ``method.tail_gamma`` on the tail; ``norm_bias``:
       copies, tail 0. The norm's eps becomes ``eps*kd/D`` (``fix_widths``), so its output is
       ``[y, ..., y, 0]`` (see ``r2r_fx.streams``).
     - ``scaled`` (the weights of a norm before a head tied to the embedding, ``r2r_fx.stream_ties``):
@@ -166,7 +168,7 @@ def grow_stream(
             parts.append(_tail_columns(t, axis, r, read, method, generator))
         return torch.cat(parts, dim=axis)
     if role == "norm_weight" and r:
-        copies = t * scale
+        copies = (t + offset) * scale - offset
         gamma = method.tail_gamma(copies, axis, r, generator)
         _check_shape(method, "tail_gamma", gamma, _with(t, axis, r))
         return torch.cat([copies] * k + [gamma.to(t.dtype)], dim=axis)

@@ -348,3 +348,23 @@ def test_hf_gpt2_tied_stream_widens():
     head = next(n for n in grown.graph.nodes if n.name == "linear")  # the lm head (the blocks use addmm)
     weight = grown.get_parameter(str(embedding.args[0].target))
     assert weight is grown.get_parameter(str(head.args[1].target)) and tuple(weight.shape) == (100, 128)
+
+
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+@pytest.mark.parametrize("norm", sorted(NORMS))
+def test_decomposed_rms_norm_stream_takes_mean_channels(norm, via):
+    """16 -> 28 (k = 1, r = 12): a zero tail, the ``+ eps`` constant times kd/D and the weight (Gemma:
+    ``1 + w``) times sqrt(kd/D), written into the graph's own ops."""
+    torch.manual_seed(0)
+    model, inputs = Decoder(NORMS[norm]).eval(), (_ids(),)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, NORMS[norm]):
+                m.weight.uniform_(-0.5, 0.5)
+    gm = r2r_fx.capture(model, inputs, via=via)
+    stream = _stream(gm)
+    assert stream.widenable and not stream.integer_only, stream
+    grown = r2r_fx.widen(gm, sizes={stream.id: DIM + 12}, seed=0)
+    (change,) = [g for g in growth_history(grown)[-1].groups if g.id == stream.id]
+    assert (change.status, change.k, change.r) == ("widened", 1, 12), change
+    assert_function_preserved(model, grown, inputs)  # (readers' tail columns see an exact 0: no gradient yet)
