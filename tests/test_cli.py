@@ -120,7 +120,16 @@ def test_plan_lists_groups_and_points(files):
     assert "width groups:" in proc.stdout and "insertion points" in proc.stdout and "widenable" in proc.stdout
     plan = json.loads(run("model.pt2", "--plan", "--json", cwd=files).stdout)
     assert plan["groups"] and plan["insertion_points"]
+    assert all(g["params_per_channel"] > 0 for g in plan["groups"] if g["widenable"]), plan["groups"]
     assert not (files / "model.grown.pt2").exists()
+
+
+def test_size_grows_each_selected_group_to_its_width(files):
+    proc = run("model.pt2", "--size", "kind:channels=32", "--report", "r.json", cwd=files)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((files / "r.json").read_text())
+    widened = [g for g in report["groups"] if g["status"] == "widened"]
+    assert widened and all(g["width_after"] == 32 for g in widened), report["groups"]
 
 
 def test_random_method_fails_verification_and_writes_nothing(files):
@@ -162,6 +171,10 @@ def test_deepen_at_node_and_python_dash_m(files):
         (["model.pt2", "--widen", "2", "-o", "no/such/dir/out.pt2"], "output directory does not exist"),
         (["model.pt2", "--widen", "2", "-o", "afile/out.pt2"], "output directory does not exist"),
         (["model.pt2", "--widen", "two"], "bad --widen"),
+        (["model.pt2", "--size", "kind:channels"], "bad --size"),
+        (["model.pt2", "--size", "kind:channels=9"], "cannot be 9 wide: it grows in steps of 2"),
+        (["model.pt2", "--size", "kind:channels=2"], "would shrink width group"),
+        (["model.pt2", "--size", "kind:channels=32", "--widen", "2"], "use it instead of --widen"),
         (["model.pt2"], "nothing to do"),
         (["model.pt2", "--widen", "2", "--method", "bogus"], "method 'bogus' is not available"),
         (["model.pt2", "--deepen-at", "conv2d_default", "--method", "net2net"], "needs an idempotent activation"),

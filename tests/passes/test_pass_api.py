@@ -11,7 +11,9 @@ from torch import nn
 import r2r_fx
 from r2r_fx.errors import NotPreservedError
 from r2r_fx.passbase import Pass, PassResult, copy_graph_module
-from r2r_fx.record import GrowthRecord, append_record, param_changes, replace_param
+from r2r_fx.record import GrowthRecord, append_record, growth_history, param_changes, replace_param
+
+from helpers import assert_function_preserved
 
 
 class Rescale(Pass):
@@ -64,3 +66,25 @@ def test_the_safety_net_catches_a_users_wrong_pass():
     with pytest.raises(NotPreservedError, match="rescale"):
         Rescale("0", "2", wrong=True).call(gm)
     assert Rescale("0", "2", wrong=True).transform(gm).modified  # unchecked, it would have changed the model
+
+
+def test_sizes_give_each_selected_group_its_width():
+    from zoo import ZOO
+
+    model, inputs = ZOO["encoder_pre_ln"]()
+    gm = r2r_fx.capture(model, inputs)
+    grown = r2r_fx.widen(gm, sizes={"kind:stream": 24, "kind:heads": 4, "encoder_layers_0_linear1": 40}, seed=0)
+    after = {g.id: (g.kind, g.width_after, g.status) for g in growth_history(grown)[-1].groups}
+    assert after[0] == ("stream", 24, "widened") and after[1] == ("heads", 4, "widened")
+    assert after[2] == ("channels", 40, "widened") and after[4] == ("channels", 32, "skipped")
+    assert_function_preserved(model, grown, inputs, onnx=False)
+    for sizes, message in (
+        ({"kind:channels": 41}, "cannot be 41 wide: it grows in steps of 2"),
+        ({"kind:stream": 8}, "would shrink width group 0"),
+        ({"kind:heads": 4, 1: 6}, "asked to be both 4 and 6 wide"),
+        ({"kind:stream": 0}, "must be a width >= 1"),
+    ):
+        with pytest.raises(r2r_fx.GrowthError, match=message):
+            r2r_fx.widen(gm, sizes=sizes)
+    with pytest.raises(r2r_fx.GrowthError, match="without factor="):
+        r2r_fx.widen(gm, factor=2.0, sizes={"kind:stream": 32})
