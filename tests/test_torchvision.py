@@ -145,3 +145,30 @@ def test_stochastic_depth_survives_saving_and_loading_a_grown_model(tmp_path):
         outputs.append(net(x))
     assert (outputs[0] - outputs[1]).abs().max() <= 1e-5 * outputs[0].abs().max()
     assert not torch.allclose(outputs[1], loaded.eval()(x))
+
+
+def _small_vit() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """torchvision's VisionTransformer (the class of vit_b_16: nn.MultiheadAttention inside its encoder
+    blocks), small: 2 layers, 4 heads, hidden 64."""
+    from torchvision.models import VisionTransformer
+
+    from torchvision_zoo import randomize
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128)
+    randomize(model.eval())
+    return model, (torch.randn(2, 3, 32, 32),)
+
+
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+@pytest.mark.parametrize("kind", ["stream", "heads"])
+def test_vit_stream_and_heads_grow(kind, via):
+    model, inputs = _small_vit()
+    gm = r2r_fx.capture(model, inputs, via=via)
+    groups = [g for g in r2r_fx.width_groups(gm) if g.kind == kind]
+    assert groups and all(g.widenable for g in groups), groups
+    assert [g.width for g in groups] == ([64] if kind == "stream" else [4, 4])
+    factor = 1.5 if kind == "stream" else 2.0  # pre-LN: the stream takes mean channels too
+    grown = r2r_fx.widen(gm, factor=factor, seed=0, groups=[f"kind:{kind}"])
+    assert [g.width for g in r2r_fx.width_groups(grown) if g.kind == kind] == [int(g.width * factor) for g in groups]
+    assert_function_preserved(model, grown, inputs, onnx=via == "export")
