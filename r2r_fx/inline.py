@@ -10,9 +10,10 @@ holds the same ops a hand-written attention has, so the stream, the heads and th
 analysed like any other; the captured model reads the same parameters under the same names.
 
 Only what the equivalents reproduce exactly is traced through; anything else (attention masks,
-cross-attention with packed weights, ``bias_k``/``add_zero_attn``, unbatched inputs, custom
-activations of unknown kind) keeps the layer as one ``call_module`` node, whose widths stay
-(``r2r_fx.rules.layers``), or for the encoder layers their own forward.
+cross-attention with packed weights, ``bias_k``/``add_zero_attn``, unbatched inputs, half-precision
+weights, whose rounding would differ from torch's fused kernels) keeps the layer as one
+``call_module`` node, whose widths stay (``r2r_fx.rules.layers``), or for the encoder layers their own
+forward.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def _mha_unsupported(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> str
         return "its key and value sizes differ from its embedding size"
     if m.bias_k is not None or m.add_zero_attn:
         return "it has bias_k/bias_v or add_zero_attn"
+    dtype = m._parameters["in_proj_weight"].dtype  # the tensor itself (attribute reads are proxies in a trace)
+    if dtype not in (torch.float32, torch.float64):
+        return f"its weights are {dtype}, where the equivalent would round otherwise than torch's kernels"
     shape = getattr(a["query"], "shape", None)
     if isinstance(a["query"], torch.Tensor) and shape is not None and len(shape) != 3:
         return "its input is not batched"

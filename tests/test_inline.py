@@ -154,3 +154,20 @@ def test_export_leaves_the_model_as_it_was():
     with inlined_forwards(model):
         assert "forward" in model.encoder.layers[0].self_attn.__dict__
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_layers_stay_whole(dtype):
+    """torch's fused kernels round otherwise than the equivalent: such layers keep their own forward
+    (a leaf of the module graph), and the capture still matches eager."""
+    torch.manual_seed(0)
+    model = _Encoder(norm_first=True).to(dtype).eval()
+    inputs = (torch.randn(2, T, 6, dtype=dtype),)
+    gm = r2r_fx.capture(model, inputs)
+    assert gm.meta["r2r_graph_level"] == "module"
+    layers = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert "encoder.layers.0" in layers and "encoder.layers.1" in layers, layers
+    assert not any(g.kind == "heads" for g in r2r_fx.width_groups(gm))
+    wide = _Encoder(norm_first=True).double().eval()  # float64 is traced through, as float32 is
+    gm = r2r_fx.capture(wide, (torch.randn(2, T, 6, dtype=torch.float64),), via="symbolic_trace")
+    assert [g.kind for g in r2r_fx.width_groups(gm)].count("heads") == 2
