@@ -212,7 +212,7 @@ class R2R(Method):
         """``W/k + V_j - mean_j(V)``: zero-sum noise at the layer's scale breaks the copies' symmetry
         (for ``k = 2`` the pair ``[W/2 + V, W/2 - V]``); the shares add up to ``W``."""
         v = self._uniform((k, *tensor.shape), self._scale(tensor), tensor, generator)
-        return tensor.unsqueeze(0) / k + (v - v.mean(0, keepdim=True))
+        return exact_shares(tensor.unsqueeze(0) / k + (v - v.mean(0, keepdim=True)), tensor)
 
     def stream_tail(self, tensor, axis, r, free, generator):
         """Random columns at the layer's scale on a zero tail (LEMON's); on a mean tail opposite pairs
@@ -330,7 +330,7 @@ class Net2Net(Method):
     def split_stream(self, tensor, axis, k, generator):
         """``W/k`` for every copy (Net2WiderNet's division by the replica count; ``noise`` is not applied
         to streams: the copies stay exact and stay symmetric)."""
-        return (tensor / k).unsqueeze(0).expand(k, *tensor.shape).clone()
+        return exact_shares((tensor / k).unsqueeze(0).expand(k, *tensor.shape).clone(), tensor)
 
     def __init__(self, *, init_scale: float | str = "match", noise: float = 0.0) -> None:
         super().__init__(init_scale=init_scale)
@@ -433,6 +433,24 @@ def get_method(method: str | Method, **options: Any) -> Method:
 
 def _even(n: int) -> int:
     return n + n % 2
+
+
+def exact_shares(shares: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """``shares`` (stacked on axis 0) of a half-precision ``tensor`` made to add up to it exactly, as
+    real numbers: the last share is what the others leave (worked out in float64); where that is not a
+    value of the dtype, the first share takes the whole entry and the others 0 (about a third of the
+    entries). Float32 and float64 shares are returned as they are: their sum is off by rounding only
+    (1e-7), far inside the check, where bfloat16's 4e-3 is not."""
+    if torch.finfo(tensor.dtype).eps <= torch.finfo(torch.float32).eps:
+        return shares
+    wide = shares.double()
+    rest = tensor.double() - wide[:-1].sum(0)
+    last = rest.to(tensor.dtype)
+    ok = (wide[:-1].sum(0) + last.double()) == tensor.double()
+    out = torch.cat([shares[:-1], last.unsqueeze(0)])
+    whole = torch.zeros_like(out)
+    whole[0] = tensor
+    return torch.where(ok.unsqueeze(0), out, whole)
 
 
 def _uniform_(tensor: torch.Tensor, std: float, generator: torch.Generator) -> None:

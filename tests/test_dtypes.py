@@ -47,3 +47,22 @@ def test_a_real_change_is_caught_in_float16():
     assert not report.ok
     with pytest.raises(r2r_fx.NotPreservedError, match="widen: .* relative error"):
         check_preserved("widen", gm, grown)
+
+
+@pytest.mark.parametrize("method", ["r2r", "net2net"])
+@pytest.mark.parametrize("factor", [2.0, 3.0])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_streams_split_exactly(dtype, factor, method):
+    """A reader's column shares add up to the old column exactly in the model's dtype (bfloat16 would
+    round a plain ``W/2 + V`` split at 4e-3): the grown weights, evaluated in float64, give the old
+    function to float64 rounding."""
+    from zoo import ZOO
+
+    model, inputs = ZOO["vit"]()
+    model, inputs = model.to(dtype), tuple(t.to(dtype) for t in inputs)
+    grown = r2r_fx.widen(r2r_fx.capture(model, inputs), factor=factor, seed=0, method=method, groups=["kind:stream"])
+    assert next(grown.parameters()).dtype == dtype
+    wide = tuple(t.double() for t in inputs)
+    with torch.no_grad():
+        want, got = model.double()(*wide), grown.double()(*wide)
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-12
