@@ -344,8 +344,8 @@ def _trace_module(model: nn.Module) -> torch.fx.GraphModule:
     """``torch.fx.symbolic_trace(model)``, with registered layers and StochasticDepth kept as layers."""
     tracer = _Tracer()
     graph = tracer.trace(model)
-    for node in reversed(tracer.inlined):  # what the caller does not read (head-averaged weights): pure ops
-        if not node.users and node.op in ("call_function", "call_method"):
+    for node in tracer.inlined:  # head-averaged attention weights the caller does not read
+        if not node.users and node.op == "call_method" and node.target == "mean":
             graph.erase_node(node)
     set_tracer_class(graph, torch.fx.Tracer)  # what reloading a pickled GraphModule re-traces with: torch's own
     return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)

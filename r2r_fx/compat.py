@@ -52,6 +52,7 @@ __all__ = [
     "aten",
     "drop_export_guards",
     "has_forward_hooks",
+    "has_global_forward_hooks",
     "is_concrete_int",
     "pt2_code_paths",
     "set_tracer_class",
@@ -95,6 +96,14 @@ def swapped_tensors(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> I
 def has_forward_hooks(module: nn.Module) -> bool:
     """Whether forward hooks or forward pre-hooks are registered on ``module`` itself."""
     return bool(module._forward_pre_hooks or module._forward_hooks)
+
+
+def has_global_forward_hooks() -> bool:
+    """Whether forward hooks or pre-hooks are registered for every module
+    (``nn.modules.module.register_module_forward_hook``)."""
+    from torch.nn.modules import module
+
+    return bool(getattr(module, "_global_forward_hooks", None) or getattr(module, "_global_forward_pre_hooks", None))
 
 
 _EXPORT_GUARDS = "_guards_fn"  # the submodule ExportedProgram.module() checks its inputs with

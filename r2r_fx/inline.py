@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from r2r_fx.compat import has_forward_hooks, has_global_forward_hooks
+
 __all__ = ["INLINED", "equivalent", "inlined_forwards", "unsupported"]
 
 
@@ -59,6 +61,10 @@ def _mha_unsupported(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> str
         return "its key and value sizes differ from its embedding size"
     if m.bias_k is not None or m.add_zero_attn:
         return "it has bias_k/bias_v or add_zero_attn"
+    if a.get("is_causal"):
+        return "it is called with is_causal (torch needs the mask then)"
+    if any(has_forward_hooks(s) for s in m.modules()):  # out_proj is not called as a layer
+        return "forward hooks would not run in the equivalent"
     dtype = m._parameters["in_proj_weight"].dtype  # the tensor itself (attribute reads are proxies in a trace)
     if dtype not in (torch.float32, torch.float64):
         return f"its weights are {dtype}, where the equivalent would round otherwise than torch's kernels"
@@ -108,6 +114,8 @@ def _layer_unsupported(m: nn.TransformerEncoderLayer, args: tuple, kwargs: dict)
     a = _bound(_LAYER_ARGS, args, kwargs)
     if a.get("src_mask") is not None or a.get("src_key_padding_mask") is not None:
         return "it is called with an attention mask"
+    if a.get("is_causal"):
+        return "it is called with is_causal (torch needs the mask then)"
     return _mha_unsupported(m.self_attn, (a["src"],) * 3, {"need_weights": False})
 
 
@@ -134,6 +142,8 @@ def _encoder_unsupported(m: nn.TransformerEncoder, args: tuple, kwargs: dict) ->
     a = _bound(_ENCODER_ARGS, args, kwargs)
     if a.get("mask") is not None or a.get("src_key_padding_mask") is not None:
         return "it is called with an attention mask"
+    if a.get("is_causal"):
+        return "it is called with is_causal (torch needs the mask then)"
     return ""
 
 
@@ -159,7 +169,14 @@ def unsupported(m: nn.Module, args: tuple, kwargs: dict) -> str | None:
     """None when ``m`` is not an inlined layer class (exact type: a subclass may compute otherwise), ""
     when this call traces through the equivalent, else why not."""
     entry = INLINED.get(type(m))
-    return None if entry is None else entry[0](m, args, kwargs)
+    if entry is None:
+        return None
+    own = m.__dict__.get("forward")
+    if own is not None and not getattr(own, "_r2r_inlined", False):
+        return "it has a forward of its own (set on the instance)"
+    if has_global_forward_hooks() or has_forward_hooks(m):
+        return "forward hooks would not run in the equivalent"
+    return entry[0](m, args, kwargs)
 
 
 def equivalent(m: nn.Module) -> Callable[..., Any]:
@@ -180,6 +197,7 @@ def inlined_forwards(model: nn.Module) -> Iterator[None]:
         def forward(*args: Any, _m: nn.Module = m, _own: Any = own, _plain: Any = plain, **kwargs: Any) -> Any:
             return _own(*args, **kwargs) if unsupported(_m, args, kwargs) else _plain(*args, **kwargs)
 
+        forward._r2r_inlined = True  # type: ignore[attr-defined]
         m.forward = forward
         patched.append(m)
     try:

@@ -164,6 +164,8 @@ def stream_forms(analysis: Analysis, builder: Any, group: WidthGroup) -> StreamF
             info.norm_weights.add(weight)
             if site.idiom is not None and site.idiom.offset:
                 info.norm_offsets[weight] = site.idiom.offset
+            if site.idiom is not None and not _read_by_the_norm_only(site, weight, builder):
+                reasons.append(f"the weight {weight} of {site.node} is read elsewhere too (it would be rescaled there)")
         if bias is not None:
             info.norm_biases.add(bias)
     for b in binds:
@@ -290,6 +292,22 @@ def _norm_params(gm: torch.fx.GraphModule, site: NormSite, canonical: dict[str, 
         return None, None
     weight, bias = (canonical.get(p, p) if p else None for p in found)
     return weight, bias
+
+
+def _read_by_the_norm_only(site: NormSite, weight: str, builder: Any) -> bool:
+    """A decomposed RMSNorm's weight is read as data, which another read of it would share: only its own
+    get_attr, leading to the norm's output through casts and ``1 + w``, may read it."""
+    idiom = site.idiom
+    readers = {b.node for key, binds in builder.bindings.items() if key[0] == weight for b in binds}
+    if readers != {idiom.weight.name}:
+        return False
+    node = idiom.weight
+    while node is not idiom.out:
+        users = real_users(node)
+        if len(users) != 1:
+            return False
+        node = users[0]
+    return True
 
 
 def _idiom_weight_chains(sites: list[NormSite]) -> set[str]:

@@ -1277,6 +1277,13 @@ def _transforms(gm: Any, r2r_fx: Any, rng: random.Random, points: int | None) ->
     for method in ("r2r", "net2net", "netmorph", "random"):
         add(f"widen/{method}/factor2", "widen", [], {"factor": 2.0, "method": method, "seed": 0}, ())
         add(f"widen/{method}/extra", "widen", [], {"extra": extra, "method": method, "seed": 0}, ())
+    try:  # head sizes grow only when asked for: a transform of their own where the program has one
+        head_sizes = [g for g in r2r_fx.analyze(gm, head_size=True).groups if g.kind == "head_size" and g.widenable]
+    except Exception:  # noqa: BLE001 - the transform itself reports it
+        head_sizes = [None]
+    for method in ("r2r", "net2net", "netmorph") if head_sizes else ():
+        kwargs = {"factor": 2.0, "groups": ["kind:head_size"], "method": method, "seed": 0}
+        add(f"widen/{method}/head_size", "widen", [], kwargs, ())
     try:
         ips = [p.node for p in r2r_fx.insertion_points(gm)]
     except Exception:  # noqa: BLE001 - reported by the default deepen below

@@ -171,3 +171,67 @@ def test_half_precision_layers_stay_whole(dtype):
     wide = _Encoder(norm_first=True).double().eval()  # float64 is traced through, as float32 is
     gm = r2r_fx.capture(wide, (torch.randn(2, T, 6, dtype=torch.float64),), via="symbolic_trace")
     assert [g.kind for g in r2r_fx.width_groups(gm)].count("heads") == 2
+
+
+class _Hooked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.attn, self.head = (
+            nn.Linear(6, D),
+            nn.MultiheadAttention(D, HEADS, batch_first=True),
+            nn.Linear(D, 3),
+        )
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head(h + self.attn(h, h, h, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("where", ["layer", "out_proj", "global", "instance forward"])
+def test_hooks_and_own_forwards_keep_the_layer_whole(where):
+    """A hook or an instance forward would be skipped by the equivalent: the layer stays one call."""
+    torch.manual_seed(0)
+    model = _Hooked().eval()
+    clamp = lambda m, i, o: (o[0].clamp(-0.1, 0.1), o[1]) if isinstance(o, tuple) else o.clamp(-0.1, 0.1)  # noqa: E731
+    handle = None
+    if where == "layer":
+        model.attn.register_forward_hook(clamp)
+    elif where == "out_proj":
+        model.attn.out_proj.register_forward_hook(clamp)
+    elif where == "global":
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: o)
+    else:
+        model.attn.forward = lambda *a, **k: nn.MultiheadAttention.forward(model.attn, *a, **k)
+    try:
+        gm = r2r_fx.capture(model, (0.1 * torch.randn(2, T, 6),), via="symbolic_trace", check=False)
+        assert "attn" in [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def test_in_place_ops_of_an_activation_stay_in_the_graph():
+    """Only the head average the caller drops is erased from an equivalent's ops."""
+
+    def act(t):
+        t.mul_(2)
+        return t
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.TransformerEncoderLayer(D, HEADS, FF, dropout=0.0, activation=act, batch_first=True)
+    ).eval()
+    x = torch.randn(2, T, D)
+    gm = r2r_fx.capture(model, (x,), via="symbolic_trace", check=False)
+    with torch.no_grad():
+        assert _rel(gm(x), model(x)) <= 1e-6
+
+
+def test_is_causal_without_a_mask_keeps_the_layer_whole():
+    """torch refuses ``is_causal`` without the mask (or ignores it in its fast path): not traced through."""
+    from r2r_fx.inline import unsupported
+
+    x = torch.randn(2, T, D)
+    assert "is_causal" in unsupported(nn.MultiheadAttention(D, HEADS, batch_first=True), (x, x, x), {"is_causal": True})
+    layer = nn.TransformerEncoderLayer(D, HEADS, FF, batch_first=True)
+    assert "is_causal" in unsupported(layer, (x, None, None, True), {})

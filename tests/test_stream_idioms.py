@@ -368,3 +368,27 @@ def test_decomposed_rms_norm_stream_takes_mean_channels(norm, via):
     (change,) = [g for g in growth_history(grown)[-1].groups if g.id == stream.id]
     assert (change.status, change.k, change.r) == ("widened", 1, 12), change
     assert_function_preserved(model, grown, inputs)  # (readers' tail columns see an exact 0: no gradient yet)
+
+
+def test_a_decomposed_norm_weight_read_elsewhere_takes_no_mean_channels():
+    """The weight is read as data: rescaling it for the norm would change its other reads too."""
+
+    def rms(h, w):
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.f, self.o = nn.Linear(8, DIM), nn.Linear(DIM, DIM), nn.Linear(DIM, 8)
+            self.w, self.w2 = nn.Parameter(torch.rand(DIM) + 0.5), nn.Parameter(torch.rand(DIM) + 0.5)
+
+        def forward(self, x):
+            h = self.emb(x)
+            h = h + self.f(rms(h, self.w)) * self.w  # w is a layer scale as well
+            return self.o(rms(h, self.w2))
+
+    torch.manual_seed(0)
+    model, inputs = Scaled().eval(), (torch.randn(2, 3, 8),)
+    for via in ("symbolic_trace", "export"):
+        (stream,) = [g for g in r2r_fx.width_groups(r2r_fx.capture(model, inputs, via=via)) if g.kind == "stream"]
+        assert "is read elsewhere too" in stream.integer_only, stream
