@@ -51,18 +51,24 @@ _MHA_ARGS = (
 )
 
 
+def _masked(a: dict[str, Any], *masks: str) -> str:
+    """Why a call with these arguments is not traced through: a mask given, or ``is_causal`` (which torch
+    accepts only with the mask); "" otherwise."""
+    if any(a.get(name) is not None for name in masks):
+        return "it is called with an attention mask"
+    return "it is called with is_causal (torch needs the mask then)" if a.get("is_causal") else ""
+
+
 def _mha_unsupported(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> str:
     a = _bound(_MHA_ARGS, args, kwargs)
-    if a.get("key_padding_mask") is not None or a.get("attn_mask") is not None:
-        return "it is called with an attention mask"
+    if why := _masked(a, "key_padding_mask", "attn_mask"):
+        return why
     if not (a.get("query") is a.get("key") is a.get("value")):
         return "it is called for cross-attention (the query is not the key and the value)"
     if not m._qkv_same_embed_dim or m.in_proj_weight is None:
         return "its key and value sizes differ from its embedding size"
     if m.bias_k is not None or m.add_zero_attn:
         return "it has bias_k/bias_v or add_zero_attn"
-    if a.get("is_causal"):
-        return "it is called with is_causal (torch needs the mask then)"
     if any(has_forward_hooks(s) for s in m.modules()):  # out_proj is not called as a layer
         return "forward hooks would not run in the equivalent"
     dtype = m._parameters["in_proj_weight"].dtype  # the tensor itself (attribute reads are proxies in a trace)
@@ -112,11 +118,9 @@ _LAYER_ARGS = ("src", "src_mask", "src_key_padding_mask", "is_causal")
 
 def _layer_unsupported(m: nn.TransformerEncoderLayer, args: tuple, kwargs: dict) -> str:
     a = _bound(_LAYER_ARGS, args, kwargs)
-    if a.get("src_mask") is not None or a.get("src_key_padding_mask") is not None:
-        return "it is called with an attention mask"
-    if a.get("is_causal"):
-        return "it is called with is_causal (torch needs the mask then)"
-    return _mha_unsupported(m.self_attn, (a["src"],) * 3, {"need_weights": False})
+    return _masked(a, "src_mask", "src_key_padding_mask") or _mha_unsupported(
+        m.self_attn, (a["src"],) * 3, {"need_weights": False}
+    )
 
 
 def _layer_forward(
@@ -139,12 +143,7 @@ _ENCODER_ARGS = ("src", "mask", "src_key_padding_mask", "is_causal")
 
 
 def _encoder_unsupported(m: nn.TransformerEncoder, args: tuple, kwargs: dict) -> str:
-    a = _bound(_ENCODER_ARGS, args, kwargs)
-    if a.get("mask") is not None or a.get("src_key_padding_mask") is not None:
-        return "it is called with an attention mask"
-    if a.get("is_causal"):
-        return "it is called with is_causal (torch needs the mask then)"
-    return ""
+    return _masked(_bound(_ENCODER_ARGS, args, kwargs), "mask", "src_key_padding_mask")
 
 
 def _encoder_forward(

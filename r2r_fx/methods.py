@@ -443,10 +443,9 @@ def exact_shares(shares: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     (1e-7), far inside the check, where bfloat16's 4e-3 is not."""
     if torch.finfo(tensor.dtype).eps <= torch.finfo(torch.float32).eps:
         return shares
-    wide = shares.double()
-    rest = tensor.double() - wide[:-1].sum(0)
-    last = rest.to(tensor.dtype)
-    ok = (wide[:-1].sum(0) + last.double()) == tensor.double()
+    others = shares[:-1].double().sum(0)
+    last = (tensor.double() - others).to(tensor.dtype)
+    ok = (others + last.double()) == tensor.double()
     out = torch.cat([shares[:-1], last.unsqueeze(0)])
     whole = torch.zeros_like(out)
     whole[0] = tensor

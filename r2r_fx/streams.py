@@ -184,7 +184,7 @@ def stream_forms(analysis: Analysis, builder: Any, group: WidthGroup) -> StreamF
         return [m for m in node.all_input_nodes if m.name in carrying]
 
     stream_axis = dict(group.slots)  # tensor -> the axis the stream is on
-    carrying -= _idiom_weight_chains(sites)
+    carrying -= {name for site in sites for name in _weight_chain(site) or ()}
     for node in gm.graph.nodes:
         if node.name not in carrying:
             continue
@@ -294,33 +294,26 @@ def _norm_params(gm: torch.fx.GraphModule, site: NormSite, canonical: dict[str, 
     return weight, bias
 
 
-def _read_by_the_norm_only(site: NormSite, weight: str, builder: Any) -> bool:
-    """A decomposed RMSNorm's weight is read as data, which another read of it would share: only its own
-    get_attr, leading to the norm's output through casts and ``1 + w``, may read it."""
-    idiom = site.idiom
-    readers = {b.node for key, binds in builder.bindings.items() if key[0] == weight for b in binds}
-    if readers != {idiom.weight.name}:
-        return False
-    node = idiom.weight
-    while node is not idiom.out:
+def _weight_chain(site: NormSite) -> list[str] | None:
+    """The nodes from a decomposed RMSNorm's weight to its output, exclusive (the get_attr, casts,
+    Gemma's ``1 + w``): the norm's own parameter, not the stream. None when a node on the way has
+    another reader, or the norm has no weight."""
+    idiom, chain = site.idiom, []
+    node = idiom.weight if idiom is not None else None
+    while node is not None and node is not idiom.out:
         users = real_users(node)
         if len(users) != 1:
-            return False
+            return None
+        chain.append(node.name)
         node = users[0]
-    return True
+    return chain if node is not None else None
 
 
-def _idiom_weight_chains(sites: list[NormSite]) -> set[str]:
-    """The nodes from a decomposed RMSNorm's weight to its output (casts, Gemma's ``1 + w``): the norm's
-    own parameter, not the stream."""
-    chain: set[str] = set()
-    for site in sites:
-        idiom = site.idiom
-        node = idiom.weight if idiom is not None else None
-        while node is not None and node is not idiom.out and len(real_users(node)) == 1:
-            chain.add(node.name)
-            node = real_users(node)[0]
-    return chain
+def _read_by_the_norm_only(site: NormSite, weight: str, builder: Any) -> bool:
+    """A decomposed RMSNorm's weight is read as data, which another read of it would share: only its own
+    get_attr, leading to the norm's output, may read it."""
+    readers = {b.node for key, binds in builder.bindings.items() if key[0] == weight for b in binds}
+    return readers == {site.idiom.weight.name} and _weight_chain(site) is not None
 
 
 def _idiom_eps(site: NormSite) -> EpsSite | str | None:
