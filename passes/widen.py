@@ -99,11 +99,15 @@ def plan_new_channels(
             per_set = {}
             own = [a for a in g.channel_sets if a not in analysis.key_sets]  # a key set mirrors its query set
             for a in g.channel_sets:
-                want = analysis.set_width[a] * (g_factor - 1) if g_factor is not None else g_extra / len(own)
+                if g_factor is not None:
+                    want = analysis.set_width[a] * (g_factor - 1)
+                else:  # the sets of a head-size group are one head size (q, k and v of a packed projection)
+                    want = g_extra if g.head_size else g_extra / len(own)
                 per_set[a] = int(math.ceil(round(want, 6) / step)) * step
             if any(per_set.values()):
                 new_channels.update(per_set)
-                entry.update(status="widened", reason="", width_after=g.width + sum(per_set[a] for a in own))
+                added = per_set[own[0]] if g.head_size else sum(per_set[a] for a in own)
+                entry.update(status="widened", reason="", width_after=g.width + added)
             else:
                 entry["reason"] = "nothing to add"
         if (

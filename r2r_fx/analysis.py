@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -75,20 +75,38 @@ class NormSite:
     idiom: RMSIdiom | None = None  # a decomposed RMSNorm's ops (r2r_fx.rules.norm_idioms)
 
 
+Piece = tuple[int, int, int]  # (channel_set, channels, inner)
+
+
 @dataclass(frozen=True)
 class Layout:
-    """How a slot's positions map to channel sets: ``outer`` repeats of the ``pieces`` in order.
+    """How a slot's positions map to channel sets: a concatenation of segments, each ``outer`` repeats of
+    its pieces in order (several segments only where reshaped parts are concatenated: GPT-2's packed
+    q/k/v split into heads x head size).
 
     Each piece is ``(channel_set, channels, inner)``: ``channels`` channels of ``channel_set``, each spanning
     ``inner`` consecutive positions.
     """
 
-    outer: int
-    pieces: tuple[tuple[int, int, int], ...]
+    segments: tuple[tuple[int, tuple[Piece, ...]], ...]
+
+    @staticmethod
+    def of(outer: int, pieces: tuple[Piece, ...]) -> Layout:
+        return Layout(((outer, tuple(pieces)),))
+
+    @property
+    def pieces(self) -> tuple[Piece, ...]:
+        """Every piece, segment after segment."""
+        return tuple(p for _, pieces in self.segments for p in pieces)
+
+    def width(self, new_channels: Mapping[int, int] | None = None) -> int:
+        """The number of positions, with ``new_channels[a]`` more channels of each channel set ``a``."""
+        new = new_channels or {}
+        return sum(outer * sum((n + new.get(a, 0)) * inner for a, n, inner in ps) for outer, ps in self.segments)
 
     @property
     def size(self) -> int:
-        return self.outer * sum(n * inner for _, n, inner in self.pieces)
+        return self.width()
 
     def channel_sets(self) -> list[int]:
         return [a for a, _, _ in self.pieces]
@@ -96,7 +114,7 @@ class Layout:
     @property
     def plain(self) -> bool:
         """One channel set, one position per channel, no repeats (what streams and head sizes grow along)."""
-        return self.outer == 1 and len(self.pieces) == 1 and self.pieces[0][2] == 1
+        return self.segments == ((1, self.pieces),) and len(self.pieces) == 1 and self.pieces[0][2] == 1
 
 
 @dataclass
@@ -465,24 +483,25 @@ class Analysis:
             self._set_index[root] = len(self.set_roots)
             self.set_roots.append(root)
             self.set_width.append(self._size(root))
-        return Layout(1, ((self._set_index[root], self._size(root), 1),))
+        return Layout.of(1, ((self._set_index[root], self._size(root), 1),))
 
     def _compute_layout(self, root: Slot) -> Layout:
         if root in self._conflicts:
             return self._set_layout(root)
         if root in self._concat_of:
             parts, _ = self._concat_of[root]
-            pieces: list[tuple[int, int, int]] = []
+            segments: list[tuple[int, tuple[Piece, ...]]] = []
             for p in parts:
-                sub = self.layout(p)
-                if sub.outer != 1:
-                    self._conflicts[root] = "concatenation of reshaped channels"
-                    return self._set_layout(root)
-                pieces.extend(sub.pieces)
-            if sum(n * i for _, n, i in pieces) != self._size(root):
+                for outer, pieces in self.layout(p).segments:
+                    if outer == 1 and segments and segments[-1][0] == 1:  # plain runs join one segment
+                        segments[-1] = (1, segments[-1][1] + pieces)
+                    else:
+                        segments.append((outer, pieces))
+            layout = Layout(tuple(segments))
+            if layout.size != self._size(root):
                 self._conflicts[root] = "concatenation sizes do not add up"
                 return self._set_layout(root)
-            return Layout(1, tuple(pieces))
+            return layout
         if root in self._merge_of:
             members = self._merge_of[root]
             bearing = [i for i, m in enumerate(members) if self._width_bearing(m)]
@@ -503,9 +522,13 @@ class Analysis:
             # the other members only repeat the channels (outer / inner counts): they keep their widths
             self._merged_fixed.extend(m for i, m in enumerate(members) if i != k)
             sub = self.layout(members[k])
+            if len(sub.segments) != 1:
+                self._conflicts[root] = "reshape of concatenated reshaped channels"
+                return self._set_layout(root)
+            ((sub_outer, sub_pieces),) = sub.segments
             before = math.prod(self._size(m) for m in members[:k])
             after = math.prod(self._size(m) for m in members[k + 1 :])
-            return Layout(before * sub.outer, tuple((a, n, i * after) for a, n, i in sub.pieces))
+            return Layout.of(before * sub_outer, tuple((a, n, i * after) for a, n, i in sub_pieces))
         return self._set_layout(root)
 
     def _width_bearing(self, slot: Slot) -> bool:
@@ -590,8 +613,8 @@ class Analysis:
             if not equal:
                 continue
             layouts = [self.layout(p) for p in parts]
-            shapes = {tuple((n, i) for _, n, i in lay.pieces) for lay in layouts}
-            if len(shapes) != 1 or any(lay.outer != 1 for lay in layouts):
+            shapes = {tuple((o, tuple((n, i) for _, n, i in ps)) for o, ps in lay.segments) for lay in layouts}
+            if len(shapes) != 1:
                 for lay in layouts:
                     freeze_layout(lay, "equal split of unequal channel structures")
                 continue
@@ -606,7 +629,7 @@ class Analysis:
         gran: dict[int, int] = defaultdict(lambda: 2)
         for slot, k, node in b.granularities:
             layout = self.layout(slot)
-            if len(layout.pieces) != 1 or layout.outer != 1 or layout.pieces[0][2] != 1:
+            if not layout.plain:
                 freeze_layout(layout, f"{node} needs whole groups of one channel set")
                 continue
             a = layout.pieces[0][0]
@@ -627,9 +650,11 @@ class Analysis:
             norms = tuple(_unique(n for a in channel_sets for n in stream_sets.get(a, ())))
             if not reason and norms and len(channel_sets) > 1:
                 reason = f"the stream normalised by {norms[0]} is tied to other channel sets (an equal split)"
+            head_size = self.head_size and any(self.set_roots[a] in self._head_roots for a in channel_sets)
+            own = [self.set_width[a] for a in channel_sets if a not in self.key_sets]  # k mirrors q
             group = WidthGroup(
                 id=len(self.groups),
-                width=sum(self.set_width[a] for a in channel_sets if a not in self.key_sets),  # k mirrors q
+                width=max(own) if head_size else sum(own),  # tied head sizes (packed q/k/v) are one size
                 channel_sets=channel_sets,
                 slots=sorted({s for a in channel_sets for s in slots_of[a]}, key=str),
                 producers=_unique(p for a in channel_sets for p in self.producers.get(a, [])),
@@ -639,7 +664,7 @@ class Analysis:
                 reason=reason,
                 norms=norms,
                 heads=not self.head_size and any(self.set_roots[a] in self._head_roots for a in channel_sets),
-                head_size=self.head_size and any(self.set_roots[a] in self._head_roots for a in channel_sets),
+                head_size=head_size,
             )
             for a in channel_sets:
                 self.group_of_set[a] = group.id

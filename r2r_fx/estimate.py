@@ -75,7 +75,7 @@ def estimate_growth(
         t = get_tensor(gm, name)
         shape = list(t.shape)
         for axis, layout, _ in axes:
-            shape[axis] = layout.outer * sum((n + new_channels.get(a, 0)) * inner for a, n, inner in layout.pieces)
+            shape[axis] = layout.width(new_channels)
         grown = math.prod(shape)
         numel += (grown - t.numel()) if id(t) in params else 0
         nbytes += (grown - t.numel()) * t.element_size()
@@ -120,10 +120,11 @@ def channel_costs(gm: torch.fx.GraphModule, analysis: Any) -> dict[int, int]:
             continue
         for axis, layout, _ in axes:
             per_position = t.numel() // max(t.shape[axis], 1)
-            for a, _, inner in layout.pieces:
-                group = analysis.group_of_set.get(a)
-                if group is not None:
-                    costs[group] = costs.get(group, 0) + layout.outer * inner * per_position
+            for outer, pieces in layout.segments:
+                for a, _, inner in pieces:
+                    group = analysis.group_of_set.get(a)
+                    if group is not None:
+                        costs[group] = costs.get(group, 0) + outer * inner * per_position
     return costs
 
 

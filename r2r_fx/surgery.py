@@ -63,7 +63,7 @@ class AxisIndex:
 
 
 def new_width(layout: Layout, new_channels: Mapping[int, int]) -> int:
-    return layout.outer * sum((n + new_channels.get(a, 0)) * inner for a, n, inner in layout.pieces)
+    return layout.width(new_channels)
 
 
 def channel_sources(
@@ -80,45 +80,53 @@ def axis_index(
     sources: Mapping[int, torch.Tensor],
     only: Collection[int] | None = None,
 ) -> AxisIndex:
-    """Index tensors for growing one axis (vectorised over ``outer``; a loop over the few pieces).
+    """Index tensors for growing one axis (vectorised over each segment's ``outer``; a loop over the few
+    pieces).
 
     ``only``: the new entries listed are those of these channel sets (the axis still grows by all of
     ``new_channels``), so one axis can take two fills (a packed q/k projection: ``k``'s rows take the
     opposite sign of ``q``'s)."""
-    old_w = sum(n * inner for _, n, inner in layout.pieces)
-    new_w = sum((n + new_channels.get(a, 0)) * inner for a, n, inner in layout.pieces)
-    outer = layout.outer
-    rows = torch.arange(outer).unsqueeze(1)
-    old_map = torch.empty(outer, old_w, dtype=torch.long)
-    firsts, seconds, runs, news, news_src = [], [], [], [], []
-    off_old = off_new = 0
-    for channel_set, n, inner in layout.pieces:
-        e = new_channels.get(channel_set, 0)
-        span = n * inner
-        old_map[:, off_old : off_old + span] = rows * new_w + off_new + torch.arange(span)
-        for o in range(outer):
-            runs.append((o * new_w + off_new, o * old_w + off_old, span))
-        if e and (only is None or channel_set in only):
-            half = (e // 2) * inner
-            start = rows * new_w + off_new + span
-            firsts.append((start + torch.arange(half)).reshape(-1))
-            seconds.append((start + half + torch.arange(half)).reshape(-1))
-            news.append((start + torch.arange(e * inner)).reshape(-1))
-            chans = sources[channel_set] if n else torch.zeros(e, dtype=torch.long)
-            within = (chans.unsqueeze(1) * inner + torch.arange(inner)).reshape(-1)
-            news_src.append((rows * old_w + off_old + within).reshape(-1))
-        off_old += span
-        off_new += (n + e) * inner
-    empty = torch.zeros(0, dtype=torch.long)
+    old_maps, firsts, seconds, runs, news, news_src = [], [], [], [], [], []
+    base_old = base_new = 0  # where the segment starts on the old and the grown axis
+    for outer, pieces in layout.segments:
+        old_w = sum(n * inner for _, n, inner in pieces)
+        new_w = sum((n + new_channels.get(a, 0)) * inner for a, n, inner in pieces)
+        rows = torch.arange(outer).unsqueeze(1)
+        old_map = torch.empty(outer, old_w, dtype=torch.long)
+        off_old = off_new = 0
+        for channel_set, n, inner in pieces:
+            e = new_channels.get(channel_set, 0)
+            span = n * inner
+            old_map[:, off_old : off_old + span] = base_new + rows * new_w + off_new + torch.arange(span)
+            for o in range(outer):
+                runs.append((base_new + o * new_w + off_new, base_old + o * old_w + off_old, span))
+            if e and (only is None or channel_set in only):
+                half = (e // 2) * inner
+                start = base_new + rows * new_w + off_new + span
+                firsts.append((start + torch.arange(half)).reshape(-1))
+                seconds.append((start + half + torch.arange(half)).reshape(-1))
+                news.append((start + torch.arange(e * inner)).reshape(-1))
+                chans = sources[channel_set] if n else torch.zeros(e, dtype=torch.long)
+                within = (chans.unsqueeze(1) * inner + torch.arange(inner)).reshape(-1)
+                news_src.append((base_old + rows * old_w + off_old + within).reshape(-1))
+            off_old += span
+            off_new += (n + e) * inner
+        old_maps.append(old_map.reshape(-1))
+        base_old += outer * old_w
+        base_new += outer * new_w
+
+    def cat(parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
     return AxisIndex(
-        old_size=outer * old_w,
-        new_size=outer * new_w,
-        old_pos=old_map.reshape(-1),
-        first=torch.cat(firsts) if firsts else empty,
-        second=torch.cat(seconds) if seconds else empty,
+        old_size=base_old,
+        new_size=base_new,
+        old_pos=cat(old_maps),
+        first=cat(firsts),
+        second=cat(seconds),
         runs=_merge_runs(runs),
-        new_pos=torch.cat(news) if news else empty,
-        new_source=torch.cat(news_src) if news_src else empty,
+        new_pos=cat(news),
+        new_source=cat(news_src),
     )
 
 

@@ -10,9 +10,15 @@ from test_heads import HEADS, RTOL, D, Net, T, _rel
 
 import r2r_fx
 
-from helpers import assert_function_preserved
+from helpers import assert_function_preserved, assert_new_weights_train
 
-CASES = {"sdpa": {}, "manual": {"style": "manual"}, "gqa": {"kv_heads": 2}}
+CASES = {
+    "sdpa": {},
+    "manual": {"style": "manual"},
+    "gqa": {"kv_heads": 2},
+    "packed": {"packed": "chunk"},
+    "packed_gqa_manual": {"packed": "split", "kv_heads": 2, "style": "manual"},
+}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -21,10 +27,14 @@ def test_head_size_grows_exactly(case):
     model = Net(**CASES[case]).eval()
     gm = r2r_fx.capture(model, (torch.randn(2, T, 8),), via="export")
     groups = [g for g in r2r_fx.analyze(gm, head_size=True).groups if g.kind == "head_size"]
-    assert len(groups) == 4 and all(g.widenable and g.width == D // HEADS for g in groups), groups
+    count = 2 if CASES[case].get("packed") == "chunk" else 4  # an equal split ties v's head size to q's
+    assert len(groups) == count and all(g.widenable and g.width == D // HEADS for g in groups), groups
     grown = r2r_fx.widen(gm, factor=2.0, groups=["kind:head_size"], seed=0, check=False)
-    q = grown.get_submodule("attn.0.q")
-    assert q.weight.shape[0] == 2 * D
+    if CASES[case].get("packed"):
+        rows = HEADS + 2 * CASES[case].get("kv_heads", HEADS)
+        assert grown.get_submodule("attn.0.qkv").weight.shape[0] == 2 * rows * (D // HEADS)
+    else:
+        assert grown.get_submodule("attn.0.q").weight.shape[0] == 2 * D
     for train in (False, True):
         assert _rel(model, grown, train) <= RTOL, (case, train)
     assert_function_preserved(model, grown, (torch.randn(2, T, 8),))
@@ -70,3 +80,27 @@ def test_rotary_head_size_stays_and_what_grows_is_exact():
     for train in (False, True):
         assert _rel(model, grown, train) <= RTOL, train
     assert not any(g.kind == "head_size" for g in r2r_fx.analyze(gm).groups)
+
+
+def test_packed_projection_grows_each_third_per_head():
+    """A packed q/k/v projection (GPT-2's c_attn): every head of each third gains positions after its
+    own, q's in identical pairs, k's in opposite pairs, v's in identical pairs under opposite output
+    columns; the old rows stay in place within their head, and every new weight trains."""
+    torch.manual_seed(0)
+    model = Net(depth=1, packed="chunk").eval()
+    gm = r2r_fx.capture(model, (torch.randn(2, T, 8),), via="export")
+    (group,) = [g for g in r2r_fx.analyze(gm, head_size=True).groups if g.kind == "head_size"]
+    assert group.width == D // HEADS and group.widenable, group  # one head size for q, k and v
+    grown = r2r_fx.widen(gm, sizes={"kind:head_size": 2 * (D // HEADS)}, seed=0, check=False)
+    hd = D // HEADS
+    old = model.attn[0].qkv.weight.reshape(3, HEADS, hd, D)
+    new = grown.get_submodule("attn.0.qkv").weight.reshape(3, HEADS, 2 * hd, D)
+    assert torch.equal(new[:, :, :hd], old)
+    a, b = new[:, :, hd : hd + hd // 2], new[:, :, hd + hd // 2 :]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], -b[1]) and torch.equal(a[2], b[2])
+    assert a.abs().min() > 0
+    o = grown.get_submodule("attn.0.o").weight.reshape(D, HEADS, 2 * hd)
+    assert torch.equal(o[:, :, hd : hd + hd // 2], -o[:, :, hd + hd // 2 :])
+    for train in (False, True):
+        assert _rel(model, grown, train) <= RTOL, train
+    assert_new_weights_train(grown, (torch.randn(2, T, 8),))

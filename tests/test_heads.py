@@ -27,12 +27,16 @@ D, HEADS, T = 32, 4, 6
 
 
 class Attention(nn.Module):
-    def __init__(self, heads=HEADS, kv_heads=HEADS, style="sdpa", rope=False, bias=True) -> None:
+    def __init__(self, heads=HEADS, kv_heads=HEADS, style="sdpa", rope=False, bias=True, packed=False) -> None:
         super().__init__()
         self.h, self.kv, self.hd, self.style, self.rope = heads, kv_heads, D // heads, style, rope
-        self.q = nn.Linear(D, heads * self.hd, bias=bias)
-        self.k = nn.Linear(D, kv_heads * self.hd, bias=bias)
-        self.v = nn.Linear(D, kv_heads * self.hd, bias=bias)
+        if packed:  # one projection for q, k and v (GPT-2's c_attn, timm's qkv), split on the way out
+            self.qkv = nn.Linear(D, (heads + 2 * kv_heads) * self.hd, bias=bias)
+        else:
+            self.q = nn.Linear(D, heads * self.hd, bias=bias)
+            self.k = nn.Linear(D, kv_heads * self.hd, bias=bias)
+            self.v = nn.Linear(D, kv_heads * self.hd, bias=bias)
+        self.packed = packed
         self.o = nn.Linear(heads * self.hd, D)
 
     def _rotate(self, t: torch.Tensor) -> torch.Tensor:
@@ -44,9 +48,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t = x.shape[0], x.shape[1]
-        q = self.q(x).view(b, t, -1, self.hd).transpose(1, 2)
-        k = self.k(x).view(b, t, -1, self.hd).transpose(1, 2)
-        v = self.v(x).view(b, t, -1, self.hd).transpose(1, 2)
+        if self.packed == "chunk":
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        elif self.packed:
+            q, k, v = self.qkv(x).split([self.h * self.hd, self.kv * self.hd, self.kv * self.hd], dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = q.view(b, t, -1, self.hd).transpose(1, 2)
+        k = k.view(b, t, -1, self.hd).transpose(1, 2)
+        v = v.view(b, t, -1, self.hd).transpose(1, 2)
         if self.rope:
             q, k = self._rotate(q), self._rotate(k)
         if self.kv != self.h:  # repeat_kv: kv head i serves query heads i*g .. i*g+g-1
@@ -104,6 +114,8 @@ CASES = {
     "gqa": {"kv_heads": 2},
     "gqa_rope_manual": {"kv_heads": 2, "rope": True, "style": "manual"},
     "gqa_no_bias": {"kv_heads": 2, "bias": False},
+    "packed": {"packed": "chunk"},
+    "packed_gqa_manual": {"packed": "split", "kv_heads": 2, "style": "manual"},
 }
 
 
@@ -120,8 +132,10 @@ def test_heads_grow_exactly(case, via):
     grown = r2r_fx.widen(gm, factor=2.0, seed=0, check=False)
     record = grown.meta["r2r_record"][-1]["groups"]
     assert {g["kind"] for g in record if g["status"] == "widened"} >= {"heads"}, record
-    q = grown.get_submodule("attn.0.q" if via == "symbolic_trace" else "attn.0.q")
-    assert q.weight.shape[0] == 2 * HEADS * (D // HEADS)
+    if CASES[case].get("packed"):  # q, k and v thirds each twice the heads
+        assert grown.get_submodule("attn.0.qkv").weight.shape[0] == 2 * (HEADS + 2 * kv) * (D // HEADS)
+    else:
+        assert grown.get_submodule("attn.0.q").weight.shape[0] == 2 * HEADS * (D // HEADS)
     for train in (False, True):
         assert _rel(model, grown, train) <= RTOL, (case, via, train)
     assert_function_preserved(model, grown, (torch.randn(2, T, 8),))

@@ -65,3 +65,29 @@ def test_transformers_grow_every_group_and_keep_their_function(name, factor):
     with torch.no_grad():  # against the eager model, not the capture
         assert _rel(grown(*inputs), model(*inputs)) <= 1e-5
     assert_function_preserved(model, grown, inputs, onnx=factor == 2.0)
+
+
+# (width, widenable) of each head-size group: torch's packed in_proj ties q, k and v to one head size per
+# layer; the ViT's separate q/k and v projections are two; Llama's rotary q/k keep theirs (v grows)
+HEAD_SIZES = {
+    "vit": [(8, True)] * 4,
+    "encoder_post_ln": [(8, True)] * 2,
+    "encoder_pre_ln": [(8, True)] * 2,
+    "mha": [(4, True)],
+    "llama_like": [(4, True)] * 2,
+}
+
+
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+@pytest.mark.parametrize("name", sorted(HEAD_SIZES))
+def test_head_sizes_grow_through_packed_and_separate_projections(name, via):
+    model, inputs = ZOO[name]()
+    gm = r2r_fx.capture(model, inputs, via=via)
+    sized = [g for g in r2r_fx.analyze(gm, head_size=True).groups if g.kind == "head_size"]
+    assert [(g.width, g.widenable) for g in sized] == HEAD_SIZES[name], sized
+    grown = r2r_fx.widen(gm, factor=2.0, seed=0, groups=["kind:head_size"])
+    changes = [g for g in growth_history(grown)[-1].groups if g.kind == "head_size"]
+    assert [(g.status, g.width_after) for g in changes] == [("widened", 2 * w) for w, _ in HEAD_SIZES[name]]
+    with torch.no_grad():
+        assert _rel(grown(*inputs), model(*inputs)) <= 1e-5
+    assert_function_preserved(model, grown, inputs, onnx=via == "export")
