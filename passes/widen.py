@@ -231,12 +231,36 @@ def grow_parameters(
             new = method.grow(old, plan, generator) if plan else old.detach().clone()
             for axis, k, r, _, fill, tail, read, _, offset in stream_plan:  # the group's constraint
                 new = grow_stream(new, axis, k, fill, method, generator, r=r, tail=tail, read=read, offset=offset)
-        axes = {axis: AxisChange(role, tuple(tuple(r) for r in idx.runs)) for axis, idx, role in reversed(plan)}
-        for axis, k, r, role, fill, _, _, d, _ in stream_plan:  # old entries stay at 0..d-1
+        axes = {axis: _axis_change(axis, role, idx, plan, method) for axis, idx, role in reversed(plan)}
+        for axis, k, r, role, fill, _, read, d, _ in stream_plan:  # old entries stay at 0..d-1
             changed = (fill == "in" and k > 1) or (fill == "norm_weight" and r > 0)  # W/k shares, gamma*s
-            axes[axis] = AxisChange(f"stream_{role}", ((0, 0, d),), old_changed=changed)
+            why = ""
+            if r and fill == "norm_weight":
+                why = "the tail weight scales a normalised tail of 0"
+            elif r and fill == "in" and read == "zero":
+                why = "the tail columns read a norm's output tail, which is 0"
+            no_grad = ((k * d, r),) if why else ()
+            axes[axis] = AxisChange(f"stream_{role}", ((0, 0, d),), changed, no_grad, why)
         changes += replace_param(gm, param, new, analysis.aliases(param), axes)  # recorded under each tied name
     return changes
+
+
+def _axis_change(axis: int, role: str, idx, plan, method: Method) -> AxisChange:
+    """The record of one grown axis; new entries the method leaves without a first-step gradient (its
+    ``no_grad_roles``; a packed axis takes one fill per channel set: only those parts) as runs."""
+    runs = tuple(tuple(r) for r in idx.runs)
+    parts = [i.new_pos for a, i, r in plan if a == axis and r in method.no_grad_roles]
+    if not parts:
+        return AxisChange(role, runs)
+    pos = torch.cat(parts).unique().tolist()  # sorted
+    no_grad: list[tuple[int, int]] = []
+    for p in pos:
+        if no_grad and no_grad[-1][0] + no_grad[-1][1] == p:
+            no_grad[-1] = (no_grad[-1][0], no_grad[-1][1] + 1)
+        else:
+            no_grad.append((p, 1))
+    why = next(method.no_grad_roles[r] for a, _, r in plan if a == axis and r in method.no_grad_roles)
+    return AxisChange(role, runs, no_grad=tuple(no_grad), no_grad_why=why)
 
 
 def _stream_fill(param: str, role: str, forms) -> str:

@@ -100,6 +100,8 @@ class Method:
     exact = True
     takes_hidden = True  # whether ``block`` uses a requested hidden width
     supports_streams = False  # whether ``split_stream`` is implemented (normalised streams)
+    # roles whose new entries get no gradient at the first step, by construction -> why (the record's no_grad)
+    no_grad_roles: dict[str, str] = {}
 
     def __init__(self, *, init_scale: float | str = "match") -> None:
         self.scale_factor = 1.0 if init_scale == "match" else float(init_scale)
@@ -266,6 +268,10 @@ class NetMorph(Method):
     name = "netmorph"
     takes_hidden = False
     supports_streams = True
+    no_grad_roles = {
+        "out": "new producer rows: their consumer columns are 0",
+        "channel": "per-channel values of new channels: their consumer columns are 0",
+    }
 
     def split_stream(self, tensor, axis, k, generator):
         """The old channel keeps ``W``, the new copies read nothing (columns 0)."""

@@ -43,11 +43,18 @@ class AxisChange:
     at ``j*d..`` and the ``r`` tail channels last. ``old_changed``: the old positions no longer hold the
     old values: for ``stream_in`` (a reader's columns, ``k > 1``) a share of the old column (the ``k``
     shares add up to it), for a norm weight grown with a tail ``gamma * sqrt(kd/D)``, for
-    ``stream_scaled`` (the weights of a norm before a head tied to the embedding) the old value over ``k``."""
+    ``stream_scaled`` (the weights of a norm before a head tied to the embedding) the old value over ``k``.
+
+    ``no_grad``: runs ``(start, length)`` of new entries along this axis whose gradient is zero at the
+    first step by construction (exactly, or up to rounding where a LayerNorm computes the exact zero),
+    ``no_grad_why`` says why: a norm's tail weight and its readers' tail columns (the normalised tail
+    is 0), NetMorph's new producer rows (their consumer columns are 0)."""
 
     role: str
     old_runs: tuple[tuple[int, int, int], ...]
     old_changed: bool = False
+    no_grad: tuple[tuple[int, int], ...] = ()
+    no_grad_why: str = ""
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,11 @@ class GrowthRecord:
                 tuple(p["shape_after"]),
                 {
                     int(a): AxisChange(
-                        info["role"], tuple(tuple(r) for r in info["old_runs"]), bool(info.get("old_changed", False))
+                        info["role"],
+                        tuple(tuple(r) for r in info["old_runs"]),
+                        bool(info.get("old_changed", False)),
+                        tuple(tuple(r) for r in info.get("no_grad", ())),
+                        str(info.get("no_grad_why", "")),
                     )
                     for a, info in p["axes"].items()
                 },
