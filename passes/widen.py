@@ -211,13 +211,13 @@ def grow_parameters(
         plan, stream_plan = [], []
         for axis, layout, role in sorted(axes):
             sets = layout.channel_sets()
-            if any(a in streams for a in sets):  # plain layout: one channel set (checked by the analysis)
+            if any(a in streams for a in sets):  # the stream, or copies of it side by side (checked by the analysis)
                 d, forms = analysis.set_width[sets[0]], analysis.stream_forms[sets[0]]
                 k, r = divmod(d + streams[sets[0]], d)
                 fill = _stream_fill(param, role, forms)
                 read = forms.reads.get((param, axis), "zero")
                 offset = forms.norm_offsets.get(param, 0.0)
-                stream_plan.append((axis, k, r, role, fill, forms.tail, read, d, offset))
+                stream_plan.append((axis, k, r, role, fill, forms.tail, read, d, offset, len(sets)))
             elif any(others.get(a) for a in sets):
                 keys = analysis.key_sets.intersection(sets)  # k's head size: q's fill with the consumer's sign
                 if keys:
@@ -229,18 +229,24 @@ def grow_parameters(
         old = get_tensor(gm, param)
         with torch.no_grad():
             new = method.grow(old, plan, generator) if plan else old.detach().clone()
-            for axis, k, r, _, fill, tail, read, _, offset in stream_plan:  # the group's constraint
-                new = grow_stream(new, axis, k, fill, method, generator, r=r, tail=tail, read=read, offset=offset)
+            for axis, k, r, _, fill, tail, read, _, offset, pieces in stream_plan:  # the group's constraint
+                grown = [  # each copy of the stream on the axis grows as the stream does
+                    grow_stream(part, axis, k, fill, method, generator, r=r, tail=tail, read=read, offset=offset)
+                    for part in new.chunk(pieces, axis)
+                ]
+                new = torch.cat(grown, dim=axis)
         axes = {axis: _axis_change(axis, role, idx, plan, method) for axis, idx, role in reversed(plan)}
-        for axis, k, r, role, fill, _, read, d, _ in stream_plan:  # old entries stay at 0..d-1
+        for axis, k, r, role, fill, _, read, d, _, pieces in stream_plan:  # old entries at 0..d-1 of each piece
             changed = (fill == "in" and k > 1) or (fill == "norm_weight" and r > 0)  # W/k shares, gamma*s
             why = ""
             if r and fill == "norm_weight":
                 why = "the tail weight scales a normalised tail of 0"
             elif r and fill == "in" and read == "zero":
                 why = "the tail columns read a norm's output tail, which is 0"
-            no_grad = ((k * d, r),) if why else ()
-            axes[axis] = AxisChange(f"stream_{role}", ((0, 0, d),), changed, no_grad, why)
+            size = k * d + r
+            no_grad = tuple((p * size + k * d, r) for p in range(pieces)) if why else ()
+            runs = tuple((p * size, p * d, d) for p in range(pieces))
+            axes[axis] = AxisChange(f"stream_{role}", runs, changed, no_grad, why)
         changes += replace_param(gm, param, new, analysis.aliases(param), axes)  # recorded under each tied name
     return changes
 

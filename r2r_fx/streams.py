@@ -35,9 +35,9 @@ from r2r_fx.rules.common import node_arg
 from r2r_fx.rules.norm_idioms import real_users
 
 if TYPE_CHECKING:
-    from r2r_fx.analysis import Analysis, NormSite, WidthGroup
+    from r2r_fx.analysis import Analysis, Layout, NormSite, WidthGroup
 
-__all__ = ["EpsSite", "StreamForms", "find_streams", "rescaled_eps", "stream_forms", "tail_scale"]
+__all__ = ["EpsSite", "StreamForms", "copies_of", "find_streams", "rescaled_eps", "stream_forms", "tail_scale"]
 
 _SAME = {
     "neg",
@@ -136,15 +136,19 @@ def stream_forms(analysis: Analysis, builder: Any, group: WidthGroup) -> StreamF
     """The forms of a stream group's tensors and what they imply (a read of the graph; changes nothing)."""
     gm = analysis.gm
     (a,) = group.channel_sets
-    sites = [s for s in builder.norms if analysis.layout(s.in_slot).channel_sets() == [a]]
+    widths = analysis.set_width
+    sites = [s for s in builder.norms if copies_of(analysis.layout(s.in_slot), widths) == a]
     kinds = {s.kind for s in sites}
     info = StreamForms(a, "zero" if kinds == {"rms"} else "mean")
     reasons: list[str] = []
     if len(kinds) > 1:
         reasons.append("the stream is read by both LayerNorm and RMSNorm (their tails differ)")
+    for site in sites:
+        if len(analysis.layout(site.in_slot).pieces) > 1:
+            reasons.append(f"{site.node} normalises a concatenation of copies of the stream (patch merging)")
 
     def on_set(param: str, axis: int) -> bool:
-        return analysis.layout((f"param:{param}", axis)).channel_sets() == [a]
+        return copies_of(analysis.layout((f"param:{param}", axis)), widths) == a
 
     binds = [b for (p, axis), bs in builder.bindings.items() if on_set(p, axis) for b in bs]
     writers = {b.node for b in binds if b.role == "out"}
@@ -354,26 +358,42 @@ def rescaled_eps(site: EpsSite, factor: float) -> float:
     return float(eps) * factor
 
 
+def copies_of(layout: Layout, widths: list[int]) -> int | None:
+    """The channel set ``a`` when ``layout`` is ``a`` whole, or a concatenation of whole copies of ``a``
+    (Swin's patch merging: four strided samples of the stream side by side); else None. Such an axis
+    grows piece by piece, each piece as the stream does (whole copies keep every piece's statistics)."""
+    if len(layout.segments) != 1 or layout.segments[0][0] != 1:
+        return None
+    sets = {a for a, _, _ in layout.pieces}
+    if len(sets) != 1:
+        return None
+    (a,) = sets
+    return a if all(n == widths[a] and inner == 1 for _, n, inner in layout.pieces) else None
+
+
 def find_streams(analysis: Analysis, b: Any, slots_of: dict, freeze_layout) -> dict[int, tuple[str, ...]]:
     """The channel sets normalised by a LayerNorm/RMSNorm (-> the norms' node names). Fail closed: a
-    norm over anything but one channel set with the plain layout, and a stream reaching any slot or
-    parameter axis in another layout, freeze what they touch (``freeze_layout(layout, reason)``)."""
+    norm over anything but one channel set (or a concatenation of whole copies of it), and a stream
+    reaching any slot or parameter axis in another layout, freeze what they touch
+    (``freeze_layout(layout, reason)``)."""
     found: dict[int, list[str]] = {}
+    widths = analysis.set_width
     for site in b.norms:
         layout = analysis.layout(site.in_slot)
-        if not layout.plain:
+        a = copies_of(layout, widths)
+        if a is None:
             freeze_layout(layout, f"normalised over by {site.node} across a concatenation or a reshaped axis")
             continue
-        found.setdefault(layout.pieces[0][0], []).append(site.node)
+        found.setdefault(a, []).append(site.node)
     for a, norms in found.items():
         for slot in slots_of.get(a, ()):
-            if not analysis.layout(slot).plain:
+            if copies_of(analysis.layout(slot), widths) != a:
                 reason = f"the stream normalised by {norms[0]} reaches {slot[0]} concatenated or reshaped"
                 freeze_layout(analysis.layout(slot), reason)
     for param, axis in b.bindings:
         layout = analysis.layout((f"param:{param}", axis))
         hit = [a for a in layout.channel_sets() if a in found]
-        if hit and not layout.plain:
+        if hit and copies_of(layout, widths) != hit[0]:
             reason = f"parameter {param} axis {axis} reads the stream normalised by {found[hit[0]][0]} reshaped"
             freeze_layout(layout, reason)
     return {a: tuple(dict.fromkeys(n)) for a, n in found.items()}

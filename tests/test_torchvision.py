@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import r2r_fx
+from r2r_fx.record import growth_history
 
 from helpers import assert_function_preserved
 from torchvision_zoo import build, classification_models, import_torchvision
@@ -172,3 +173,37 @@ def test_vit_stream_and_heads_grow(kind, via):
     grown = r2r_fx.widen(gm, factor=factor, seed=0, groups=[f"kind:{kind}"])
     assert [g.width for g in r2r_fx.width_groups(grown) if g.kind == kind] == [int(g.width * factor) for g in groups]
     assert_function_preserved(model, grown, inputs, onnx=via == "export")
+
+
+def _small_swin() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """torchvision's SwinTransformer (the class of swin_t), small: four stages of one block each, with
+    patch merging (four strided samples of the stream concatenated, LayerNorm, reduction) between them."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    from torchvision_zoo import randomize
+
+    torch.manual_seed(0)
+    model = SwinTransformer([4, 4], 16, [1, 1, 1, 1], [1, 2, 2, 4], [4, 4], stochastic_depth_prob=0.0)
+    randomize(model.eval())
+    return model, (torch.randn(1, 3, 64, 64),)
+
+
+def test_swin_stream_grows_in_every_stage_and_its_heads_too():
+    """Each stage's stream grows by whole copies: patch merging normalises a concatenation of copies of
+    the stream, which keeps every piece's statistics (1.5x is refused with that reason)."""
+    model, inputs = _small_swin()
+    gm = r2r_fx.capture(model, inputs, via="export")
+    streams = [g for g in r2r_fx.width_groups(gm) if g.kind == "stream"]
+    assert [(g.width, g.widenable) for g in streams] == [(16, True), (32, True), (64, True), (128, True)], streams
+    assert all("concatenation of copies" in g.integer_only for g in streams[:3]), streams
+    grown = r2r_fx.widen(gm, factor=2.0, seed=0, groups=["kind:stream", "kind:heads"])
+    assert [g.width for g in r2r_fx.width_groups(grown) if g.kind == "stream"] == [32, 64, 128, 256]
+    assert grown.get_parameter("features.2.norm.weight").shape == (4 * 32,)  # the first patch merging
+    assert grown.get_parameter("features.2.reduction.weight").shape == (64, 4 * 32)
+    with torch.no_grad():
+        ref = model(*inputs)
+        assert (grown(*inputs) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert_function_preserved(model, grown, inputs, onnx=True)
+    half = r2r_fx.widen(gm, factor=1.5, seed=0, groups=["kind:stream"], check=False)
+    skipped = [g for g in growth_history(half)[-1].groups if g.kind == "stream" and g.status == "skipped"]
+    assert len(skipped) >= 3 and all("whole copies" in g.reason for g in skipped), skipped
