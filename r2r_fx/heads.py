@@ -19,7 +19,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from r2r_fx.compat import aten
-from r2r_fx.graph import shape_of
+from r2r_fx.graph import shape_of, tensor_shapes
 from r2r_fx.rules import Slot
 
 if TYPE_CHECKING:
@@ -64,6 +64,12 @@ def contract_ties(analysis: Any, b: _Builder, freeze_layout: Callable[..., None]
     parameter on a key set other than its producer's rows and bias (a per-channel scale would get the
     wrong sign), or read as data on either side (rotary tables), freeze the group with the reason."""
     edges, key_sets, query_sets = [], set(), set()
+    producers_of = {}  # node name -> it writes a bound parameter axis's rows (a projection)
+    for key, binds in b.bindings.items():
+        for x in binds:
+            if x.role == "out":
+                producers_of[x.node] = key
+    nodes = {n.name: n for n in analysis.gm.graph.nodes}
     for q, k, node in b.contracts:
         lq, lk = analysis.layout(q), analysis.layout(k)
         if not (lq.plain and lk.plain) or lq.pieces[0][0] == lk.pieces[0][0]:
@@ -76,6 +82,12 @@ def contract_ties(analysis: Any, b: _Builder, freeze_layout: Callable[..., None]
                 reason = f"the head size of {node} is reshaped: it keeps its width"
             else:
                 reason = f"{node} contracts a head size with itself: it keeps its width"
+            freeze_layout(lq, reason, primary=True)
+            freeze_layout(lk, reason, primary=True)
+            continue
+        bad = next((why for slot in (q, k) if (why := _off_path(nodes[slot[0]], producers_of, analysis.gm))), "")
+        if bad:
+            reason = f"{bad} between a projection and the product {node}: the head size keeps its width"
             freeze_layout(lq, reason, primary=True)
             freeze_layout(lk, reason, primary=True)
             continue
@@ -112,6 +124,36 @@ def contract_ties(analysis: Any, b: _Builder, freeze_layout: Callable[..., None]
                 )
                 freeze_layout(layout, reason)
     return edges, key_sets
+
+
+# Ops that carry a head size from its projection to the q.k product and keep its new positions' pairs:
+# linear and homogeneous (so ``f(-u) = -f(u)`` and ``f(u) = f(u)``), with no randomness (dropout draws
+# a different mask for each member of a pair)
+_CARRY = {
+    "view", "reshape", "_unsafe_view", "transpose", "permute", "t", "contiguous", "clone", "expand",
+    "unsqueeze", "squeeze", "flatten", "unflatten", "getitem", "split", "split_with_sizes", "chunk",
+    "unbind", "select", "slice", "narrow", "alias", "detach", "to", "_to_copy", "type_as", "float",
+    "double", "half", "bfloat16", "neg", "mul", "div", "truediv", "Identity",
+}  # fmt: skip
+
+
+def _off_path(start: torch.fx.Node, producers: Mapping[str, Any], gm: torch.fx.GraphModule) -> str:
+    """Why the head size reaching a product at ``start`` does not come straight from a projection (the
+    first op on the way back that is not a carrying op, or a product with a tensor), or ""."""
+    from r2r_fx.graph import target_name
+
+    node, seen = start, 0
+    while node.name not in producers and seen < 10_000:
+        seen += 1
+        op = target_name(node, gm)
+        # its tensor inputs (not the symbolic sizes of a view); a parameter counts: x * w is per channel
+        tensors = [a for a in node.all_input_nodes if a.op == "get_attr" or tensor_shapes(a)]
+        if node.op not in ("call_function", "call_method", "call_module") or op not in _CARRY:
+            return f"{node.name} ({op})"
+        if len(tensors) != 1:
+            return f"{node.name} ({op} of several tensors)"
+        node = tensors[0]
+    return ""
 
 
 def keep_score_scales(gm: torch.fx.GraphModule, analysis: Any, new_channels: Mapping[int, int]) -> None:

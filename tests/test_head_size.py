@@ -104,3 +104,51 @@ def test_packed_projection_grows_each_third_per_head():
     for train in (False, True):
         assert _rel(model, grown, train) <= RTOL, train
     assert_new_weights_train(grown, (torch.randn(2, T, 8),))
+
+
+class _Between(torch.nn.Module):
+    """One attention whose q or k passes ``op`` between its projection and the product."""
+
+    def __init__(self, op: str, packed: bool) -> None:
+        super().__init__()
+        self.op, self.packed = op, packed
+        self.inp, self.o, self.out = torch.nn.Linear(8, D), torch.nn.Linear(D, D), torch.nn.Linear(D, 3)
+        self.qkv = torch.nn.Linear(D, 3 * D)
+        self.w = torch.nn.Parameter(torch.rand(D) + 0.5)
+
+    def _op(self, t: torch.Tensor) -> torch.Tensor:
+        if self.op == "gelu":
+            return torch.nn.functional.gelu(t)
+        if self.op == "dropout":
+            return torch.nn.functional.dropout(t, 0.3, self.training)
+        return t * (self.w if t.shape[-1] == D else self.w.repeat(3))  # a per-channel scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        h = self.inp(x)
+        if self.packed:
+            q, k, v = self._op(self.qkv(h)).split(D, -1)
+        else:
+            q, k, v = self.qkv(h).split(D, -1)
+            k = self._op(k)
+        q, k, v = (z.view(b, t, HEADS, D // HEADS).transpose(1, 2) for z in (q, k, v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, D)
+        return self.out(h + self.o(y))
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("op", ["gelu", "dropout", "scale"])
+def test_an_op_between_projection_and_product_keeps_the_head_size(op, packed):
+    """New k positions come in opposite pairs, which only a linear, deterministic path keeps: gelu,
+    dropout (a different mask per member) or a per-channel scale on the way freeze the q/k head size."""
+    torch.manual_seed(0)
+    model = _Between(op, packed).eval()
+    gm = r2r_fx.capture(model, (torch.randn(2, T, 8),), via="export")
+    groups = [g for g in r2r_fx.analyze(gm, head_size=True).groups if "between a projection" in g.reason]
+    assert groups, r2r_fx.analyze(gm, head_size=True).groups
+    grown = r2r_fx.widen(gm, factor=2.0, groups=["kind:head_size"], seed=0, check=False)
+    assert grown.get_submodule("qkv").weight.shape[0] == 3 * D  # the equal split ties v to q and k
+    x = torch.randn(3, T, 8)
+    with torch.no_grad():
+        ref, got = model(x), grown(x)
+    assert (ref - got).abs().max() <= RTOL * ref.abs().max()
