@@ -18,23 +18,25 @@ the last point of each stage (for a ResNet: after the last residual block of eac
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import networkx as nx
 import torch
 import torch.fx
 from torch import nn
 
 from r2r_fx.aliasing import unsafe_points
 from r2r_fx.analysis import Analysis, analyze, hidden_weights
+from r2r_fx.blocks import RepeatedBlock, repeated_blocks
 from r2r_fx.capture import example_inputs_of, record_shapes
 from r2r_fx.errors import GrowthError
-from r2r_fx.graph import attr_at, shape_of, tensor_shapes
+from r2r_fx.graph import attr_at, output_dominators, shape_of
 from r2r_fx.methods import Block, BlockSite, Method, get_method
 from r2r_fx.passbase import Pass, PassResult, copy_graph_module, make_generator
+from r2r_fx.passes.deepen_blocks import insert_copy, plan_zero
 from r2r_fx.record import BlockInsert, GrowthRecord, SkippedPoint, append_record
 
 __all__ = ["DeepenPass", "InsertionPoint", "deepen", "insertion_points"]
@@ -62,7 +64,7 @@ class InsertionPoint:
 def insertion_points(gm: torch.fx.GraphModule, analysis: Analysis | None = None) -> list[InsertionPoint]:
     """Candidate points in graph order, with their shapes and stages."""
     analysis = analysis or analyze(gm)
-    dominators = _output_dominators(gm)
+    dominators = output_dominators(gm)
     unsafe = unsafe_points(gm)
     points: list[tuple[torch.fx.Node, tuple[int, ...], int]] = []
     for node in gm.graph.nodes:
@@ -112,27 +114,6 @@ def _stage_key(shape: tuple[int, ...], axis: int) -> tuple[Any, ...]:
     return len(shape), axis, tuple(s for a, s in enumerate(shape) if a not in (0, axis))
 
 
-def _output_dominators(gm: torch.fx.GraphModule) -> set[str]:
-    """Nodes on every tensor path from the inputs to the output (size queries do not count as paths)."""
-    graph = nx.DiGraph()
-    graph.add_node("__source__")
-    for node in gm.graph.nodes:
-        graph.add_node(node.name)
-        if not tensor_shapes(node):
-            continue
-        if node.op == "placeholder":
-            graph.add_edge("__source__", node.name)
-        for user in node.users:
-            graph.add_edge(node.name, user.name)
-    output = next(n.name for n in gm.graph.nodes if n.op == "output")
-    idom = nx.immediate_dominators(graph, "__source__")
-    chain, node = set(), output
-    while node in idom and idom[node] != node:
-        node = idom[node]
-        chain.add(node)
-    return chain
-
-
 def _channel_axis(analysis: Analysis, name: str, shape: tuple[int, ...]) -> int | None:
     """The axis of ``name`` that is an internal width (a group with producers, not an input/output)."""
     candidates = [1, len(shape) - 1] if len(shape) >= 3 else [1]
@@ -180,16 +161,34 @@ class DeepenPass(Pass):
         self,
         *,
         at: Sequence[str] | str | None = None,
-        count: int = 1,
+        count: int | None = None,
         hidden: int | None = None,
         method: str | Method = "r2r",
         seed: int | None = None,
         check: bool = True,
+        block: str = "generic",
+        after: Sequence[str] | str | None = None,
+        where: str | None = None,
+        init: str = "random",
         **method_options: Any,
     ) -> None:
         self.check = check
-        if count < 1:
-            raise GrowthError(f"count must be >= 1, got {count}")
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise GrowthError(f"count must be an integer >= 1, got {count!r}")
+        if block not in ("generic", "own"):
+            raise GrowthError(f"block must be 'generic' or 'own', got {block!r}")
+        if where not in (None, "end", "spread"):
+            raise GrowthError(f"where must be 'end' or 'spread', got {where!r}")
+        if init not in ("random", "copy"):
+            raise GrowthError(f"init must be 'random' or 'copy', got {init!r}")
+        if block == "generic" and (after is not None or where is not None or init != "random"):
+            raise GrowthError("after=, where= and init= choose the model's own blocks: give block='own'")
+        if block == "own" and (at is not None or hidden is not None):
+            raise GrowthError(
+                "block='own' copies the model's blocks: it takes after= (module paths), not at= or hidden="
+            )
+        self.block, self.where, self.init = block, where, init
+        self.after = [after] if isinstance(after, str) else (list(after) if after is not None else None)
         if hidden is not None:
             try:
                 size = None if isinstance(hidden, bool) else operator.index(hidden)
@@ -205,8 +204,12 @@ class DeepenPass(Pass):
             )
         self.at = [at] if isinstance(at, str) else (list(at) if at is not None else None)
         self.count, self.hidden, self.seed = count, hidden, seed
+        if block == "own" and self.method.name not in OWN_METHODS:
+            raise GrowthError(f"block='own' takes the methods {', '.join(OWN_METHODS)}, not {self.method.name!r}")
 
     def transform(self, gm: torch.fx.GraphModule) -> PassResult:
+        if self.block == "own":
+            return self._own_blocks(gm)
         analysis = analyze(gm)
         points = insertion_points(gm, analysis)
         chosen = self._choose(gm, points)
@@ -226,7 +229,7 @@ class DeepenPass(Pass):
                 skipped.append(SkippedPoint(point.node, refusal))
                 continue
             std = _weight_std(grown, x)
-            for _ in range(self.count):
+            for _ in range(self.count or 1):
                 site = BlockSite(grown, x, point.shape, point.width, point.kind, std, like)
                 block = self.method.block(site, self.hidden, generator)
                 prefix = f"r2r_blocks.b{index}"
@@ -255,10 +258,66 @@ class DeepenPass(Pass):
             new_params=tuple(
                 f"{b.module}.{n}" for b in blocks for n, _ in grown.get_submodule(b.module).named_parameters()
             ),
-            options={"count": self.count, "at": list(self.at) if self.at is not None else None},
+            options={"count": self.count or 1, "at": list(self.at) if self.at is not None else None},
         )
         append_record(grown, record)
         return PassResult(grown, bool(blocks), record)
+
+    def _own_blocks(self, gm: torch.fx.GraphModule) -> PassResult:
+        analysis = analyze(gm)
+        blocks = repeated_blocks(gm)
+        chosen = choose_blocks(blocks, self.after, self.count, self.where)
+        pairs = self.method.name == "r2r"
+        plans, skipped = {}, []
+        for block in dict.fromkeys(chosen):
+            try:
+                plans[block.path] = plan_zero(gm, analysis, block, pairs)
+            except GrowthError as error:
+                if self.after is not None:
+                    raise GrowthError(f"{block.path!r}: {error}") from None
+                skipped.append(SkippedPoint(block.path, str(error)))
+        grown = copy_graph_module(gm)
+        generator = make_generator(self.seed)
+        order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+        inserted, ends = [], {}
+        for block in sorted(chosen, key=lambda b: order[b.output], reverse=True):  # later paths move, not earlier
+            if block.path not in plans:
+                continue
+            done = insert_copy(grown, analysis, block, plans[block.path], self.method, self.init, generator)
+            ends.setdefault(block.output, done.output_node)
+            inserted.append((block, done))
+        grown.graph.lint()
+        grown.recompile()
+        record_shapes(grown, example_inputs_of(grown))
+        check_identities(grown, ends)
+        paths = {id(m): n for n, m in grown.named_modules()}
+        names = {id(p): n for n, p in grown.named_parameters()}
+        records = [
+            BlockInsert(
+                at=b.path,
+                kind=f"own:{b.cls}",
+                width=b.shape[-1],
+                hidden=d.paired,
+                module=paths[id(d.module)],
+                output_node=d.output_node,
+                params=d.params,
+                no_grad=tuple(sorted(names[id(p)] for p in d.no_grad)),
+                no_grad_why=d.no_grad_why,
+            )
+            for b, d in reversed(inserted)
+        ]
+        exact = self.method.exact
+        record = GrowthRecord(
+            "deepen",
+            self.method.name,
+            exact,
+            blocks=tuple(records),
+            skipped=tuple(skipped),
+            new_params=tuple(sorted(names[id(p)] for _, d in inserted for p in d.new_params)),
+            options={"block": "own", "count": self.count, "after": self.after, "where": self.where, "init": self.init},
+        )
+        append_record(grown, record)
+        return PassResult(grown, bool(inserted), record)
 
     def _choose(self, gm: torch.fx.GraphModule, points: list[InsertionPoint]) -> list[InsertionPoint]:
         if self.at is None:
@@ -279,6 +338,71 @@ class DeepenPass(Pass):
                 raise GrowthError(f"{name!r} {problem}; valid insertion points: {valid}")
             chosen.append(by_name[name])
         return chosen
+
+
+OWN_METHODS = ("r2r", "netmorph", "net2net", "random")
+
+
+def choose_blocks(
+    blocks: list[RepeatedBlock], after: list[str] | None, count: int | None, where: str | None
+) -> list[RepeatedBlock]:
+    """The blocks to copy, one entry per copy: ``after`` (paths, ``count`` copies each), else ``count`` spread
+    evenly over the stages (LLaMA-Pro's interleaving), else (``where="end"``) ``count`` after each stage's last."""
+    usable = [b for b in blocks if not b.refusal]
+    if after is not None:
+        by_path = {b.path: b for b in blocks}
+        out = []
+        for path in after:
+            block = by_path.get(path)
+            if block is None:
+                valid = ", ".join(b.path for b in usable) or "none"
+                raise GrowthError(f"{path!r} is not one of the model's residual blocks; blocks: {valid}")
+            if block.refusal:
+                raise GrowthError(f"{path!r}: {block.refusal}")
+            out += [block] * (count or 1)
+        return out
+    stages: dict[int, list[RepeatedBlock]] = {}
+    for b in usable:
+        stages.setdefault(b.stage, []).append(b)
+    if not stages:
+        reasons = "; ".join(dict.fromkeys(f"{b.path}: {b.refusal}" for b in blocks[:3])) or "no residual block found"
+        raise GrowthError(f"this model has no block a copy of which can be inserted ({reasons})")
+    runs = list(stages.values())
+    if count is None or where == "end":
+        return [run[-1] for run in runs for _ in range(count or 1)]
+    shares = [count // len(runs)] * len(runs)
+    for i in sorted(range(len(runs)), key=lambda i: -len(runs[i]))[: count % len(runs)]:
+        shares[i] += 1  # the remainder goes to the longest stages
+    out = []
+    for run, n in zip(runs, shares):
+        out += [run[math.ceil((j + 1) * len(run) / n) - 1] for j in range(n)]
+    return out
+
+
+def check_identities(gm: torch.fx.GraphModule, ends: dict[str, str]) -> None:
+    """Each inserted chain of copies passes its input through (eval mode, on the capture's inputs): the
+    last guard against a branch the construction did not make 0."""
+    values: dict[str, Any] = {}
+
+    class Watch(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in ends or n.name in ends.values():
+                values[n.name] = out
+            return out
+
+    from r2r_fx.capture import eval_mode
+
+    with eval_mode(gm):
+        Watch(gm).run(*example_inputs_of(gm))
+    for start, end in ends.items():
+        x, y = values[start].double(), values[end].double()
+        scale = float(x.abs().max()) or 1.0
+        if float((x - y).abs().max()) > 1e-5 * scale:
+            raise GrowthError(
+                f"the copy inserted after {start} does not pass its input through (an op in its branches that "
+                "this construction does not cover)"
+            )
 
 
 def _insert(gm: torch.fx.GraphModule, x: torch.fx.Node, prefix: str, block: Block) -> torch.fx.Node:
@@ -325,11 +449,15 @@ def deepen(
     gm: torch.fx.GraphModule,
     *,
     at: Sequence[str] | str | None = None,
-    count: int = 1,
+    count: int | None = None,
     hidden: int | None = None,
     method: str | Method = "r2r",
     seed: int | None = None,
     check: bool = True,
+    block: str = "generic",
+    after: Sequence[str] | str | None = None,
+    where: str | None = None,
+    init: str = "random",
     **method_options: Any,
 ) -> torch.fx.GraphModule:
     """Return a copy of ``gm`` with blocks inserted (one per stage by default), ``count`` after each point.
@@ -340,5 +468,17 @@ def deepen(
     R2R and random blocks (default: the stream's width). ``check`` (default on) runs the result
     against ``gm`` on the capture's example inputs (two forwards, four with batch statistics) and
     raises :class:`~r2r_fx.errors.NotPreservedError` if an exact method changed the function."""
-    pass_ = DeepenPass(at=at, count=count, hidden=hidden, method=method, seed=seed, check=check, **method_options)
+    pass_ = DeepenPass(
+        at=at,
+        count=count,
+        hidden=hidden,
+        method=method,
+        seed=seed,
+        check=check,
+        block=block,
+        after=after,
+        where=where,
+        init=init,
+        **method_options,
+    )
     return pass_.call(gm).model

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from r2r_fx import tree
+from r2r_fx import blocks, tree
 from r2r_fx.analysis import WidthGroup, analyze, width_groups
+from r2r_fx.blocks import RepeatedBlock, repeated_blocks
 from r2r_fx.capture import capture
 from r2r_fx.errors import CaptureError, GrowthError, NotPreservedError, R2RError
 from r2r_fx.export import export_onnx, run_onnx
@@ -27,6 +28,7 @@ __all__ = [
     "GrowKernelPass",
     "GrowthRecord",
     "InsertionPoint",
+    "RepeatedBlock",
     "Method",
     "VerifyReport",
     "WidenPass",
@@ -42,9 +44,11 @@ __all__ = [
     "insertion_points",
     "register_layer",
     "register_method",
+    "repeated_blocks",
     "run_onnx",
     "verify",
     "widen",
+    "blocks",
     "tree",
     "width_groups",
 ]

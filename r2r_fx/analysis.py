@@ -291,8 +291,8 @@ class Analysis:
 
     Read it through ``groups`` (the :class:`WidthGroup` list), ``layout(slot)``, ``size(slot)``,
     ``same_channels(a, b)``, ``group_of(channel_set)``, ``set_width[channel_set]``, ``bound_params()``,
-    ``aliases(param)``, ``stream_forms[channel_set]``, ``tied_heads`` and ``coupling_graph``; everything
-    else is private."""
+    ``bindings_at(node)``, ``aliases(param)``, ``stream_forms[channel_set]``, ``tied_heads`` and
+    ``coupling_graph``; everything else is private."""
 
     def __init__(self, gm: torch.fx.GraphModule, *, head_size: bool = False) -> None:
         self.gm = gm
@@ -639,6 +639,10 @@ class Analysis:
     def aliases(self, param: str) -> list[str]:
         """Every name under which the tensor bound as ``param`` is held (tied parameters)."""
         return self._builder.aliases.get(param) or [param]
+
+    def bindings_at(self, node: str) -> list[Binding]:
+        """The parameter axes node ``node`` binds (its weights and biases, as the rules saw them)."""
+        return [b for binds in self._builder.bindings.values() for b in binds if b.node == node]
 
     def bound_params(self) -> dict[str, list[tuple[int, Layout, str]]]:
         """For each parameter with bindings: (axis, layout, role) per bound axis; the role is the one the

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import networkx as nx
 import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
 
 from r2r_fx.compat import has_forward_hooks
 
-__all__ = ["attr_at", "describe", "hidden_weights", "param_name", "shape_of", "target_name", "tensor_shapes"]
+__all__ = [
+    "attr_at",
+    "describe",
+    "hidden_weights",
+    "output_dominators",
+    "param_name",
+    "shape_of",
+    "target_name",
+    "tensor_shapes",
+]
 
 
 def attr_at(root: nn.Module, target: str) -> Any:
@@ -77,3 +87,24 @@ def hidden_weights(module: nn.Module) -> str:
         if has_forward_hooks(m):
             return "forward hooks (spectral_norm, weight_norm, ...), which may compute or change its weights"
     return ""
+
+
+def output_dominators(gm: torch.fx.GraphModule) -> set[str]:
+    """Nodes on every tensor path from the inputs to the output (size queries do not count as paths)."""
+    graph = nx.DiGraph()
+    graph.add_node("__source__")
+    for node in gm.graph.nodes:
+        graph.add_node(node.name)
+        if not tensor_shapes(node):
+            continue
+        if node.op == "placeholder":
+            graph.add_edge("__source__", node.name)
+        for user in node.users:
+            graph.add_edge(node.name, user.name)
+    output = next(n.name for n in gm.graph.nodes if n.op == "output")
+    idom = nx.immediate_dominators(graph, "__source__")
+    chain, node = set(), output
+    while node in idom and idom[node] != node:
+        node = idom[node]
+        chain.add(node)
+    return chain

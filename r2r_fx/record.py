@@ -94,6 +94,8 @@ class BlockInsert:
     module: str  # the block's submodule path
     output_node: str
     params: int  # parameter count of the block
+    no_grad: tuple[str, ...] = ()  # its parameters without a gradient at the first step, by construction
+    no_grad_why: str = ""
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ class GrowthRecord:
             exact=data["exact"],
             params=params,
             groups=groups,
-            blocks=tuple(BlockInsert(**b) for b in data.get("blocks", ())),
+            blocks=tuple(BlockInsert(**{**b, "no_grad": tuple(b.get("no_grad", ()))}) for b in data.get("blocks", ())),
             skipped=tuple(SkippedPoint(**s) for s in data.get("skipped", ())),
             new_params=tuple(data.get("new_params", ())),
             options=dict(data.get("options", {})),

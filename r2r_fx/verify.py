@@ -1,9 +1,10 @@
 """Numerical verification: is the candidate model the same function as the reference?
 
 Relative error is ``max|y_cand - y_ref| / max|y_ref|`` over every tensor leaf of the output.
-Checked in eval mode and in train mode (BatchNorm on batch statistics; dropout probabilities set to 0,
-since random masks differ with width), in PyTorch and, on request, through onnxruntime. Inputs are
-seeded; the models passed in are left as they were (modes, dropout rates, norm statistics).
+Checked in eval mode and in train mode (BatchNorm on batch statistics; dropout and stochastic-depth
+probabilities set to 0, since random masks differ with width and inserted blocks draw masks of their
+own), in PyTorch and, on request, through onnxruntime. Inputs are seeded; the models passed in are left
+as they were (modes, dropout rates, norm statistics).
 
 A model can sit at its own rounding floor: deep BatchNorm networks in train mode amplify float32
 rounding to ~1e-5 even between the *original* model in float32 and float64, deep random networks in
@@ -36,6 +37,7 @@ from torch import nn
 from r2r_fx.compat import DropoutBase, NormBase
 from r2r_fx.errors import NotPreservedError
 from r2r_fx.export import export_onnx, run_onnx
+from r2r_fx.rules import is_stochastic_depth
 from r2r_fx.tree import fresh_inputs, leaves, max_errors, worst_leaf
 
 __all__ = ["VerifyReport", "check_preserved", "verify"]
@@ -72,7 +74,7 @@ def _run(model: nn.Module, inputs: Sequence[Any], train: bool, seed: int) -> Any
     statistics, spectral norm's power-iteration vectors) are restored afterwards (no deep copy, so
     giant models fit in memory twice, not four times)."""
     modes = [(m, m.training) for m in model.modules()]
-    dropouts = [(m, m.p) for m in model.modules() if isinstance(m, DropoutBase)]
+    dropouts = [(m, m.p) for m in model.modules() if isinstance(m, DropoutBase) or is_stochastic_depth(m)]
     stats = [(b, b.clone()) for b in model.buffers()]  # norm statistics, spectral norm's vectors, ...
     try:
         for m, _ in dropouts:

@@ -317,3 +317,41 @@ def test_head_size_16_to_32(name):
     report = r2r_fx.verify(model, grown, (_ids(),), onnx=True)
     assert report.eval_rel_error <= RTOL and report.train_rel_error <= RTOL, report
     assert report.onnx_max_rel_error <= ONNX_RTOL, report
+
+
+LAYER_PATHS = {"gpt2": "transformer.h", "llama": "model.layers"}
+
+
+@pytest.mark.parametrize("name", sorted(LAYER_PATHS))
+def test_deepen_with_the_models_own_layers(name):
+    """+1 and +2 decoder layers (count= and after=), named like the others, preserved, and growable again."""
+    model, gm = _model_and_graph(name)
+    prefix = LAYER_PATHS[name]
+    blocks = r2r_fx.blocks.repeated_blocks(gm)
+    assert [b.path for b in blocks] == [f"{prefix}.{i}" for i in range(LAYERS)] and not any(b.refusal for b in blocks)
+    one = r2r_fx.deepen(gm, block="own", count=1, seed=0)
+    two = r2r_fx.deepen(gm, block="own", after=f"{prefix}.0", count=2, seed=0)
+    for grown, extra in ((one, 1), (two, 2)):
+        shapes = {n: tuple(p.shape) for n, p in grown.named_parameters()}
+        for n, p in gm.named_parameters():  # every layer has its twin's names and shapes
+            if n.startswith(f"{prefix}.0."):
+                rest = n[len(prefix) + 3 :]
+                assert all(shapes[f"{prefix}.{i}.{rest}"] == tuple(p.shape) for i in range(LAYERS + extra)), n
+        assert not any(n.startswith(f"{prefix}.{LAYERS + extra}.") for n in shapes)
+        record = growth_history(grown)[-1]
+        assert all(b.hidden > 0 and not b.no_grad for b in record.blocks), record.blocks  # paired, all train
+        report = r2r_fx.verify(model, grown, (_ids(),), onnx=True)
+        assert report.eval_rel_error <= RTOL and report.train_rel_error <= RTOL, report
+        assert report.onnx_max_rel_error <= ONNX_RTOL, report
+    again = r2r_fx.widen(r2r_fx.deepen(two, block="own", count=1, seed=1), factor=2.0, seed=2)
+    report = r2r_fx.verify(model, again, (_ids(),), onnx=False)
+    assert report.eval_rel_error <= RTOL and report.train_rel_error <= RTOL, report
+
+
+def test_post_norm_bert_layers_are_refused_with_the_reason():
+    _, gm = _model_and_graph("bert")
+    blocks = r2r_fx.blocks.repeated_blocks(gm)
+    assert [b.path for b in blocks] == ["encoder.layer.0", "encoder.layer.1"]
+    assert all("post-norm" in b.refusal for b in blocks)
+    with pytest.raises(r2r_fx.GrowthError, match="post-norm"):
+        r2r_fx.deepen(gm, block="own", after="encoder.layer.0")

@@ -1,0 +1,457 @@
+"""Deepening with the model's own blocks: a copy of a residual block (``r2r_fx.blocks``) inserted after
+it, its branches adding exactly 0 at insertion.
+
+Each residual addition ``s + b`` of the copy gets ``b = 0``. Walking back from ``b`` through ops that
+keep 0 at 0 (dropout, stochastic depth, scaling, views, casts, activations with ``f(0) = 0``,
+BatchNorm) leads to the branch's last weighted layer ``T``
+(Linear, convolution, ``addmm``). A BatchNorm between ``T`` and the addition gets weight and bias 0
+(zero-init residual, exact in both modes; ``T`` and the rest stay random and first train through that
+BatchNorm's weight). Otherwise, with ``method="r2r"`` the channels ``T`` reads are made identical
+in pairs (channel ``j + w/2`` a copy of ``j``: every producer row, bias and per-channel value of that
+channel set, which the width analysis lists) and ``T``'s columns opposite (``[V, -V]``), so
+``T(h) = V h - V h = 0`` while every weight stays random and gets a gradient. The pairs need a channel
+set of even width owned by the block that the analysis can widen (its ops treat channels alike), and
+no dropout before ``T`` (its masks would differ within a pair in train mode); otherwise, and with
+``method="netmorph"``/``"net2net"``, ``T``'s weight is 0, and the layers before ``T`` in that branch
+get no gradient at the first step (recorded per block). ``T``'s bias is 0 either way.
+
+Weights: ``init="random"`` (default) draws every tensor of rank >= 2 uniformly at the standard
+deviation of the one it copies and copies the rest (norm weights, biases, running statistics);
+``init="copy"`` copies all (as LLaMA-Pro and LEMON do); ``net2net`` copies.
+
+The copy gets the next index of its siblings (``layers.2`` after ``layers.1``; the later ones move up
+by one: ``layers.2`` becomes ``layers.3``), so its parameter names follow the model's pattern.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+from torch import nn
+
+from r2r_fx.analysis import Analysis
+from r2r_fx.blocks import RepeatedBlock, attr_or_none, block_region, depends_on, stream_adds
+from r2r_fx.errors import GrowthError
+from r2r_fx.graph import describe, output_dominators, shape_of, target_name
+from r2r_fx.methods import Method
+from r2r_fx.rules import is_stochastic_depth
+
+__all__ = ["BlockCopy", "insert_copy", "plan_zero"]
+
+_KEEP_ZERO = {  # f(0) = 0 along the operand that carries the branch
+    "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "dropout", "feature_dropout", "Identity", "stochastic_depth",
+    "mul", "mul_", "div", "neg", "view", "reshape", "permute", "transpose", "flatten", "contiguous", "clone",
+    "to", "_to_copy", "squeeze", "unsqueeze", "type_as", "float", "alias", "_unsafe_view",
+    "relu", "relu_", "ReLU", "gelu", "GELU", "silu", "SiLU", "tanh", "Tanh", "hardswish", "Hardswish",
+    "leaky_relu", "LeakyReLU", "elu", "ELU", "mish", "Mish",
+}  # fmt: skip
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_ZERO_NORM = (
+    "a BatchNorm follows the branch's last layer: its weight and bias start at 0 (zero-init residual; in train "
+    "mode it would scale the rounding left by a paired cancellation up by 1/sqrt(eps))"
+)
+_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_WEIGHTED_OPS = {"linear", "conv1d", "conv2d", "conv3d", "addmm", "mm", "matmul", "conv"}
+
+
+@dataclass
+class Tail:
+    """A branch's last weighted layer and what else must be set so that the branch gives 0."""
+
+    node: str
+    weight: str  # parameter name (the original block's)
+    axis: int  # the weight's input axis
+    biases: list[str]  # to 0
+    norms: list[str]  # BatchNorms between the layer and the addition: weight and bias to 0 (the layer stays random)
+    upstream: list[str]  # parameters the branch uses before the layer (no gradient when the weight is 0)
+    pair_set: int | None = None  # the channel set read in identical pairs, or None: the weight is 0
+    why_not_pairs: str = ""
+
+
+@dataclass
+class BlockCopy:
+    """What inserting one copy did."""
+
+    module: nn.Module  # the copy (its path moves when later copies go before it)
+    output_node: str
+    params: int
+    paired: int  # channels read in identical pairs, over all tails
+    no_grad: tuple[nn.Parameter, ...]  # without a gradient at the first step
+    no_grad_why: str
+    new_params: tuple[nn.Parameter, ...]
+
+
+def plan_zero(gm: torch.fx.GraphModule, analysis: Analysis, block: RepeatedBlock, pairs: bool) -> list[Tail]:
+    """How each branch of ``block`` is made to add 0 (raises GrowthError with the reason if it cannot)."""
+    nodes = block_region(gm, block.path)
+    inside = set(nodes)
+    named = {n.name: n for n in nodes}
+    dominators = output_dominators(gm)
+    entry = next(a for n in nodes for a in n.all_input_nodes if a.name == block.input)
+    own = _block_params(gm, nodes)
+    tails = []
+    for _, stream, branch in stream_adds(nodes, entry, dominators):
+        for tail in _tails(gm, analysis, branch, stream, inside):
+            tail.upstream = _upstream_params(gm, named[tail.node], stream, inside)
+            if pairs:
+                tail.pair_set, tail.why_not_pairs = _pair_set(gm, analysis, tail, nodes, own, stream)
+            tails.append(tail)
+    return tails
+
+
+def _tails(gm, analysis, node, stream, inside) -> list[Tail]:
+    if not isinstance(node, torch.fx.Node) or node not in inside:
+        raise GrowthError(f"a branch of the block ends outside it ({node}): its output cannot be made 0")
+    tail = _as_tail(gm, analysis, node)
+    if tail is not None:
+        return [tail]
+    name = _name(gm, node)
+    if name in ("add", "add_") and len(node.args) == 2:
+        return [t for a in node.args for t in _tails(gm, analysis, a, stream, inside)]
+    module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+    if name in _KEEP_ZERO or isinstance(module, _BATCH_NORMS) or (module is not None and is_stochastic_depth(module)):
+        carriers = [a for a in node.all_input_nodes if a in inside and depends_on(a, stream)]
+        if name == "div":
+            carriers = carriers[:1] if node.args and node.args[0] in carriers else []
+        inner = None
+        for carrier in carriers:
+            try:
+                found = _tails(gm, analysis, carrier, stream, inside)
+            except GrowthError as error:
+                inner = inner or error
+                continue
+            if isinstance(module, _BATCH_NORMS):
+                for t in found:
+                    t.norms.append(str(node.target))
+            return found
+        if inner is not None:
+            raise inner
+    raise GrowthError(f"a branch ends in {describe(node, gm)}, which cannot be made to give 0")
+
+
+def _name(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
+    return target_name(node, gm) if node.op == "call_module" else target_name(node)
+
+
+def _as_tail(gm, analysis: Analysis, node: torch.fx.Node) -> Tail | None:
+    """A Tail when ``node`` is a weighted layer whose output is 0 once its weight and bias are."""
+    if node.op == "call_module":
+        if not isinstance(gm.get_submodule(str(node.target)), _WEIGHTED):
+            return None
+    elif node.op != "call_function" or target_name(node) not in _WEIGHTED_OPS:
+        return None
+    binds = analysis.bindings_at(node.name)
+    weights = [b for b in binds if b.role == "in"]
+    if len(weights) != 1:
+        return None
+    params = {b.param for b in binds}
+    if node.op == "call_function":  # one activation, every other tensor operand a parameter
+        tensors = [a for a in node.all_input_nodes if shape_of(a) is not None]
+        if sum(a.op != "get_attr" for a in tensors) != 1:
+            return None
+        params |= {str(a.target) for a in tensors if a.op == "get_attr"}
+    else:
+        params |= {f"{node.target}.{n}" for n, _ in gm.get_submodule(str(node.target)).named_parameters()}
+    weight = weights[0]
+    return Tail(node.name, weight.param, weight.axis, sorted(params - {weight.param}), [], [])
+
+
+def _ancestors_from(node: torch.fx.Node, stream: torch.fx.Node, inside: set) -> list[torch.fx.Node]:
+    """Nodes of the block between ``stream`` and ``node`` (exclusive), in no particular order."""
+    out, frontier, seen = [], list(node.all_input_nodes), set()
+    while frontier:
+        current = frontier.pop()
+        if current in seen or current is stream or current not in inside:
+            continue
+        seen.add(current)
+        if current.op == "get_attr" or depends_on(current, stream):
+            out.append(current)
+            frontier.extend(current.all_input_nodes)
+    return out
+
+
+def _node_params(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[str]:
+    if node.op == "get_attr":
+        return [str(node.target)] if isinstance(attr_or_none(gm, str(node.target)), nn.Parameter) else []
+    if node.op == "call_module":
+        return [f"{node.target}.{n}" for n, _ in gm.get_submodule(str(node.target)).named_parameters()]
+    return []
+
+
+def _upstream_params(gm, node, stream, inside) -> list[str]:
+    users = [n for n in _ancestors_from(node, stream, inside) if n.op != "get_attr" or _feeds_path(n, stream)]
+    return sorted({p for n in users for p in _node_params(gm, n)})
+
+
+def _feeds_path(get_attr: torch.fx.Node, stream: torch.fx.Node) -> bool:
+    return any(depends_on(u, stream) for u in get_attr.users)
+
+
+def _block_params(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> set[str]:
+    """Every parameter and buffer the block's nodes read."""
+    names = {str(n.target) for n in nodes if n.op == "get_attr"}
+    for node in nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            names |= {f"{node.target}.{n}" for n, _ in [*module.named_parameters(), *module.named_buffers()]}
+    return names
+
+
+def _pair_set(gm, analysis: Analysis, tail: Tail, nodes, own: set[str], stream) -> tuple[int | None, str]:
+    """A channel set of the tail's input to read in identical pairs, or (None, why not)."""
+    named = {n.name: n for n in nodes}
+    before = _ancestors_from(named[tail.node], stream, set(nodes))
+    random = [n for n in before if _random(gm, n)]
+    if random:
+        return None, f"{describe(random[0], gm)} before {tail.node} would break the pairs in train mode"
+    layout = analysis.layout((f"param:{tail.weight}", tail.axis))
+    bound = analysis.bound_params()
+    why = "no channel set of its input is the block's own, widenable and of even width"
+    for a in reversed(layout.channel_sets()):
+        group = analysis.group_of(a)
+        if group is None or not group.widenable or group.stream or analysis.set_width[a] % 2:
+            continue
+        params = {p for p, axes in bound.items() for _, lay, _ in axes if a in lay.channel_sets()}
+        producers_inside = all(p in named for p in group.producers)
+        if params <= own and producers_inside:
+            return a, ""
+    return None, why
+
+
+def _random(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether ``node`` draws random numbers in train mode (dropout with p > 0, random ops)."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        return (isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0) or is_stochastic_depth(module)
+    name = target_name(node)
+    if "dropout" in name:
+        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        return not (isinstance(p, (int, float)) and p == 0)
+    return any(word in name for word in ("rand", "bernoulli", "normal", "multinomial"))
+
+
+# ---------------------------------------------------------------- mutation
+
+
+def insert_copy(
+    gm: torch.fx.GraphModule,
+    analysis: Analysis,
+    block: RepeatedBlock,
+    tails: list[Tail],
+    method: Method,
+    init: str,
+    generator: torch.Generator,
+) -> BlockCopy:
+    """Insert a copy of ``block`` right after it (``gm`` changes in place; recompile after)."""
+    nodes = block_region(gm, block.path)
+    own = _block_params(gm, nodes)
+    new_path = _make_room(gm, block.path)
+    renames = _copy_modules(gm, block.path, new_path, nodes)
+    output = _copy_nodes(gm, nodes, block, new_path, renames)
+
+    def copied(name: str) -> str:
+        """The copy's name for a parameter, buffer or layer of the block."""
+        for old, new in renames.items():
+            if name == old or name.startswith(old + "."):
+                return _under(name, old, new)
+        return _under(name, block.path, new_path)
+
+    with torch.no_grad():
+        for name in sorted(own):
+            value = attr_or_none(gm, copied(name))
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                value.copy_(_initial(attr_or_none(gm, name), method, init, generator))
+        paired, silent, reasons = 0, [], set()
+        for tail in tails:
+            if tail.norms:  # zero-init residual: the last BatchNorm's weight and bias are 0, the layers random
+                for norm in tail.norms:
+                    module = gm.get_submodule(copied(norm))
+                    module.weight.zero_()
+                    module.bias.zero_()
+                silent += tail.upstream + [tail.weight, *tail.biases]
+                reasons.add(_ZERO_NORM)
+                continue
+            if tail.pair_set is not None and method.name == "r2r":
+                paired += _pair(gm, analysis, tail, copied)
+            else:
+                attr_or_none(gm, copied(tail.weight)).zero_()
+                silent += tail.upstream
+                reasons.add(tail.why_not_pairs if method.name == "r2r" else f"{method.name}: its last layer is 0")
+            for bias in tail.biases:
+                attr_or_none(gm, copied(bias)).zero_()
+    no_grad = tuple({id(p): p for p in (attr_or_none(gm, copied(n)) for n in silent)}.values())
+    why = "; ".join(sorted(reasons)) if no_grad else ""
+    new = {id(p): p for p in gm.get_submodule(new_path).parameters()}
+    for name in renames.values():
+        value = attr_or_none(gm, name)
+        tensors = (
+            value.parameters() if isinstance(value, nn.Module) else [value] if isinstance(value, nn.Parameter) else []
+        )
+        new.update((id(p), p) for p in tensors)
+    params = sum(p.numel() for p in new.values())
+    return BlockCopy(gm.get_submodule(new_path), output.name, params, paired, no_grad, why, tuple(new.values()))
+
+
+def _initial(old: torch.Tensor, method: Method, init: str, generator: torch.Generator) -> torch.Tensor:
+    """A new block's value: random at the old tensor's scale for weights (rank >= 2), else a copy."""
+    if init == "copy" or method.name == "net2net" or old.dim() < 2:
+        return old.detach().clone()
+    return method._uniform(old.shape, method._scale(old), old, generator)
+
+
+def _pair(gm, analysis: Analysis, tail: Tail, copied) -> int:
+    """Channel ``j + w/2`` of the tail's pair set := channel ``j`` in every producer and per-channel value;
+    the tail's columns for it := minus those for ``j``. Returns the channels paired."""
+    a = tail.pair_set
+    width = analysis.set_width[a]
+    for param, axes in analysis.bound_params().items():
+        for axis, layout, role in axes:
+            if a not in layout.channel_sets():
+                continue
+            if role == "in" and param != tail.weight:
+                continue  # another reader of the pairs: any columns do
+            value = attr_or_none(gm, copied(param))
+            first, second = _positions(layout, a, width)
+            sign = -1.0 if param == tail.weight else 1.0
+            value.index_copy_(axis, second, sign * value.index_select(axis, first))
+    return width
+
+
+def _positions(layout, a: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions on an axis of the first and the second half of channel set ``a``'s channels, matched."""
+    first, second, pos = [], [], 0
+    half = width // 2
+    for outer, pieces in layout.segments:
+        for _ in range(outer):
+            for s, n, inner in pieces:
+                if s == a:
+                    first += range(pos, pos + half * inner)
+                    second += range(pos + half * inner, pos + n * inner)
+                pos += n * inner
+    return torch.tensor(first), torch.tensor(second)
+
+
+def _under(name: str, old: str, new: str) -> str:
+    return new + name[len(old) :] if name == old or name.startswith(old + ".") else name
+
+
+def _make_room(gm: torch.fx.GraphModule, path: str) -> str:
+    """The copy's path: the next index among the block's siblings, which move up by one."""
+    parent_path, _, last = path.rpartition(".")
+    parent = gm.get_submodule(parent_path) if parent_path else gm
+    match = re.fullmatch(r"(.*?)(\d+)", last)
+    if not match:
+        name, k = f"{last}_copy", 1
+        while name in parent._modules:
+            k += 1
+            name = f"{last}_copy{k}"
+        return f"{parent_path}.{name}" if parent_path else name
+    base, index = match.group(1), int(match.group(2))
+    later = sorted(
+        (int(m.group(2)), n)
+        for n in parent._modules
+        if (m := re.fullmatch(r"(.*?)(\d+)", n)) and m.group(1) == base and int(m.group(2)) > index
+    )
+    moves = {n: f"{base}{i + 1}" for i, n in reversed(later)}
+    join = (lambda n: f"{parent_path}.{n}") if parent_path else (lambda n: n)
+    for old, new in moves.items():
+        _rename(gm, join(old), join(new))
+    parent._modules = {moves.get(n, n): m for n, m in parent._modules.items()}
+    return join(f"{base}{index + 1}")
+
+
+def _rename(gm: torch.fx.GraphModule, old: str, new: str) -> None:
+    """Module ``old`` is now called ``new``: node targets, module stacks, parameter sources and records follow."""
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            node.target = _under(str(node.target), old, new)
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {k: (_under(str(v[0]), old, new), *v[1:]) for k, v in stack.items()}
+    sources = gm.meta.get("r2r_param_sources")
+    if sources:
+        gm.meta["r2r_param_sources"] = {_under(k, old, new): v for k, v in sources.items()}
+    history = gm.meta.get("r2r_record") or getattr(gm, "r2r_record", None)
+    for entry in history or ():
+        for change in entry.get("params", ()):
+            change["param"] = _under(change["param"], old, new)
+        entry["new_params"] = [_under(p, old, new) for p in entry.get("new_params", ())]
+
+
+def _copy_modules(gm: torch.fx.GraphModule, path: str, new_path: str, nodes) -> dict[str, str]:
+    """Put a deep copy of module ``path`` at ``new_path`` (right after it); layers and parameters the block
+    uses from outside its module get copies of their own. Returns {outside name: copy's name}."""
+    parent_path, _, last = path.rpartition(".")
+    parent = gm.get_submodule(parent_path) if parent_path else gm
+    twin = copy.deepcopy(gm.get_submodule(path))
+    new_last = new_path.rpartition(".")[2]
+    modules = {}
+    for name, module in parent._modules.items():
+        modules[name] = module
+        if name == last:
+            modules[new_last] = twin
+    parent._modules = modules
+    renames = {}
+    for node in nodes:
+        target = str(node.target)
+        if node.op not in ("call_module", "get_attr") or target.startswith(path + ".") or target in renames:
+            continue
+        value = gm.get_submodule(target) if node.op == "call_module" else attr_or_none(gm, target)
+        if node.op == "get_attr" and not isinstance(value, nn.Parameter):
+            continue  # constants and buffers outside the block are shared
+        name = _free_name(gm, target)
+        owner, _, attr = name.rpartition(".")
+        holder = gm.get_submodule(owner) if owner else gm
+        if node.op == "call_module":
+            holder.add_module(attr, copy.deepcopy(value))
+        else:
+            holder.register_parameter(attr, nn.Parameter(value.detach().clone(), value.requires_grad))
+        renames[target] = name
+    return renames
+
+
+def _free_name(gm: torch.fx.GraphModule, target: str) -> str:
+    owner, _, attr = target.rpartition(".")
+    holder = gm.get_submodule(owner) if owner else gm
+    match = re.fullmatch(r"(.*?)(\d+)", attr)
+    base, k = (match.group(1), int(match.group(2)) + 1) if match else (f"{attr}_", 1)
+    while hasattr(holder, f"{base}{k}"):
+        k += 1
+    return f"{owner}.{base}{k}" if owner else f"{base}{k}"
+
+
+def _copy_nodes(gm: torch.fx.GraphModule, nodes, block: RepeatedBlock, new_path: str, renames) -> torch.fx.Node:
+    """Copy the block's nodes after it, reading its output; the block's outside users read the copy's."""
+    graph = gm.graph
+    inside = set(nodes)
+    exit_ = next(n for n in nodes if n.name == block.output)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    sides = [a for n in nodes for a in n.all_input_nodes if a not in inside and a.name != block.input]
+    anchor = max([exit_, *sides], key=order.__getitem__)
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    entry = next(a for n in nodes for a in n.all_input_nodes if a.name == block.input)
+    env[entry] = exit_
+    users = [u for u in exit_.users if u not in inside]
+    previous = anchor
+    for node in nodes:
+        with graph.inserting_after(previous):
+            new = graph.node_copy(node, lambda a: env.get(a, a))
+        if node.op in ("call_module", "get_attr"):
+            target = str(node.target)
+            new.target = renames.get(target) or _under(target, block.path, new_path)
+        stack = new.meta.get("nn_module_stack")
+        if stack:
+            new.meta["nn_module_stack"] = {
+                k: (_under(str(v[0]), block.path, new_path), *v[1:]) for k, v in stack.items()
+            }
+        env[node] = previous = new
+    output = env[exit_]
+    for user in users:
+        if order.get(user, len(order)) <= order[anchor]:
+            raise GrowthError(f"{block.path}: the block's output is used before its inputs are all computed")
+        user.replace_input_with(exit_, output)
+    return output

@@ -1,0 +1,268 @@
+"""Deepening with the model's own blocks (``block="own"``): found in the graph, copied, identity at insertion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import r2r_fx
+from r2r_fx.blocks import repeated_blocks
+from r2r_fx.errors import GrowthError
+from r2r_fx.record import growth_history
+
+from helpers import assert_function_preserved, captured, random_batch
+from zoo import ZOO
+
+FLAVOURS = ["symbolic_trace", "export"]
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, c: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, hidden, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.conv2 = nn.Conv2d(hidden, hidden, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(hidden)
+        self.drop = nn.Dropout(dropout)
+        self.conv3 = nn.Conv2d(hidden, c, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        h = self.relu(self.bn1(self.conv1(x)))
+        h = self.drop(self.relu(self.bn2(self.conv2(h))))
+        return self.relu(x + self.bn3(self.conv3(h)))
+
+
+class Stages(nn.Module):
+    """Two stages of residual blocks (different widths) with a downsampling conv between them."""
+
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.layer1 = nn.Sequential(*[Bottleneck(8, 4, dropout) for _ in range(3)])
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.layer2 = nn.Sequential(*[Bottleneck(16, 6) for _ in range(2)])
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.layer2(self.down(self.layer1(torch.relu(self.stem(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+class PreNormLayer(nn.Module):
+    def __init__(self, d: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.heads, self.head_size = heads, d // heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.proj = nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        h = self.ln1(x)
+        q, k, v = (f(h).view(b, t, self.heads, self.head_size).transpose(1, 2) for f in (self.q, self.k, self.v))
+        a = (
+            nn.functional.scaled_dot_product_attention(q, k, v)
+            .transpose(1, 2)
+            .reshape(b, t, self.heads * self.head_size)
+        )
+        x = x + self.drop(self.proj(a))
+        return x + self.drop(self.fc2(self.drop(nn.functional.gelu(self.fc1(self.ln2(x))))))
+
+
+class TinyLM(nn.Module):
+    def __init__(self, layers: int = 3, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.layers = nn.ModuleList(PreNormLayer(16, 4, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(16)
+        self.out = nn.Linear(16, 50)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.out(self.norm(x))
+
+
+class PostNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.ln = nn.Linear(8, 8), nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.ln(x + self.fc(x))
+
+
+class Gated(nn.Module):
+    """A branch that ends in a sigmoid: it cannot be made to give 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + torch.sigmoid(self.fc(x))
+
+
+def _images():
+    torch.manual_seed(0)
+    return (torch.randn(4, 3, 8, 8),)
+
+
+def _ids():
+    return (torch.randint(0, 50, (2, 6)),)
+
+
+def _captured(model, inputs, via="symbolic_trace"):
+    torch.manual_seed(1)
+    for m in model.modules():  # non-trivial norms and statistics
+        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    return r2r_fx.capture(model.eval(), inputs, via=via)
+
+
+@pytest.mark.parametrize("via", FLAVOURS)
+def test_blocks_are_found_by_module_with_stages_and_cost(via):
+    gm = _captured(Stages(), _images(), via)
+    blocks = repeated_blocks(gm)
+    assert [(b.path, b.stage, b.index) for b in blocks] == [
+        ("layer1.0", 0, 0), ("layer1.1", 0, 1), ("layer1.2", 0, 2), ("layer2.0", 1, 0), ("layer2.1", 1, 1)
+    ]  # fmt: skip
+    one = Bottleneck(8, 4)
+    assert blocks[0].params == sum(p.numel() for p in one.parameters()) and not any(b.refusal for b in blocks)
+    lm = repeated_blocks(_captured(TinyLM(), _ids(), via))
+    assert [b.path for b in lm] == ["layers.0", "layers.1", "layers.2"] and {b.stage for b in lm} == {0}
+
+
+@pytest.mark.parametrize("via", FLAVOURS)
+@pytest.mark.parametrize("method", ["r2r", "netmorph", "net2net"])
+def test_copies_after_each_stage_preserve_the_function(via, method):
+    model, inputs = Stages(), _images()
+    gm = _captured(model, inputs, via)
+    grown = r2r_fx.deepen(gm, block="own", method=method, seed=0)
+    record = growth_history(grown)[-1]
+    assert [(b.at, b.module) for b in record.blocks] == [("layer1.2", "layer1.3"), ("layer2.1", "layer2.2")]
+    names = {n: tuple(p.shape) for n, p in grown.named_parameters()}
+    for name, p in gm.named_parameters():  # the copies follow the block's names and shapes
+        if name.startswith("layer1.2."):
+            assert names["layer1.3." + name[len("layer1.2.") :]] == tuple(p.shape)
+    assert sum(p.numel() for p in grown.parameters()) == sum(p.numel() for p in gm.parameters()) + sum(
+        b.params for b in record.blocks
+    )
+    assert all(type(m).__module__.startswith("torch.") for m in grown.modules())
+    assert_function_preserved(model, grown, inputs, onnx=via == "symbolic_trace")
+    for b in record.blocks:  # bn3 follows the last conv: zero-init residual, the convolutions stay random
+        assert "zero-init residual" in b.no_grad_why and f"{b.module}.conv3.weight" in b.no_grad
+        assert not any(".bn3." in n for n in b.no_grad)
+
+
+@pytest.mark.parametrize("via", FLAVOURS)
+def test_a_copy_in_the_middle_renumbers_the_later_blocks(via):
+    model, inputs = TinyLM(), _ids()
+    gm = _captured(model, inputs, via)
+    before = {n: p.detach().clone() for n, p in gm.named_parameters()}
+    grown = r2r_fx.deepen(gm, block="own", after="layers.0", count=2, seed=0)
+    params = dict(grown.named_parameters())
+    for name, value in before.items():  # layers.1 and layers.2 moved to layers.3 and layers.4, unchanged
+        moved = name.replace("layers.1.", "layers.3.").replace("layers.2.", "layers.4.")
+        assert torch.equal(params[moved], value), name
+    assert {n.split(".")[1] for n in params if n.startswith("layers.")} == {"0", "1", "2", "3", "4"}
+    assert [b.module for b in growth_history(grown)[-1].blocks] == ["layers.1", "layers.2"]
+    assert_function_preserved(model, grown, inputs)
+    again = r2r_fx.deepen(grown, block="own", count=1, seed=1)  # the copies are blocks like the others
+    assert [b.path for b in repeated_blocks(again)] == [f"layers.{i}" for i in range(6)]
+    wide = r2r_fx.widen(again, factor=2.0, seed=2)
+    assert_function_preserved(model, wide, inputs, onnx=False)
+
+
+def test_count_spreads_over_stages_and_where_end_appends():
+    gm = _captured(Stages(), _images())
+    spread = growth_history(r2r_fx.deepen(gm, block="own", count=3, seed=0))[-1].blocks
+    assert [b.at for b in spread] == ["layer1.1", "layer1.2", "layer2.1"]  # 2 in the longer stage, one per 3/2 blocks
+    end = growth_history(r2r_fx.deepen(gm, block="own", count=2, where="end", seed=0))[-1].blocks
+    assert [b.at for b in end] == ["layer1.2", "layer1.2", "layer2.1", "layer2.1"]
+
+
+def _first_step_silent(grown, inputs, record) -> set[str]:
+    out = grown.train()(*random_batch(inputs, 8))
+    (out * torch.randn_like(out)).sum().backward()
+    params = dict(grown.named_parameters())
+    assert record.new_params
+    return {n for n in record.new_params if params[n].grad is None or not params[n].grad.any()}
+
+
+@pytest.mark.parametrize("method", ["r2r", "netmorph", "net2net"])
+def test_gradient_report_matches_the_gradients_with_batchnorm(method):
+    model, inputs = Stages(), _images()
+    gm = _captured(model, inputs)
+    grown = r2r_fx.deepen(gm, block="own", method=method, seed=0)
+    record = growth_history(grown)[-1]
+    assert _first_step_silent(grown, inputs, record) == {n for b in record.blocks for n in b.no_grad}
+
+
+@pytest.mark.parametrize("method", ["r2r", "netmorph"])
+def test_gradient_report_matches_the_gradients(method):
+    """The recorded no-gradient parameters get exactly 0 at the first step; every other new one does not."""
+    model, inputs = TinyLM(dropout=0.1), _ids()
+    gm = _captured(model, inputs)
+    grown = r2r_fx.deepen(gm, block="own", after="layers.1", method=method, seed=0)
+    record = growth_history(grown)[-1]
+    (block,) = record.blocks
+    assert all(n.startswith("layers.2.") for n in record.new_params)
+    assert _first_step_silent(grown, inputs, record) == set(block.no_grad)
+    # dropout before the MLP's last layer: its pairs would differ in train mode, so that layer is 0 (r2r too)
+    assert "layers.2.fc1.weight" in block.no_grad and "dropout" in block.no_grad_why.lower() or method != "r2r"
+    if method == "r2r":
+        assert "layers.2.q.weight" not in block.no_grad and block.hidden > 0  # the attention branch is paired
+    assert_function_preserved(model, grown, inputs, onnx=False)
+
+
+def test_init_copy_starts_from_the_neighbour():
+    gm = _captured(TinyLM(), _ids())
+    grown = r2r_fx.deepen(gm, block="own", after="layers.0", init="copy", seed=0)
+    params = dict(grown.named_parameters())
+    assert torch.equal(params["layers.1.ln1.weight"], params["layers.0.ln1.weight"])
+    new, old = params["layers.1.q.weight"], params["layers.0.q.weight"]
+    assert torch.equal(new[:8], old[:8]) and torch.equal(new[8:], new[:8])  # heads 2, 3 pair with 0, 1
+    assert params["layers.1.q.weight"].data_ptr() != params["layers.0.q.weight"].data_ptr()
+
+
+def test_refusals_name_the_reason():
+    post = nn.Sequential(PostNorm(), PostNorm())
+    gm = _captured(post, (torch.randn(2, 8),))
+    (first, second) = repeated_blocks(gm)
+    assert "post-norm" in first.refusal and "LayerNorm (_1_ln)" in second.refusal
+    with pytest.raises(GrowthError, match="post-norm"):
+        r2r_fx.deepen(gm, block="own")
+    with pytest.raises(GrowthError, match="post-norm"):
+        r2r_fx.deepen(gm, block="own", after="0")
+    gated = _captured(nn.Sequential(Gated(), Gated()), (torch.randn(2, 8),))
+    with pytest.raises(GrowthError, match="sigmoid"):
+        r2r_fx.deepen(gated, block="own", after="1")
+    result = r2r_fx.DeepenPass(block="own").call(gated)
+    assert not result.modified and "sigmoid" in result.record.skipped[0].reason
+    with pytest.raises(GrowthError, match="not one of the model's residual blocks; blocks: 0, 1"):
+        r2r_fx.deepen(gated, block="own", after="layers.7")
+
+
+@pytest.mark.parametrize("via", FLAVOURS)
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_the_local_zoo_grows_by_its_own_blocks_or_says_why_not(name, via):
+    model, inputs, gm = captured(name, via)
+    try:
+        grown = r2r_fx.deepen(gm, block="own", count=2, seed=0)
+    except GrowthError as error:
+        assert "no block" in str(error) or "post-norm" in str(error), str(error)
+        assert not any(not b.refusal for b in repeated_blocks(gm))
+        return
+    assert growth_history(grown)[-1].blocks
+    assert_function_preserved(model, grown, inputs, onnx=False)
