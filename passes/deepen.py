@@ -36,7 +36,7 @@ from r2r_fx.errors import GrowthError
 from r2r_fx.graph import attr_at, output_dominators, shape_of
 from r2r_fx.methods import Block, BlockSite, Method, get_method
 from r2r_fx.passbase import Pass, PassResult, copy_graph_module, make_generator
-from r2r_fx.passes.deepen_blocks import insert_copy, plan_zero
+from r2r_fx.passes.deepen_blocks import insert_copy, plan_zero, resolve
 from r2r_fx.record import BlockInsert, GrowthRecord, SkippedPoint, append_record
 
 __all__ = ["DeepenPass", "InsertionPoint", "deepen", "insertion_points"]
@@ -166,7 +166,7 @@ class DeepenPass(Pass):
         method: str | Method = "r2r",
         seed: int | None = None,
         check: bool = True,
-        block: str = "generic",
+        block: str = "auto",
         after: Sequence[str] | str | None = None,
         where: str | None = None,
         init: str = "random",
@@ -175,14 +175,20 @@ class DeepenPass(Pass):
         self.check = check
         if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
             raise GrowthError(f"count must be an integer >= 1, got {count!r}")
-        if block not in ("generic", "own"):
-            raise GrowthError(f"block must be 'generic' or 'own', got {block!r}")
+        if block not in ("auto", "generic", "own"):
+            raise GrowthError(f"block must be 'auto', 'own' or 'generic', got {block!r}")
         if where not in (None, "end", "spread"):
             raise GrowthError(f"where must be 'end' or 'spread', got {where!r}")
         if init not in ("random", "copy"):
             raise GrowthError(f"init must be 'random' or 'copy', got {init!r}")
-        if block == "generic" and (after is not None or where is not None or init != "random"):
-            raise GrowthError("after=, where= and init= choose the model's own blocks: give block='own'")
+        if block == "generic" and (after is not None or init != "random" or where == "spread"):
+            raise GrowthError("after=, init= and where='spread' are for the model's own blocks, not block='generic'")
+        if after is not None or init != "random":
+            block = "own" if block == "auto" else block
+        if after is not None and (where is not None or not (after if not isinstance(after, str) else [after])):
+            raise GrowthError("after= names the blocks to copy (at least one), and takes no where=")
+        if where == "spread" and count is None:
+            raise GrowthError("where='spread' spreads count= copies over the stages: give count")
         if block == "own" and (at is not None or hidden is not None):
             raise GrowthError(
                 "block='own' copies the model's blocks: it takes after= (module paths), not at= or hidden="
@@ -206,10 +212,20 @@ class DeepenPass(Pass):
         self.count, self.hidden, self.seed = count, hidden, seed
         if block == "own" and self.method.name not in OWN_METHODS:
             raise GrowthError(f"block='own' takes the methods {', '.join(OWN_METHODS)}, not {self.method.name!r}")
+        if block == "auto" and (at is not None or hidden is not None or self.method.name not in OWN_METHODS):
+            self.block = "generic"  # a node, a hidden width or a method's own block: the generic block
+
+    def uses_own_blocks(self, blocks: list[RepeatedBlock]) -> bool:
+        """Whether this pass copies the model's blocks (given ``repeated_blocks`` of its graph)."""
+        return self.block == "own" or (self.block == "auto" and any(not b.refusal for b in blocks))
 
     def transform(self, gm: torch.fx.GraphModule) -> PassResult:
         if self.block == "own":
             return self._own_blocks(gm)
+        if self.uses_own_blocks(repeated_blocks(gm)):
+            result = self._own_blocks(gm)
+            if result.modified:
+                return result  # else (every block refused) the generic block, as for a model without blocks
         analysis = analyze(gm)
         points = insertion_points(gm, analysis)
         chosen = self._choose(gm, points)
@@ -266,7 +282,7 @@ class DeepenPass(Pass):
     def _own_blocks(self, gm: torch.fx.GraphModule) -> PassResult:
         analysis = analyze(gm)
         blocks = repeated_blocks(gm)
-        chosen = choose_blocks(blocks, self.after, self.count, self.where)
+        chosen = self.choose(blocks)
         pairs = self.method.name == "r2r"
         plans, skipped = {}, []
         for block in dict.fromkeys(chosen):
@@ -277,26 +293,30 @@ class DeepenPass(Pass):
                     raise GrowthError(f"{block.path!r}: {error}") from None
                 skipped.append(SkippedPoint(block.path, str(error)))
         grown = copy_graph_module(gm)
+        tensors = resolve(grown, analysis, list(plans.values()))
+        before = {id(p): n for n, p in grown.named_parameters(remove_duplicate=False)}
         generator = make_generator(self.seed)
         order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
         inserted, ends = [], {}
         for block in sorted(chosen, key=lambda b: order[b.output], reverse=True):  # later paths move, not earlier
             if block.path not in plans:
                 continue
-            done = insert_copy(grown, analysis, block, plans[block.path], self.method, self.init, generator)
+            done = insert_copy(grown, analysis, block, plans[block.path], self.method, self.init, generator, tensors)
             ends.setdefault(block.output, done.output_node)
             inserted.append((block, done))
         grown.graph.lint()
         grown.recompile()
-        record_shapes(grown, example_inputs_of(grown))
-        check_identities(grown, ends)
+        if not self.check:  # the copies' nodes carry the recorded shapes of the originals; checked, verify runs it
+            check_identities(grown, ends)
         paths = {id(m): n for n, m in grown.named_modules()}
         names = {id(p): n for n, p in grown.named_parameters()}
+        after = grown.named_parameters(remove_duplicate=False)
+        renamed = {n: before.get(id(p), "") for n, p in after if before.get(id(p), "") != n}
         records = [
             BlockInsert(
                 at=b.path,
                 kind=f"own:{b.cls}",
-                width=b.shape[-1],
+                width=_stream_width(analysis, b),
                 hidden=d.paired,
                 module=paths[id(d.module)],
                 output_node=d.output_node,
@@ -315,9 +335,14 @@ class DeepenPass(Pass):
             skipped=tuple(skipped),
             new_params=tuple(sorted(names[id(p)] for _, d in inserted for p in d.new_params)),
             options={"block": "own", "count": self.count, "after": self.after, "where": self.where, "init": self.init},
+            renamed=renamed,
         )
         append_record(grown, record)
         return PassResult(grown, bool(inserted), record)
+
+    def choose(self, blocks: list[RepeatedBlock]) -> list[RepeatedBlock]:
+        """The model's blocks this pass copies, one entry per copy."""
+        return choose_blocks(blocks, self.after, self.count, self.where)
 
     def _choose(self, gm: torch.fx.GraphModule, points: list[InsertionPoint]) -> list[InsertionPoint]:
         if self.at is None:
@@ -377,6 +402,12 @@ def choose_blocks(
     for run, n in zip(runs, shares):
         out += [run[math.ceil((j + 1) * len(run) / n) - 1] for j in range(n)]
     return out
+
+
+def _stream_width(analysis: Analysis, block: RepeatedBlock) -> int:
+    """The channel count of the stream a block reads (its output's internal width axis)."""
+    axis = _channel_axis(analysis, block.output, block.shape)
+    return block.shape[axis if axis is not None else -1]
 
 
 def check_identities(gm: torch.fx.GraphModule, ends: dict[str, str]) -> None:
@@ -454,13 +485,22 @@ def deepen(
     method: str | Method = "r2r",
     seed: int | None = None,
     check: bool = True,
-    block: str = "generic",
+    block: str = "auto",
     after: Sequence[str] | str | None = None,
     where: str | None = None,
     init: str = "random",
     **method_options: Any,
 ) -> torch.fx.GraphModule:
-    """Return a copy of ``gm`` with blocks inserted (one per stage by default), ``count`` after each point.
+    """Return a copy of ``gm`` with blocks inserted, each an identity at insertion.
+
+    ``block="auto"`` (default): copies of the model's own residual blocks where it has some
+    (:func:`r2r_fx.repeated_blocks`; see ``passes/deepen_blocks.py``), else the method's generic block.
+    ``block="own"``: only the model's blocks; ``after`` (module paths) takes ``count`` (default 1) copies
+    after each, else ``count`` copies are spread over the stages (``where="spread"``, LLaMA-Pro's
+    interleaving) or ``count`` (default 1) appended to each stage (``where="end"``, the default without
+    ``count``); ``init="copy"`` copies the block's weights instead of drawing them at their scale.
+    ``block="generic"``: the method's block (R2R: conv-BN-ReLU-conv or Linear-ReLU-Linear) after each
+    stage's last point or after the nodes ``at``, ``count`` after each, of hidden width ``hidden``.
 
     ``method``: a name ("r2r", the default; "net2net", "netmorph", "random") or a
     :class:`~r2r_fx.methods.Method`; ``method_options`` go to its constructor (``init_scale=``, and

@@ -39,8 +39,9 @@ from r2r_fx.errors import GrowthError
 from r2r_fx.graph import describe, output_dominators, shape_of, target_name
 from r2r_fx.methods import Method
 from r2r_fx.rules import is_stochastic_depth
+from r2r_fx.surgery import get_tensor
 
-__all__ = ["BlockCopy", "insert_copy", "plan_zero"]
+__all__ = ["BlockCopy", "Tensors", "insert_copy", "plan_zero", "resolve"]
 
 _KEEP_ZERO = {  # f(0) = 0 along the operand that carries the branch
     "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "dropout", "feature_dropout", "Identity", "stochastic_depth",
@@ -92,11 +93,14 @@ def plan_zero(gm: torch.fx.GraphModule, analysis: Analysis, block: RepeatedBlock
     named = {n.name: n for n in nodes}
     dominators = output_dominators(gm)
     entry = next(a for n in nodes for a in n.all_input_nodes if a.name == block.input)
-    own = _block_params(gm, nodes)
+    own = _own_tensors(gm, nodes, block.path)
     tails = []
     for _, stream, branch in stream_adds(nodes, entry, dominators):
         for tail in _tails(gm, analysis, branch, stream, inside):
             tail.upstream = _upstream_params(gm, named[tail.node], stream, inside)
+            changed = [tail.weight, *tail.biases]
+            if any(id(get_tensor(gm, n)) not in own for n in changed):
+                raise GrowthError(f"the last layer of a branch ({tail.node}) reads a tensor shared with the model")
             if pairs:
                 tail.pair_set, tail.why_not_pairs = _pair_set(gm, analysis, tail, nodes, own, stream)
             tails.append(tail)
@@ -125,6 +129,8 @@ def _tails(gm, analysis, node, stream, inside) -> list[Tail]:
                 inner = inner or error
                 continue
             if isinstance(module, _BATCH_NORMS):
+                if module.weight is None or module.bias is None:
+                    raise GrowthError(f"{describe(node, gm)}, without affine parameters, follows a branch's last layer")
                 for t in found:
                     t.norms.append(str(node.target))
             return found
@@ -191,23 +197,30 @@ def _feeds_path(get_attr: torch.fx.Node, stream: torch.fx.Node) -> bool:
     return any(depends_on(u, stream) for u in get_attr.users)
 
 
-def _block_params(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> set[str]:
-    """Every parameter and buffer the block's nodes read."""
-    names = {str(n.target) for n in nodes if n.op == "get_attr"}
+def _own_tensors(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], path: str) -> set[int]:
+    """ids of the tensors a copy of the block gets its own of: its layers' parameters and buffers, the
+    parameters it reads, the buffers of its module (a buffer of another module it reads stays shared)."""
+    ids = set()
     for node in nodes:
         if node.op == "call_module":
-            module = gm.get_submodule(str(node.target))
-            names |= {f"{node.target}.{n}" for n, _ in [*module.named_parameters(), *module.named_buffers()]}
-    return names
+            ids |= {id(t) for _, t in _tensors(gm.get_submodule(str(node.target)))}
+        elif node.op == "get_attr":
+            value = attr_or_none(gm, str(node.target))
+            if isinstance(value, nn.Parameter) or str(node.target).startswith(path + "."):
+                ids.add(id(value))
+    return ids
 
 
-def _pair_set(gm, analysis: Analysis, tail: Tail, nodes, own: set[str], stream) -> tuple[int | None, str]:
+def _pair_set(gm, analysis: Analysis, tail: Tail, nodes, own: set[int], stream) -> tuple[int | None, str]:
     """A channel set of the tail's input to read in identical pairs, or (None, why not)."""
     named = {n.name: n for n in nodes}
     before = _ancestors_from(named[tail.node], stream, set(nodes))
     random = [n for n in before if _random(gm, n)]
     if random:
         return None, f"{describe(random[0], gm)} before {tail.node} would break the pairs in train mode"
+    odd = [n for n in before if _odd_groups(gm, n)]
+    if odd:  # channel j and j + w/2 fall in different groups, whose statistics differ
+        return None, f"{describe(odd[0], gm)} normalises an odd number of groups: it would mix the pairs"
     layout = analysis.layout((f"param:{tail.weight}", tail.axis))
     bound = analysis.bound_params()
     why = "no channel set of its input is the block's own, widenable and of even width"
@@ -215,11 +228,24 @@ def _pair_set(gm, analysis: Analysis, tail: Tail, nodes, own: set[str], stream) 
         group = analysis.group_of(a)
         if group is None or not group.widenable or group.stream or analysis.set_width[a] % 2:
             continue
-        params = {p for p, axes in bound.items() for _, lay, _ in axes if a in lay.channel_sets()}
+        params = {id(get_tensor(gm, p)) for p, axes in bound.items() for _, lay, _ in axes if a in lay.channel_sets()}
         producers_inside = all(p in named for p in group.producers)
         if params <= own and producers_inside:
             return a, ""
     return None, why
+
+
+def _odd_groups(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """A GroupNorm (layer or ``group_norm`` call) over an odd number of groups."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        return isinstance(module, nn.GroupNorm) and module.num_groups % 2 == 1
+    name = target_name(node)
+    if "group_norm" in name:  # group_norm(x, num_groups, ...); native_group_norm(x, w, b, N, C, HxW, group, eps)
+        index = 6 if name == "native_group_norm" else 1
+        groups = node.kwargs.get("num_groups", node.args[index] if len(node.args) > index else None)
+        return not isinstance(groups, int) or groups % 2 == 1
+    return False
 
 
 def _random(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
@@ -245,65 +271,106 @@ def insert_copy(
     method: Method,
     init: str,
     generator: torch.Generator,
+    tensors: Tensors,
 ) -> BlockCopy:
-    """Insert a copy of ``block`` right after it (``gm`` changes in place; recompile after)."""
+    """Insert a copy of ``block`` right after it (``gm`` changes in place; recompile after).
+
+    The analysis names tensors as the original graph does (a tied weight by one of its names), and copies
+    inserted before rename later blocks: ``tensors`` resolved the names before any insertion. Every change
+    goes to the copy's twin of a tensor, found by identity, never to the tensor itself."""
     nodes = block_region(gm, block.path)
-    own = _block_params(gm, nodes)
+    tensor, weights, norms = tensors.by_name, tensors.weights, tensors.modules
     new_path = _make_room(gm, block.path)
     renames = _copy_modules(gm, block.path, new_path, nodes)
-    output = _copy_nodes(gm, nodes, block, new_path, renames)
+    copies = _copy_nodes(gm, nodes, block, new_path, renames)
+    twins = _twins(gm, nodes, copies)
 
-    def copied(name: str) -> str:
-        """The copy's name for a parameter, buffer or layer of the block."""
-        for old, new in renames.items():
-            if name == old or name.startswith(old + "."):
-                return _under(name, old, new)
-        return _under(name, block.path, new_path)
+    def twin(t: torch.Tensor) -> torch.Tensor:
+        found = twins.get(id(t))
+        if found is None:  # plan_zero only plans changes to tensors the copy has its own of
+            raise GrowthError(f"{block.path}: a tensor the copy would change is shared with the rest of the model")
+        return found
 
     with torch.no_grad():
-        for name in sorted(own):
-            value = attr_or_none(gm, copied(name))
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                value.copy_(_initial(attr_or_none(gm, name), method, init, generator))
+        if init == "random" and method.name != "net2net":
+            for old_id, new in twins.items():
+                if old_id in weights and isinstance(new, nn.Parameter) and new.is_floating_point():
+                    new.copy_(method._uniform(new.shape, method._scale(new), new, generator))
         paired, silent, reasons = 0, [], set()
-        for tail in tails:
+        for tail in tails if method.name != "random" else ():  # random: a copy that is not an identity
             if tail.norms:  # zero-init residual: the last BatchNorm's weight and bias are 0, the layers random
                 for norm in tail.norms:
-                    module = gm.get_submodule(copied(norm))
-                    module.weight.zero_()
-                    module.bias.zero_()
+                    twin(norms[norm].weight).zero_()
+                    twin(norms[norm].bias).zero_()
                 silent += tail.upstream + [tail.weight, *tail.biases]
                 reasons.add(_ZERO_NORM)
                 continue
             if tail.pair_set is not None and method.name == "r2r":
-                paired += _pair(gm, analysis, tail, copied)
+                paired += _pair(analysis, tail, lambda name: twin(tensor[name]))
             else:
-                attr_or_none(gm, copied(tail.weight)).zero_()
+                twin(tensor[tail.weight]).zero_()
                 silent += tail.upstream
                 reasons.add(tail.why_not_pairs if method.name == "r2r" else f"{method.name}: its last layer is 0")
             for bias in tail.biases:
-                attr_or_none(gm, copied(bias)).zero_()
-    no_grad = tuple({id(p): p for p in (attr_or_none(gm, copied(n)) for n in silent)}.values())
+                twin(tensor[bias]).zero_()
+    no_grad = tuple({id(p): p for p in (twin(tensor[n]) for n in silent)}.values())
     why = "; ".join(sorted(reasons)) if no_grad else ""
-    new = {id(p): p for p in gm.get_submodule(new_path).parameters()}
-    for name in renames.values():
-        value = attr_or_none(gm, name)
-        tensors = (
-            value.parameters() if isinstance(value, nn.Module) else [value] if isinstance(value, nn.Parameter) else []
-        )
-        new.update((id(p), p) for p in tensors)
+    new = {id(p): p for p in twins.values() if isinstance(p, nn.Parameter)}
     params = sum(p.numel() for p in new.values())
-    return BlockCopy(gm.get_submodule(new_path), output.name, params, paired, no_grad, why, tuple(new.values()))
+    return BlockCopy(
+        gm.get_submodule(new_path), copies[_exit(nodes, block)].name, params, paired, no_grad, why, tuple(new.values())
+    )
 
 
-def _initial(old: torch.Tensor, method: Method, init: str, generator: torch.Generator) -> torch.Tensor:
-    """A new block's value: random at the old tensor's scale for weights (rank >= 2), else a copy."""
-    if init == "copy" or method.name == "net2net" or old.dim() < 2:
-        return old.detach().clone()
-    return method._uniform(old.shape, method._scale(old), old, generator)
+@dataclass
+class Tensors:
+    """What the plans name, resolved in the graph before any copy is inserted (see :func:`insert_copy`)."""
+
+    by_name: dict[str, torch.Tensor]
+    weights: set[int]  # ids of the tensors the analysis binds as weights (producer rows, consumer columns)
+    modules: dict[str, nn.Module]  # the tails' BatchNorms
 
 
-def _pair(gm, analysis: Analysis, tail: Tail, copied) -> int:
+def resolve(gm: torch.fx.GraphModule, analysis: Analysis, plans: list[list[Tail]]) -> Tensors:
+    """Every tensor a plan reads or changes (tails, biases, upstream weights, the pairs' parameters)."""
+    tails = [t for plan in plans for t in plan]
+    names = {n for t in tails for n in (t.weight, *t.biases, *t.upstream)}
+    sets = {t.pair_set for t in tails if t.pair_set is not None}
+    bound = analysis.bound_params()
+    for param, axes in bound.items():
+        if any(a in lay.channel_sets() for _, lay, _ in axes for a in sets):
+            names.add(param)
+    weights = {id(get_tensor(gm, p)) for p, axes in bound.items() if any(r in ("in", "out") for _, _, r in axes)}
+    modules = {n: gm.get_submodule(n) for t in tails for n in t.norms}
+    return Tensors({n: get_tensor(gm, n) for n in names}, weights, modules)
+
+
+def _exit(nodes: list[torch.fx.Node], block: RepeatedBlock) -> torch.fx.Node:
+    return next(n for n in nodes if n.name == block.output)
+
+
+def _twins(gm: torch.fx.GraphModule, nodes, copies) -> dict[int, torch.Tensor]:
+    """id(a tensor the block reads) -> the copy's own tensor (shared constants and buffers have none)."""
+    twins: dict[int, torch.Tensor] = {}
+    for node in nodes:
+        new = copies[node]
+        if node.op == "get_attr":
+            a, b = attr_or_none(gm, str(node.target)), attr_or_none(gm, str(new.target))
+            if isinstance(a, torch.Tensor) and a is not b:
+                twins[id(a)] = b
+        elif node.op == "call_module":
+            ma, mb = gm.get_submodule(str(node.target)), gm.get_submodule(str(new.target))
+            if ma is not mb:
+                for (_, a), (_, b) in zip(_tensors(ma), _tensors(mb)):
+                    twins[id(a)] = b
+    return twins
+
+
+def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+
+
+def _pair(analysis: Analysis, tail: Tail, twin_of) -> int:
     """Channel ``j + w/2`` of the tail's pair set := channel ``j`` in every producer and per-channel value;
     the tail's columns for it := minus those for ``j``. Returns the channels paired."""
     a = tail.pair_set
@@ -314,7 +381,7 @@ def _pair(gm, analysis: Analysis, tail: Tail, copied) -> int:
                 continue
             if role == "in" and param != tail.weight:
                 continue  # another reader of the pairs: any columns do
-            value = attr_or_none(gm, copied(param))
+            value = twin_of(param)
             first, second = _positions(layout, a, width)
             sign = -1.0 if param == tail.weight else 1.0
             value.index_copy_(axis, second, sign * value.index_select(axis, first))
@@ -365,16 +432,14 @@ def _make_room(gm: torch.fx.GraphModule, path: str) -> str:
 
 
 def _rename(gm: torch.fx.GraphModule, old: str, new: str) -> None:
-    """Module ``old`` is now called ``new``: node targets, module stacks, parameter sources and records follow."""
+    """Module ``old`` is now called ``new``: node targets, module stacks and the records' parameter names follow
+    (the pass records the renaming itself: ``GrowthRecord.renamed``)."""
     for node in gm.graph.nodes:
         if node.op in ("call_module", "get_attr"):
             node.target = _under(str(node.target), old, new)
         stack = node.meta.get("nn_module_stack")
         if stack:
             node.meta["nn_module_stack"] = {k: (_under(str(v[0]), old, new), *v[1:]) for k, v in stack.items()}
-    sources = gm.meta.get("r2r_param_sources")
-    if sources:
-        gm.meta["r2r_param_sources"] = {_under(k, old, new): v for k, v in sources.items()}
     history = gm.meta.get("r2r_record") or getattr(gm, "r2r_record", None)
     for entry in history or ():
         for change in entry.get("params", ()):
@@ -424,8 +489,9 @@ def _free_name(gm: torch.fx.GraphModule, target: str) -> str:
     return f"{owner}.{base}{k}" if owner else f"{base}{k}"
 
 
-def _copy_nodes(gm: torch.fx.GraphModule, nodes, block: RepeatedBlock, new_path: str, renames) -> torch.fx.Node:
-    """Copy the block's nodes after it, reading its output; the block's outside users read the copy's."""
+def _copy_nodes(gm: torch.fx.GraphModule, nodes, block: RepeatedBlock, new_path: str, renames) -> dict:
+    """Copy the block's nodes after it, reading its output; the block's outside users read the copy's.
+    Returns {node: its copy}."""
     graph = gm.graph
     inside = set(nodes)
     exit_ = next(n for n in nodes if n.name == block.output)
@@ -454,4 +520,4 @@ def _copy_nodes(gm: torch.fx.GraphModule, nodes, block: RepeatedBlock, new_path:
         if order.get(user, len(order)) <= order[anchor]:
             raise GrowthError(f"{block.path}: the block's output is used before its inputs are all computed")
         user.replace_input_with(exit_, output)
-    return output
+    return env

@@ -30,7 +30,15 @@ from torch import nn
 
 from r2r_fx.graph import output_dominators, shape_of, target_name
 
-__all__ = ["RepeatedBlock", "attr_or_none", "block_region", "depends_on", "repeated_blocks", "stream_adds"]
+__all__ = [
+    "RepeatedBlock",
+    "attr_or_none",
+    "block_params",
+    "block_region",
+    "depends_on",
+    "repeated_blocks",
+    "stream_adds",
+]
 
 ADDS = {operator.add, operator.iadd, torch.add, "add", "add_", "iadd"}
 _SAME_VALUE = {  # one tensor in, the same values out (given the same shape and dtype)
@@ -131,6 +139,12 @@ def _module_regions(gm: torch.fx.GraphModule) -> tuple[dict[str, list[torch.fx.N
         for path in paths:
             if path:
                 regions[path].append(node)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for path, nodes in regions.items():  # parameters of other modules the block reads (an exported graph
+        inside = set(nodes)  # records no module for a get_attr): part of the block, copied with it
+        extra = {a for n in nodes for a in n.all_input_nodes if a.op == "get_attr" and a not in inside}
+        if extra:
+            regions[path] = sorted(inside | extra, key=order.__getitem__)
     for path in regions:
         if path not in classes:
             try:
@@ -143,7 +157,7 @@ def _module_regions(gm: torch.fx.GraphModule) -> tuple[dict[str, list[torch.fx.N
 def _qualify(nodes: list[torch.fx.Node], dominators: set[str]) -> tuple[torch.fx.Node, torch.fx.Node, str] | None:
     """(entry, exit, refusal) when ``nodes`` form a residual block, else None."""
     inside = set(nodes)
-    exits = [n for n in nodes if any(u not in inside for u in n.users)]
+    exits = [n for n in nodes if n.op != "get_attr" and any(u not in inside for u in n.users)]
     if len(exits) != 1 or exits[0].name not in dominators or shape_of(exits[0]) is None:
         return None
     exit_ = exits[0]
@@ -293,17 +307,26 @@ def _relative(target: str, path: str) -> str:
     return target[len(path) + 1 :] if target.startswith(path + ".") else target
 
 
-def _param_count(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> int:
-    seen: dict[int, int] = {}
+def block_params(gm: torch.fx.GraphModule, path: str) -> dict[str, nn.Parameter]:
+    """The parameters block ``path`` reads, by name (layers and parameters of other modules it calls too)."""
+    return _params(gm, _module_regions(gm)[0].get(path, []))
+
+
+def _params(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> dict[str, nn.Parameter]:
+    out: dict[str, nn.Parameter] = {}
     for node in nodes:
         if node.op == "get_attr":
             value = attr_or_none(gm, str(node.target))
             if isinstance(value, nn.Parameter):
-                seen[id(value)] = value.numel()
+                out[str(node.target)] = value
         elif node.op == "call_module":
-            for p in gm.get_submodule(str(node.target)).parameters():
-                seen[id(p)] = p.numel()
-    return sum(seen.values())
+            for name, p in gm.get_submodule(str(node.target)).named_parameters():
+                out[f"{node.target}.{name}"] = p
+    return out
+
+
+def _param_count(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> int:
+    return sum({id(p): p.numel() for p in _params(gm, nodes).values()}.values())
 
 
 def attr_or_none(gm: torch.fx.GraphModule, target: str) -> object:

@@ -119,8 +119,39 @@ def _parser() -> argparse.ArgumentParser:
         help="grow the groups GROUP selects (an id, producer name or kind) to WIDTH, repeatable "
         "(e.g. --size kind:stream=96 --size kind:heads=8); instead of --widen",
     )
-    p.add_argument("--deepen", type=int, metavar="N", help="insert N >= 1 residual blocks at each stage's end")
-    p.add_argument("--deepen-at", action="append", default=[], metavar="NODE", help="insert after NODE (repeatable)")
+    p.add_argument(
+        "--deepen",
+        type=int,
+        metavar="N",
+        help="insert N >= 1 blocks at each stage's end: copies of the model's own residual blocks where it has "
+        "some, else R2R's generic block (see --deepen-block); with --deepen-after, N copies after each",
+    )
+    p.add_argument(
+        "--deepen-after",
+        action="append",
+        default=[],
+        metavar="BLOCK",
+        help="insert a copy of the model's block BLOCK (a module path, e.g. model.layers.3) after it (repeatable)",
+    )
+    p.add_argument(
+        "--deepen-at",
+        action="append",
+        default=[],
+        metavar="NODE",
+        help="insert a generic block after NODE (repeatable)",
+    )
+    p.add_argument(
+        "--deepen-block",
+        choices=["auto", "own", "generic"],
+        default="auto",
+        help="what --deepen inserts: auto (default), own (only the model's blocks), generic (R2R's block)",
+    )
+    p.add_argument(
+        "--deepen-init",
+        choices=["random", "copy"],
+        default="random",
+        help="a copied block's weights: random at their scale (default) or the block's own",
+    )
     p.add_argument("--method", default="r2r", help="growth method: r2r (default), net2net, netmorph, random")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plan", action="store_true", help="print width groups, insertion points and the size estimate")
@@ -290,8 +321,10 @@ def _check_arguments(args: argparse.Namespace) -> tuple[dict[str, Any] | None, l
         raise UsageError(f"--seed {args.seed} is out of range (a 64-bit integer)")
     if args.weights_key is not None and not args.weights:
         raise UsageError("--weights-key needs --weights")
-    if not args.plan and widen_kw is None and args.deepen is None and not args.deepen_at:
-        raise UsageError("nothing to do: give --widen, --deepen or --deepen-at (or --plan)")
+    if args.deepen_after and args.deepen_at:
+        raise UsageError("--deepen-after copies the model's blocks, --deepen-at inserts generic ones: give one of them")
+    if not args.plan and widen_kw is None and args.deepen is None and not args.deepen_at and not args.deepen_after:
+        raise UsageError("nothing to do: give --widen, --deepen, --deepen-after or --deepen-at (or --plan)")
     return widen_kw, groups
 
 
@@ -342,8 +375,9 @@ def _run(args: argparse.Namespace) -> int:
 
     analysis = r2r_fx.analyze(gm, head_size=wants_head_size(groups, (widen_kw or {}).get("sizes")))
     points = r2r_fx.insertion_points(gm, analysis)
-    deepen = (args.deepen or 1, list(args.deepen_at)) if args.deepen is not None or args.deepen_at else None
-    if deepen and not deepen[1] and not any(p.default for p in points):
+    blocks = r2r_fx.repeated_blocks(gm)
+    deepen = _deepen_pass(args) if args.deepen is not None or args.deepen_at or args.deepen_after else None
+    if deepen and not deepen.uses_own_blocks(blocks) and not deepen.at and not any(p.default for p in points):
         raise UsageError("--deepen: this model has no point where a residual block can be inserted")
     estimate = None
     if widen_kw is not None or deepen is not None:
@@ -354,7 +388,7 @@ def _run(args: argparse.Namespace) -> int:
         _refuse_no_op(estimate, groups, widen_kw is not None)
     timings["analyze"] = time.perf_counter() - t
     if args.plan:
-        _print_plan(args, analysis.groups, points, estimate, channel_costs(gm, analysis))
+        _print_plan(args, analysis.groups, points, blocks, estimate, channel_costs(gm, analysis))
         return EXIT_OK
     assert estimate is not None
     if estimate["memory_needed"] > estimate["memory_available"] and not args.force:
@@ -370,7 +404,7 @@ def _run(args: argparse.Namespace) -> int:
         if widen_kw is not None:
             grown = r2r_fx.widen(grown, **widen_kw, groups=groups, method=args.method, seed=args.seed)
         if deepen is not None:
-            grown = r2r_fx.deepen(grown, at=deepen[1] or None, count=deepen[0], method=args.method, seed=args.seed)
+            grown = deepen.call(grown).model
     except ValueError as exc:  # GrowthError is one too: a pass refusing its arguments
         raise UsageError(one_line(exc)) from exc
     timings["rewrite"] = time.perf_counter() - t
@@ -507,15 +541,38 @@ def _report(
                 for g in entry.groups
             ]  # fmt: skip
         elif entry.op == "deepen":
-            report["blocks_inserted"] += [{"at": b.at, "kind": b.kind, "params": b.params} for b in entry.blocks]
+            report["blocks_inserted"] += [
+                {"at": b.at, "kind": b.kind, "module": b.module, "params": b.params, "no_grad": list(b.no_grad)}
+                for b in entry.blocks
+            ]
             report["deepen_skipped"] += [f"{s.at}: {s.reason}" for s in entry.skipped]
     return report
+
+
+def _deepen_pass(args: argparse.Namespace) -> Any:
+    """The deepen pass the arguments ask for (a bad combination is a one-line usage error)."""
+    from r2r_fx.passes.deepen import DeepenPass
+
+    try:
+        return DeepenPass(
+            at=list(args.deepen_at) or None,
+            after=list(args.deepen_after) or None,
+            count=args.deepen,
+            where="end" if not args.deepen_after and not args.deepen_at else None,
+            block=args.deepen_block,
+            init=args.deepen_init,
+            method=args.method,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        raise UsageError(one_line(exc)) from exc
 
 
 def _print_plan(
     args: argparse.Namespace,
     groups: list[Any],
     points: list[Any],
+    blocks: list[Any],
     estimate: dict[str, Any] | None,
     costs: dict[int, int],
 ) -> None:
@@ -538,6 +595,10 @@ def _print_plan(
                 {"node": p.node, "shape": list(p.shape), "kind": p.kind, "stage": p.stage, "default": p.default}
                 for p in points
             ],
+            "blocks": [
+                {"path": b.path, "class": b.cls, "stage": b.stage, "params": b.params, "refusal": b.refusal}
+                for b in blocks
+            ],
         }
         if estimate is not None:
             plan["estimate"] = {k: v for k, v in estimate.items() if k != "groups"}
@@ -553,7 +614,12 @@ def _print_plan(
         cost = f"{costs.get(g.id, 0):>9,}"
         line = f"  {g.id:>4}  {g.width:>6}  {g.kind:9}  {cost}  {status:10}  {detail}{' -- ' + why if why else ''}"
         _say(args, line)
-    _say(args, "insertion points (* = default, one per stage):")
+    if blocks:
+        _say(args, "the model's blocks (--deepen copies them; params: the cost of one more):")
+        for b in blocks:
+            why = f" -- {b.refusal}" if b.refusal else ""
+            _say(args, f"  stage {b.stage:>2}  {b.path:30s} {b.cls:24s} {b.params:>12,}{why}")
+    _say(args, "insertion points of the generic block (* = default, one per stage):")
     for p in points:
         _say(args, f"  {'*' if p.default else ' '} {p.node:30s} {str(list(p.shape)):22s} {p.kind}")
     if estimate is not None:

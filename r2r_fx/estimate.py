@@ -40,17 +40,19 @@ def estimate_growth(
     widen_kw: dict[str, Any] | None,
     groups: list[int | str] | None,
     method: str,
-    deepen: tuple[int, list[str]] | None,
+    deepen: Any,
     points: list[Any],
 ) -> dict[str, Any]:
     """Parameters and bytes of the grown model, and the memory growing and checking it needs, from the plan alone.
 
     Widening: every bound parameter axis grows as its layout's channel sets gain channels
-    (``plan_new_channels``, which allocates nothing). Deepening: the method's own block per chosen point
-    and count, built on the meta device at the point's width scaled by the widening (points the method
-    refuses add none). Checking holds the reference and the grown model, float64 copies for the
-    train-mode fallback, the ONNX export and an onnxruntime session.
+    (``plan_new_channels``, which allocates nothing). Deepening (``deepen``: the ``DeepenPass`` to run):
+    a copy of a model's block costs that block's parameters after the widening; the method's generic
+    block is built on the meta device per chosen point and count at the point's width scaled by the
+    widening (points the method refuses add none). Checking holds the reference and the grown model,
+    float64 copies for the train-mode fallback, the ONNX export and an onnxruntime session.
     """
+    from r2r_fx.blocks import block_params, repeated_blocks
     from r2r_fx.methods import get_method
     from r2r_fx.passes.widen import plan_new_channels
     from r2r_fx.surgery import get_tensor, new_width
@@ -71,18 +73,26 @@ def estimate_growth(
             sizes=widen_kw.get("sizes"),
         )
     numel, nbytes = before_numel, before_bytes
+    grown_numel: dict[str, int] = {}
     for name, axes in analysis.bound_params().items():
         t = get_tensor(gm, name)
         shape = list(t.shape)
         for axis, layout, _ in axes:
             shape[axis] = layout.width(new_channels)
-        grown = math.prod(shape)
+        grown = grown_numel[name] = math.prod(shape)
         numel += (grown - t.numel()) if id(t) in params else 0
         nbytes += (grown - t.numel()) * t.element_size()
     ratio = max([g.width_after / g.width_before for g in report if g.width_before] or [1.0])
     blocks = 0
-    if deepen is not None:
-        count, at = deepen
+    own = repeated_blocks(gm) if deepen is not None else []
+    if deepen is not None and deepen.uses_own_blocks(own):
+        for block in deepen.choose(own):
+            blocks += 1
+            for name, p in block_params(gm, block.path).items():
+                size = grown_numel.get(name, p.numel())
+                numel, nbytes = numel + size, nbytes + size * p.element_size()
+    elif deepen is not None:
+        count, at = deepen.count or 1, deepen.at or []
         chosen = [p for p in points if (p.node in at if at else p.default)]
         widths = [new_width(analysis.layout((p.node, p.channel_axis)), new_channels) for p in chosen]
         per_block = _block_sizes(gm, chosen, widths, method, explicit=bool(at))

@@ -8,7 +8,9 @@ normalised stream grown by whole copies has each old column split into ``k`` sha
 it; the stream's copies are equal, so every share gets exactly the old column's gradient, and every
 share carries the old column's state. Entries a stream rescaled (a norm weight's ``gamma*sqrt(kd/D)``
 when mean channels are added, ``AxisChange.old_changed``) start with fresh state, like new ones. Parameters that did
-not exist before (inserted blocks) join the first parameter group with fresh state.
+not exist before (inserted blocks) join the first parameter group with fresh state. Parameters a
+pass renamed (the later blocks a copy of a model's block pushes one index up) are found through the
+records' ``renamed``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from r2r_fx.record import ParamChange, old_positions, param_changes
+from r2r_fx.record import ParamChange, growth_history, old_positions, param_changes
 
 __all__ = ["carry_optimizer", "carry_scheduler"]
 
@@ -62,8 +64,7 @@ def carry_optimizer(
     """
     old_names = {id(p): n for n, p in old_model.named_parameters(remove_duplicate=False)}
     new_params = dict(new_model.named_parameters(remove_duplicate=False))
-    sources = getattr(new_model, "meta", {}).get("r2r_param_sources", {})
-    by_old_name = {sources.get(n, n): n for n in new_params}
+    by_old_name = _old_names(old_model, new_model, set(old_names.values()), list(new_params))
     changes = param_changes(new_model)
     groups, used = [], set()
     mapping: dict[int, nn.Parameter] = {}
@@ -100,6 +101,26 @@ def carry_optimizer(
                 carried[key] = value.clone() if isinstance(value, torch.Tensor) else value
         new_optimizer.state[new_p] = carried
     return new_optimizer
+
+
+def _old_names(old_model: nn.Module, new_model: nn.Module, old: set[str], new: list[str]) -> dict[str, str]:
+    """{name in ``old_model``: name in ``new_model``} for the parameters that existed: the renamings of the
+    passes since ``old_model`` (``GrowthRecord.renamed``, newest first), then the capture's own renamings
+    (``r2r_param_sources``: an exported graph's BatchNorm layers) when ``old_model`` is the eager model."""
+    history = growth_history(new_model)[len(growth_history(old_model)) :]
+    sources = getattr(new_model, "meta", {}).get("r2r_param_sources", {})
+    out = {}
+    for name in new:
+        was = name
+        for record in reversed(history):
+            was = record.renamed.get(was, was)
+            if not was:
+                break  # inserted by that pass
+        if was and was not in old:
+            was = sources.get(was, was)
+        if was in old:
+            out[was] = name
+    return out
 
 
 def carry_scheduler(scheduler: Any, new_optimizer: torch.optim.Optimizer) -> Any:

@@ -117,6 +117,7 @@ class GrowthRecord:
     skipped: tuple[SkippedPoint, ...] = ()
     new_params: tuple[str, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)  # the pass's arguments: factor, extra, node, size, ...
+    renamed: dict[str, str] = field(default_factory=dict)  # parameter name after the pass -> before ("": new)
 
     def to_json(self) -> dict[str, Any]:
         """Plain data (dicts, lists, numbers, strings); ``json.dumps`` takes it as is."""
@@ -159,6 +160,7 @@ class GrowthRecord:
             skipped=tuple(SkippedPoint(**s) for s in data.get("skipped", ())),
             new_params=tuple(data.get("new_params", ())),
             options=dict(data.get("options", {})),
+            renamed=dict(data.get("renamed", {})),
         )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["other_cnn", "small_cnn", "tiny_llama", "tiny_llama_with_cache", "token_mlp"]
+__all__ = ["other_cnn", "residual_stack", "small_cnn", "tiny_llama", "tiny_llama_with_cache", "token_mlp"]
 
 
 def small_cnn() -> nn.Module:
@@ -24,6 +24,23 @@ def small_cnn() -> nn.Module:
         nn.Flatten(),
         nn.Linear(8, 5),
     ).eval()
+
+
+class Residual(nn.Module):
+    """``x + fc2(gelu(fc1(norm(x))))``: one pre-norm MLP block."""
+
+    def __init__(self, width: int = 8, hidden: int = 16) -> None:
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(width), nn.Linear(width, hidden), nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm(x))))
+
+
+def residual_stack() -> nn.Module:
+    """Three residual blocks between an input and an output layer (inputs: 2,8)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 8), nn.Sequential(*[Residual() for _ in range(3)]), nn.Linear(8, 3)).eval()
 
 
 def other_cnn() -> nn.Module:

@@ -194,3 +194,27 @@ def test_bad_input_is_a_clear_error_with_exit_2_and_no_output(files, args, messa
     assert len(lines) == 1 and lines[0].startswith("r2r-rewrite: error:") and message in lines[0], err
     assert "Traceback" not in out + err
     assert set(os.listdir(files)) == before
+
+
+def test_deepen_copies_the_models_own_blocks(tmp_path):
+    stack = ["cli_models:residual_stack", "--input-shape", "2,8"]
+    plan = json.loads(run(*stack, "--plan", "--json", cwd=tmp_path).stdout)
+    assert [b["path"] for b in plan["blocks"]] == ["1.0", "1.1", "1.2"] and all(
+        b["params"] == 296 for b in plan["blocks"]
+    )
+    proc = run(*stack, "--deepen", "1", "--plan", cwd=tmp_path)
+    assert "the model's blocks" in proc.stdout and "parameters 987 -> 1,283" in proc.stdout, proc.stdout
+    proc = run(*stack, "--deepen-after", "1.0", "--deepen", "2", "--report", "r.json", "-o", "g.pt2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [b["module"] for b in report["blocks_inserted"]] == ["1.1", "1.2"] and report["verify"]["ok"]
+    assert report["params_after"] == 987 + 2 * 296
+    grown = torch.export.load(tmp_path / "g.pt2").module()
+    assert {n.split(".")[1] for n, _ in grown.named_parameters() if n.startswith("1.")} == {"0", "1", "2", "3", "4"}
+    bad = run(*stack, "--deepen-after", "1.7", cwd=tmp_path)
+    assert (
+        bad.returncode == 2 and "'1.7' is not one of the model's residual blocks; blocks: 1.0, 1.1, 1.2" in bad.stderr
+    )
+    assert len(bad.stderr.strip().splitlines()) == 1 and not list(tmp_path.glob("*.grown.*"))
+    generic = run(*stack, "--deepen", "1", "--deepen-block", "generic", "--json", cwd=tmp_path)
+    assert all(b["kind"] == "linear" for b in json.loads(generic.stdout)["blocks_inserted"]), generic.stderr

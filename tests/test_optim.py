@@ -46,19 +46,23 @@ def assert_state_carried(opt, old_model: nn.Module, new_opt, grown: nn.Module) -
     optimised = {id(p) for g in new_opt.param_groups for p in g["params"]}
     changes = param_changes(grown)
     grown_count = fresh_count = 0
+    since = growth_history(grown)[len(growth_history(old_model)) :]
     for name, p in grown.named_parameters():
         assert id(p) in optimised, f"{name} is not optimised"
         state = new_opt.state.get(p, {})
-        if name not in old_params:
+        old = name  # a copied block pushes the later ones one index up: the records say so
+        for record in reversed(since):
+            old = record.renamed.get(old, old) if old else old
+        if old not in old_params:
             assert any(name in r.new_params for r in growth_history(grown)), f"{name}: neither old nor recorded new"
             assert not state, f"{name}: a new parameter must start with fresh state, got {sorted(state)}"
             fresh_count += 1
             continue
-        old_state = opt.state[old_params[name]]
+        old_state = opt.state[old_params[old]]
         assert old_state, f"{name}: the old optimizer has no state for it (the test must step first)"
         assert set(state) == set(old_state), name
         history = changes.get(name, [])
-        if tuple(p.shape) != tuple(old_params[name].shape):
+        if tuple(p.shape) != tuple(old_params[old].shape):
             assert history, f"{name} changed shape without a recorded change"
             grown_count += 1
         for key, old_value in old_state.items():

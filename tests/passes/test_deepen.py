@@ -20,7 +20,7 @@ def test_deepen_one_block_per_stage_preserves_function(name, via):
     model, inputs, gm = captured(name, via)
     points = r2r_fx.insertion_points(gm)
     defaults = [p for p in points if p.default]
-    result = r2r_fx.DeepenPass(seed=0).call(gm)
+    result = r2r_fx.DeepenPass(block="generic", seed=0).call(gm)
     blocks = result.record.blocks
     assert result.modified and result.record.op == "deepen" and not result.record.skipped
     assert [b.at for b in blocks] == [p.node for p in defaults] and blocks
@@ -36,8 +36,8 @@ def test_deepen_one_block_per_stage_preserves_function(name, via):
 @pytest.mark.parametrize("name", ["resnet", "densenet", "mobilenetv2", "vit", "conv1d", "embedding"])
 def test_deepen_then_widen_and_widen_then_deepen(name):
     model, inputs, gm = captured(name)
-    deep_wide = r2r_fx.widen(r2r_fx.deepen(gm, seed=0), factor=2.0, seed=1)
-    wide_deep = r2r_fx.deepen(r2r_fx.widen(gm, factor=2.0, seed=1), seed=0)
+    deep_wide = r2r_fx.widen(r2r_fx.deepen(gm, block="generic", seed=0), factor=2.0, seed=1)
+    wide_deep = r2r_fx.deepen(r2r_fx.widen(gm, factor=2.0, seed=1), block="generic", seed=0)
     for grown in (deep_wide, wide_deep):
         assert [r["op"] for r in grown.meta["r2r_record"]] in (["deepen", "widen"], ["widen", "deepen"])
         assert_function_preserved(model, grown, inputs, onnx=False)
@@ -52,7 +52,7 @@ def test_deepen_then_widen_and_widen_then_deepen(name):
 @pytest.mark.parametrize("name", ["resnet", "vit", "mlp", "conv3d"])
 def test_every_new_block_parameter_gets_a_gradient(name):
     _, inputs, gm = captured(name)
-    deep = r2r_fx.deepen(gm, seed=0).train()
+    deep = r2r_fx.deepen(gm, block="generic", seed=0).train()
     out = deep(*random_batch(inputs))
     (out * torch.randn_like(out)).sum().backward()
     new = deep.meta["r2r_record"][-1]["new_params"]
@@ -65,7 +65,7 @@ def test_every_new_block_parameter_gets_a_gradient(name):
 
 def test_explicit_point_and_count():
     model, inputs, gm = captured("resnet")
-    result = r2r_fx.DeepenPass(at="layer1_relu", count=2, hidden=6, seed=0).call(gm)
+    result = r2r_fx.DeepenPass(block="generic", at="layer1_relu", count=2, hidden=6, seed=0).call(gm)
     deep = result.model
     assert result.modified and not result.record.skipped
     assert parameter_count(deep) == parameter_count(gm) + sum(b.params for b in result.record.blocks)
@@ -79,16 +79,16 @@ def test_explicit_point_and_count():
 def test_bad_points_are_clear_errors():
     _, _, gm = captured("resnet")
     with pytest.raises(ValueError, match="'nope' is not a node of this graph; valid insertion points: "):
-        r2r_fx.deepen(gm, at="nope")
+        r2r_fx.deepen(gm, block="generic", at="nope")
     with pytest.raises(ValueError, match="'x' is not a point where a residual block can be formed"):
-        r2r_fx.deepen(gm, at="x")  # the model input: its channels are not an internal width
+        r2r_fx.deepen(gm, block="generic", at="x")  # the model input: its channels are not an internal width
     with pytest.raises(ValueError, match="'fc' is not a point"):
-        r2r_fx.deepen(gm, at="fc")  # the model output
+        r2r_fx.deepen(gm, block="generic", at="fc")  # the model output
 
 
 def test_block_is_exactly_zero_at_insertion_in_train_mode():
     model, inputs, gm = captured("vgg")
-    deep = r2r_fx.deepen(gm, seed=0)
+    deep = r2r_fx.deepen(gm, block="generic", seed=0)
     block = deep.get_submodule("r2r_blocks.b0")
     x = torch.randn(4, block.conv1.in_channels, 5, 5) * 1e3
     for train in (True, False):

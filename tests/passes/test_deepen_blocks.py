@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -266,3 +268,173 @@ def test_the_local_zoo_grows_by_its_own_blocks_or_says_why_not(name, via):
         return
     assert growth_history(grown)[-1].blocks
     assert_function_preserved(model, grown, inputs, onnx=False)
+
+
+# ---------------------------------------------------------------- what a copy must not touch (review findings)
+
+
+class TableBlock(nn.Module):
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x, table):
+        return x + self.fc2(torch.relu(self.fc1(x * table)))
+
+
+class SharedTable(nn.Module):
+    """Blocks read a buffer of their parent (a rotary or scale table): the copy must read it, not change it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(TableBlock() for _ in range(2))
+        self.register_buffer("table", torch.linspace(0.5, 1.5, 40).view(5, 8))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x, self.table)
+        return x
+
+
+class SharedLayerBlock(nn.Module):
+    def __init__(self, shared: nn.Module) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 12)
+        object.__setattr__(self, "shared", shared)  # the parent's layer, called by every block
+
+    def forward(self, x):
+        return x + self.shared(torch.relu(self.fc1(x)))
+
+
+class SharedLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(12, 6)
+        self.layers = nn.ModuleList(SharedLayerBlock(self.shared) for _ in range(3))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class TiedLast(nn.Module):
+    """Every block's last layer is the same Parameter (tied across blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential() for _ in range(3))
+        last = nn.Linear(16, 8)
+        for layer in self.layers:
+            layer.fc1, layer.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+            layer.fc2.weight = last.weight
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer.fc2(torch.relu(layer.fc1(x)))
+        return x
+
+
+class NormBlock(nn.Module):
+    def __init__(self, norm: nn.Module, last: bool) -> None:
+        super().__init__()
+        self.fc1, self.norm, self.fc2, self.last = nn.Linear(6, 6), norm, nn.Linear(6, 6), last
+
+    def forward(self, x):
+        if self.last:  # the norm between the last layer and the addition
+            return x + self.norm(self.fc2(torch.relu(self.fc1(x))))
+        return x + self.fc2(torch.relu(self.norm(self.fc1(x))))
+
+
+def _independent_error(model, grown, x) -> float:
+    with torch.no_grad():
+        return float((model(x) - grown(x)).abs().max() / model(x).abs().max())
+
+
+@pytest.mark.parametrize("via", FLAVOURS)
+@pytest.mark.parametrize(
+    "factory, shape",
+    [(SharedTable, (3, 5, 8)), (SharedLayer, (7, 6)), (TiedLast, (4, 8))],
+    ids=["parent_buffer", "parent_layer", "tied_last_layer"],
+)
+@pytest.mark.parametrize("method", ["r2r", "netmorph"])
+def test_a_copy_changes_nothing_it_shares_with_the_model(factory, shape, via, method):
+    torch.manual_seed(0)
+    model, x = factory().eval(), torch.randn(*shape)
+    gm = r2r_fx.capture(model, (x,), via=via)
+    before = {n: t.detach().clone() for n, t in [*gm.named_parameters(), *gm.named_buffers()]}
+    try:
+        grown = r2r_fx.deepen(gm, block="own", method=method, seed=0, check=False)
+    except GrowthError:
+        return  # refused with a reason: fine
+    assert _independent_error(model, grown, x) <= 1e-6
+    for name, value in [*gm.named_parameters(), *gm.named_buffers()]:
+        assert torch.equal(value, before[name]), name  # the input graph is untouched
+    old = {id(t) for t in gm.parameters()}
+    assert not any(id(p) in old for p in grown.parameters())  # the copy shares no storage with the input
+    new = set(growth_history(grown)[-1].new_params)
+    grown_params = dict(grown.named_parameters())
+    assert new and not any(grown_params[n].data_ptr() == t.data_ptr() for n in new for t in gm.parameters())
+
+
+@pytest.mark.parametrize(
+    "norm, last, expect",
+    [(nn.BatchNorm1d(6, affine=False), True, "without affine"), (nn.GroupNorm(3, 6), False, "odd number of groups")],
+    ids=["batchnorm_without_affine", "groupnorm_odd_groups"],
+)
+def test_norms_the_construction_does_not_cover_are_refused_or_avoided(norm, last, expect):
+    torch.manual_seed(0)
+    blocks = [NormBlock(copy.deepcopy(norm), last) for _ in range(2)]
+    model, x = nn.Sequential(*blocks).eval(), torch.randn(5, 6)
+    gm = r2r_fx.capture(model, (x,))
+    try:
+        grown = r2r_fx.deepen(gm, block="own", seed=0, check=False)
+    except GrowthError as error:
+        assert expect in str(error)
+        return
+    record = growth_history(grown)[-1]
+    if not record.blocks:  # every block refused: the reasons are recorded
+        assert record.skipped and all(expect in s.reason for s in record.skipped)
+        return
+    (block,) = record.blocks
+    assert expect in block.no_grad_why  # no pairs: the last layer is 0
+    assert _independent_error(model, grown, x) <= 1e-6
+
+
+def test_random_init_draws_weights_only():
+    """Per-channel values of any rank (ConvNeXt's layer scale, shape (C, 1, 1)) and buffers are copied."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(4, 8, 1), nn.Conv2d(8, 4, 1)
+            self.scale = nn.Parameter(torch.full((4, 1, 1), 1e-3))
+            self.register_buffer("mask", torch.tensor([1.0, 0.0, 1.0, 1.0]).view(4, 1, 1))
+
+        def forward(self, x):
+            return x + self.scale * self.conv2(torch.relu(self.conv1(x))) * self.mask
+
+    model, x = nn.Sequential(Scaled(), Scaled()).eval(), torch.randn(2, 4, 5, 5)
+    grown = r2r_fx.deepen(r2r_fx.capture(model, (x,)), block="own", seed=0)
+    assert torch.equal(grown.get_parameter("2.scale"), model[1].scale)
+    assert torch.equal(grown.get_buffer("2.mask"), model[1].mask)
+    assert not torch.equal(grown.get_parameter("2.conv1.weight"), model[1].conv1.weight)
+
+
+def test_optimizer_state_follows_renamed_blocks_over_two_growths():
+    model, inputs = TinyLM(layers=2), _ids()
+    g1 = r2r_fx.deepen(_captured(model, inputs), block="own", after="layers.0", seed=0)
+    opt = torch.optim.SGD(g1.parameters(), lr=0.1, momentum=0.9)
+    g1(*inputs).sum().backward()
+    opt.step()
+    g2 = r2r_fx.deepen(g1, block="own", after="layers.0", seed=1)  # layers.1, .2 of g1 become .2, .3
+    carried = r2r_fx.carry_optimizer(opt, g1, g2)
+    old = dict(g1.named_parameters())
+    for name, p in g2.named_parameters():
+        state = carried.state.get(p, {})
+        source = {"layers.2.": "layers.1.", "layers.3.": "layers.2."}
+        was = next((name.replace(a, b, 1) for a, b in source.items() if name.startswith(a)), name)
+        if name.startswith("layers.1."):
+            assert not state, name  # the new copy starts fresh
+        else:
+            assert torch.equal(state["momentum_buffer"], opt.state[old[was]]["momentum_buffer"]), name

@@ -30,10 +30,10 @@ def _rel_error(reference: nn.Module, candidate: nn.Module, inputs, *, train: boo
     [
         lambda gm: r2r_fx.widen(gm, method="r2r", noise=0.1),
         lambda gm: r2r_fx.widen(gm, method="netmorph", noise=0.1),
-        lambda gm: r2r_fx.deepen(gm, method="random", noise=0.1),
+        lambda gm: r2r_fx.deepen(gm, block="generic", method="random", noise=0.1),
         lambda gm: r2r_fx.widen(gm, method=R2R(), init_scale=2.0),
-        lambda gm: r2r_fx.deepen(gm, method="netmorph", hidden=8),
-        lambda gm: r2r_fx.deepen(gm, method="net2net", hidden=8),
+        lambda gm: r2r_fx.deepen(gm, block="generic", method="netmorph", hidden=8),
+        lambda gm: r2r_fx.deepen(gm, block="generic", method="net2net", hidden=8),
         lambda gm: r2r_fx.widen(gm, method="r2r", temperature=1.0),
     ],
     ids=[
@@ -62,8 +62,8 @@ def test_bad_option_values_are_errors():
 
 def test_deepen_takes_a_method_instance_and_its_scale():
     model, inputs, gm = captured("resnet")
-    small = r2r_fx.DeepenPass(method=R2R(init_scale=0.25), seed=0).call(gm)
-    plain = r2r_fx.DeepenPass(method="r2r", seed=0).call(gm)
+    small = r2r_fx.DeepenPass(block="generic", method=R2R(init_scale=0.25), seed=0).call(gm)
+    plain = r2r_fx.DeepenPass(block="generic", method="r2r", seed=0).call(gm)
     assert small.modified and small.record.method == "r2r" and small.record.exact and small.record.blocks
     assert _rel_error(model, small.model, inputs) <= 1e-5
     first = small.record.blocks[0].module
@@ -76,10 +76,10 @@ def test_deepen_takes_a_method_instance_and_its_scale():
 
 def test_net2net_deepen_noise_is_used_and_reported_as_inexact():
     model, inputs, gm = captured("vgg")
-    result = r2r_fx.DeepenPass(method="net2net", noise=0.1, seed=0, check=False).call(gm)
+    result = r2r_fx.DeepenPass(block="generic", method="net2net", noise=0.1, seed=0, check=False).call(gm)
     assert result.modified and not result.record.exact
     assert _rel_error(model, result.model, inputs) > 1e-4
-    exact = r2r_fx.DeepenPass(method="net2net", seed=0).call(gm)
+    exact = r2r_fx.DeepenPass(block="generic", method="net2net", seed=0).call(gm)
     assert exact.record.exact and _rel_error(model, exact.model, inputs) <= 1e-5
 
 
@@ -119,7 +119,7 @@ def test_a_users_method_widens_and_deepens_without_touching_the_package():
     assert param_changes(widened.model) and parameter_count(widened.model) > parameter_count(gm)
     assert _rel_error(model, widened.model, inputs) <= 1e-5
     assert _rel_error(model, widened.model, inputs, train=True) <= 1e-5
-    deepened = r2r_fx.DeepenPass(method=HalfZero(), hidden=6, seed=0).call(widened.model)
+    deepened = r2r_fx.DeepenPass(block="generic", method=HalfZero(), hidden=6, seed=0).call(widened.model)
     assert deepened.modified and all(b.hidden == 6 for b in deepened.record.blocks)
     assert _rel_error(model, deepened.model, inputs) <= 1e-5
     assert any(type(m) is nn.Conv2d and m.out_channels == 6 for m in deepened.model.modules())
@@ -143,13 +143,13 @@ def test_hidden_is_checked_before_any_work():
     _, _, gm = captured("vit")  # every point is refused by net2net: the option error must still come
     for method in ("net2net", "netmorph"):
         with pytest.raises(GrowthError, match="takes no hidden"):
-            r2r_fx.DeepenPass(method=method, hidden=8)
+            r2r_fx.DeepenPass(block="generic", method=method, hidden=8)
     for bad in (True, 0, -2, 2.5, "8"):
         with pytest.raises(GrowthError, match="hidden must be"):
-            r2r_fx.DeepenPass(hidden=bad)
+            r2r_fx.DeepenPass(block="generic", hidden=bad)
     import numpy as np
 
-    result = r2r_fx.DeepenPass(hidden=np.int64(6), seed=0).call(gm)
+    result = r2r_fx.DeepenPass(block="generic", hidden=np.int64(6), seed=0).call(gm)
     assert result.record.blocks and all(b.hidden == 6 for b in result.record.blocks)
 
 

@@ -106,7 +106,7 @@ def test_net2net_copies_are_symmetric_without_noise():
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_netmorph_deepen_is_exact_in_eval_and_train(name, via):
     model, inputs, gm = captured(name, via)
-    result = r2r_fx.DeepenPass(seed=0, method="netmorph").call(gm)
+    result = r2r_fx.DeepenPass(block="generic", seed=0, method="netmorph").call(gm)
     assert result.modified and result.record.blocks and not result.record.skipped
     defaults = [p.node for p in r2r_fx.insertion_points(gm) if p.default]
     assert [b.at for b in result.record.blocks] == defaults
@@ -119,7 +119,7 @@ def test_netmorph_deepen_is_exact_in_eval_and_train(name, via):
 @pytest.mark.parametrize("name", ["mlp", "resnet"])
 def test_deepen_records_block_parameter_counts(name, method):
     _, _, gm = captured(name)
-    result = r2r_fx.DeepenPass(seed=0, method=method).call(gm)
+    result = r2r_fx.DeepenPass(block="generic", seed=0, method=method).call(gm)
     assert result.record.blocks
     for block in result.record.blocks:
         assert block.params == sum(p.numel() for p in result.model.get_submodule(block.module).parameters()), block
@@ -159,7 +159,7 @@ def test_net2net_block_table_covers_the_zoo():
 def test_net2net_deepen_exact_in_eval_after_relu(name):
     """Wherever a stage ends in a ReLU the identity layer goes in; other points are skipped with the reason."""
     model, inputs, gm = captured(name)
-    result = r2r_fx.DeepenPass(seed=0, method="net2net").call(gm)
+    result = r2r_fx.DeepenPass(block="generic", seed=0, method="net2net").call(gm)
     defaults = [p.node for p in r2r_fx.insertion_points(gm) if p.default]
     assert sorted([b.at for b in result.record.blocks] + [s.at for s in result.record.skipped]) == sorted(defaults)
     assert len(result.record.blocks) == NET2NET_BLOCKS[name]
@@ -175,24 +175,24 @@ def test_net2net_deepen_exact_in_eval_after_relu(name):
 def test_net2net_deepen_is_preserving_in_train_mode_too():
     """The identity layer has no BatchNorm (which would normalise by batch statistics in train mode)."""
     model, inputs, gm = captured("resnet")
-    deep = r2r_fx.deepen(gm, seed=0, method="net2net")
+    deep = r2r_fx.deepen(gm, block="generic", seed=0, method="net2net")
     assert not any(isinstance(m, torch.nn.modules.batchnorm._NormBase) for m in deep.r2r_blocks.modules())
     assert_function_preserved(model, deep, inputs, onnx=False)
 
 
 def test_net2net_deepen_refuses_non_idempotent_activations():
     _, _, gm = captured("vit")  # GELU MLPs and LayerNorm outputs: no ReLU point
-    result = r2r_fx.DeepenPass(seed=0, method="net2net").call(gm)
+    result = r2r_fx.DeepenPass(block="generic", seed=0, method="net2net").call(gm)
     assert not result.modified and not result.record.blocks and result.record.skipped
     assert all("idempotent activation" in s.reason for s in result.record.skipped)
     point = result.record.skipped[0].at
     with pytest.raises(ValueError, match="needs an idempotent activation"):
-        r2r_fx.deepen(gm, at=point, method="net2net")
+        r2r_fx.deepen(gm, block="generic", at=point, method="net2net")
 
 
 def test_random_deepen_is_not_preserving():
     model, inputs, gm = captured("resnet")
-    result = r2r_fx.DeepenPass(seed=0, method="random").call(gm)
+    result = r2r_fx.DeepenPass(block="generic", seed=0, method="random").call(gm)
     assert result.modified and result.record.blocks and result.record.exact is False
     assert not r2r_fx.verify(model, result.model, inputs, onnx=False).ok
 
