@@ -31,7 +31,7 @@ from torch import nn
 from r2r_fx.compat import DropoutBase, OpOverload
 from r2r_fx.graph import attr_at
 
-__all__ = ["unsafe_points", "written_later"]
+__all__ = ["unsafe_points", "writes_into", "written_later"]
 
 
 # Ops that may return (a view of) their first input, by name (tensor methods, torch functions).
@@ -105,6 +105,13 @@ def _aliasing(gm: torch.fx.GraphModule) -> tuple[dict[torch.fx.Node, set[torch.f
                 classes[member] = merged
             shares_earlier.append(node)
     return classes, shares_earlier
+
+
+def writes_into(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], source: torch.fx.Node) -> torch.fx.Node | None:
+    """The first of ``nodes`` that writes in place into memory ``source`` shares (``source`` itself, a view)."""
+    classes, _ = _aliasing(gm)
+    shared = classes.get(source, {source})
+    return next((n for n in nodes if _writes_first_input(n, gm) and _first_input(n) in shared), None)
 
 
 def written_later(gm: torch.fx.GraphModule) -> dict[str, str]:

@@ -28,6 +28,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from r2r_fx.aliasing import unsafe_points, writes_into
 from r2r_fx.graph import output_dominators, shape_of, target_name
 
 __all__ = [
@@ -54,7 +55,7 @@ _SAME_VALUE = {  # one tensor in, the same values out (given the same shape and 
     "Identity",
     "detach",
 }
-IDEMPOTENT = {"relu", "relu_", "ReLU", "relu6", "ReLU6", "hardtanh", "hardtanh_", "Hardtanh"}
+IDEMPOTENT = {"relu", "relu_", "ReLU", "relu6", "ReLU6", "hardtanh", "hardtanh_", "Hardtanh", "clamp", "clamp_", "clip"}
 
 
 @dataclass(frozen=True)
@@ -76,11 +77,20 @@ def repeated_blocks(gm: torch.fx.GraphModule) -> list[RepeatedBlock]:
     """The model's residual blocks in graph order, with stages (see the module docstring)."""
     dominators = output_dominators(gm)
     regions, classes = _module_regions(gm)
+    unsafe = unsafe_points(gm)
     found: dict[str, tuple[torch.fx.Node, torch.fx.Node, str]] = {}
     for path, nodes in regions.items():
         shape = _qualify(nodes, dominators)
         if shape is not None:
-            found[path] = shape
+            entry, exit_, refusal = shape
+            writer = writes_into(gm, nodes, entry)
+            if writer is not None and not refusal:
+                refusal = (
+                    f"{_op_name(writer)} ({writer.name}) writes its input in place: a copy would change what it reads"
+                )
+            if exit_.name in unsafe and not refusal:
+                refusal = f"a copy cannot read its output: {unsafe[exit_.name]}"
+            found[path] = (entry, exit_, refusal)
     chosen = _choose(found, classes)
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     chosen.sort(key=lambda p: order[found[p][1].name])
@@ -126,6 +136,7 @@ def stream_adds(
 def _module_regions(gm: torch.fx.GraphModule) -> tuple[dict[str, list[torch.fx.Node]], dict[str, str]]:
     regions: dict[str, list[torch.fx.Node]] = defaultdict(list)
     classes: dict[str, str] = {}
+    gone: set[str] = set()
     for node in gm.graph.nodes:
         paths = set()
         for value in (node.meta.get("nn_module_stack") or {}).values():
@@ -137,7 +148,12 @@ def _module_regions(gm: torch.fx.GraphModule) -> tuple[dict[str, list[torch.fx.N
             parts = str(node.target).split(".")
             paths.update(".".join(parts[:i]) for i in range(1, len(parts) + (node.op == "call_module")))
         for path in paths:
-            if path:
+            if path and path not in gone:
+                try:
+                    gm.get_submodule(path)
+                except AttributeError:  # a slice of a ModuleList ("blocks.slice(1, None, None)"): no module
+                    gone.add(path)
+                    continue
                 regions[path].append(node)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for path, nodes in regions.items():  # parameters of other modules the block reads (an exported graph

@@ -438,3 +438,21 @@ def test_optimizer_state_follows_renamed_blocks_over_two_growths():
             assert not state, name  # the new copy starts fresh
         else:
             assert torch.equal(state["momentum_buffer"], opt.state[old[was]]["momentum_buffer"]), name
+
+
+def test_a_block_that_writes_its_input_in_place_is_refused():
+    """``relu_`` on the block's input changes what the residual adds: a copy there is not an identity."""
+
+    class PreAct(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.act, self.fc = nn.ReLU(inplace=True), nn.Linear(6, 6)
+
+        def forward(self, x):
+            return torch.clamp(x + self.fc(self.act(x)), -2.0, 1.5)
+
+    model, x = nn.Sequential(PreAct(), PreAct()).eval(), torch.randn(4, 6)
+    gm = r2r_fx.capture(model, (x,))
+    assert all("writes its input in place" in b.refusal for b in repeated_blocks(gm))
+    with pytest.raises(GrowthError, match="writes its input in place"):
+        r2r_fx.deepen(gm, block="own", check=False)
