@@ -34,7 +34,7 @@ import torch.fx
 from torch import nn
 
 from r2r_fx.analysis import Analysis
-from r2r_fx.blocks import RepeatedBlock, attr_or_none, block_region, depends_on, stream_adds
+from r2r_fx.blocks import RepeatedBlock, attr_or_none, block_region, depends_on, params_of, stream_adds
 from r2r_fx.errors import GrowthError
 from r2r_fx.graph import describe, output_dominators, shape_of, target_name
 from r2r_fx.methods import Method
@@ -180,17 +180,9 @@ def _ancestors_from(node: torch.fx.Node, stream: torch.fx.Node, inside: set) -> 
     return out
 
 
-def _node_params(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[str]:
-    if node.op == "get_attr":
-        return [str(node.target)] if isinstance(attr_or_none(gm, str(node.target)), nn.Parameter) else []
-    if node.op == "call_module":
-        return [f"{node.target}.{n}" for n, _ in gm.get_submodule(str(node.target)).named_parameters()]
-    return []
-
-
 def _upstream_params(gm, node, stream, inside) -> list[str]:
     users = [n for n in _ancestors_from(node, stream, inside) if n.op != "get_attr" or _feeds_path(n, stream)]
-    return sorted({p for n in users for p in _node_params(gm, n)})
+    return sorted(params_of(gm, users))
 
 
 def _feeds_path(get_attr: torch.fx.Node, stream: torch.fx.Node) -> bool:

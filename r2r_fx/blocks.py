@@ -36,6 +36,7 @@ __all__ = [
     "attr_or_none",
     "block_params",
     "block_region",
+    "params_of",
     "depends_on",
     "repeated_blocks",
     "stream_adds",
@@ -325,10 +326,11 @@ def _relative(target: str, path: str) -> str:
 
 def block_params(gm: torch.fx.GraphModule, path: str) -> dict[str, nn.Parameter]:
     """The parameters block ``path`` reads, by name (layers and parameters of other modules it calls too)."""
-    return _params(gm, _module_regions(gm)[0].get(path, []))
+    return params_of(gm, _module_regions(gm)[0].get(path, []))
 
 
-def _params(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> dict[str, nn.Parameter]:
+def params_of(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> dict[str, nn.Parameter]:
+    """The parameters ``nodes`` read (get_attr targets, their layers' parameters), by name."""
     out: dict[str, nn.Parameter] = {}
     for node in nodes:
         if node.op == "get_attr":
@@ -342,7 +344,7 @@ def _params(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> dict[str, n
 
 
 def _param_count(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> int:
-    return sum({id(p): p.numel() for p in _params(gm, nodes).values()}.values())
+    return sum({id(p): p.numel() for p in params_of(gm, nodes).values()}.values())
 
 
 def attr_or_none(gm: torch.fx.GraphModule, target: str) -> object:
