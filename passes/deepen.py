@@ -307,7 +307,7 @@ class DeepenPass(Pass):
         grown.graph.lint()
         grown.recompile()
         if not self.check and self.method.exact:  # copies carry the originals' recorded shapes; checked: verify
-            check_identities(grown, ends)
+            check_identities(grown, ends, gm if any(p.norms for p in plans.values()) else None)
         paths = {id(m): n for n, m in grown.named_modules()}
         names = {id(p): n for n, p in grown.named_parameters()}
         after = grown.named_parameters(remove_duplicate=False)
@@ -323,6 +323,7 @@ class DeepenPass(Pass):
                 params=d.params,
                 no_grad=tuple(sorted(names[id(p)] for p in d.no_grad)),
                 no_grad_why=d.no_grad_why,
+                reset=tuple(sorted({names[id(p)] for p in d.reset})),
             )
             for b, d in reversed(inserted)
         ]
@@ -410,24 +411,35 @@ def _stream_width(analysis: Analysis, block: RepeatedBlock) -> int:
     return block.shape[axis if axis is not None else -1]
 
 
-def check_identities(gm: torch.fx.GraphModule, ends: dict[str, str]) -> None:
+def check_identities(
+    gm: torch.fx.GraphModule, ends: dict[str, str], reference: torch.fx.GraphModule | None = None
+) -> None:
     """Each inserted chain of copies passes its input through (eval mode, on the capture's inputs): the
-    last guard against a branch the construction did not make 0."""
-    values: dict[str, Any] = {}
-
-    class Watch(torch.fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n.name in ends or n.name in ends.values():
-                values[n.name] = out.clone()  # a later in-place write must not fool the comparison
-            return out
-
+    last guard against a branch the construction did not make 0. ``reference``: the graph before the pass,
+    whose values at the chains' starts are compared (post-norm copies change the norm they start at)."""
     from r2r_fx.capture import eval_mode
 
-    with eval_mode(gm):
-        Watch(gm).run(*example_inputs_of(gm))
+    def values(graph: torch.fx.GraphModule, names: set[str]) -> dict[str, torch.Tensor]:
+        found: dict[str, torch.Tensor] = {}
+
+        class Watch(torch.fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                if n.name in names:
+                    found[n.name] = out.clone()  # a later in-place write must not fool the comparison
+                return out
+
+        with eval_mode(graph):
+            Watch(graph).run(*example_inputs_of(graph))
+        return found
+
+    if reference is None:
+        found = values(gm, set(ends) | set(ends.values()))
+        starts = found
+    else:
+        found, starts = values(gm, set(ends.values())), values(reference, set(ends))
     for start, end in ends.items():
-        x, y = values[start].double(), values[end].double()
+        x, y = starts[start].double(), found[end].double()
         scale = float(x.abs().max()) or 1.0
         if float((x - y).abs().max()) > 1e-5 * scale:
             raise GrowthError(

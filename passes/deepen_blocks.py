@@ -19,6 +19,9 @@ Weights: ``init="random"`` (default) draws every tensor of rank >= 2 uniformly a
 deviation of the one it copies and copies the rest (norm weights, biases, running statistics);
 ``init="copy"`` copies all (as LLaMA-Pro and LEMON do); ``net2net`` copies.
 
+A post-norm block (``r2r_fx.blocks``: a LayerNorm or RMSNorm after each addition) is exact by a chain of
+norms: see "post-norm chains" below; the block's own last norm, which the copy then follows, is set too.
+
 The copy gets the next index of its siblings (``layers.2`` after ``layers.1``; the later ones move up
 by one: ``layers.2`` becomes ``layers.3``), so its parameter names follow the model's pattern.
 """
@@ -26,6 +29,7 @@ by one: ``layers.2`` becomes ``layers.3``), so its parameter names follow the mo
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass
 
@@ -34,14 +38,22 @@ import torch.fx
 from torch import nn
 
 from r2r_fx.analysis import Analysis
-from r2r_fx.blocks import RepeatedBlock, attr_or_none, block_region, depends_on, params_of, stream_adds
+from r2r_fx.blocks import (
+    RepeatedBlock,
+    attr_or_none,
+    block_region,
+    depends_on,
+    params_of,
+    stream_adds,
+    stream_norms,
+)
 from r2r_fx.errors import GrowthError
 from r2r_fx.graph import describe, output_dominators, shape_of, target_name
 from r2r_fx.methods import Method
 from r2r_fx.rules import is_stochastic_depth
 from r2r_fx.surgery import get_tensor
 
-__all__ = ["BlockCopy", "Tensors", "insert_copy", "plan_zero", "resolve"]
+__all__ = ["BlockCopy", "Plan", "Tensors", "insert_copy", "plan_zero", "resolve"]
 
 _KEEP_ZERO = {  # f(0) = 0 along the operand that carries the branch
     "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "dropout", "feature_dropout", "Identity", "stochastic_depth",
@@ -74,6 +86,14 @@ class Tail:
 
 
 @dataclass
+class Plan:
+    """How a copy of one block is made an identity: its branches' tails, and the norms on its stream."""
+
+    tails: list[Tail]
+    norms: list[str]  # post-norm: the block's stream norms in order (the last one's output enters the copy)
+
+
+@dataclass
 class BlockCopy:
     """What inserting one copy did."""
 
@@ -84,10 +104,12 @@ class BlockCopy:
     no_grad: tuple[nn.Parameter, ...]  # without a gradient at the first step
     no_grad_why: str
     new_params: tuple[nn.Parameter, ...]
+    reset: tuple[nn.Parameter, ...] = ()  # the model's own parameters it set (post-norm: the norm before it)
 
 
-def plan_zero(gm: torch.fx.GraphModule, analysis: Analysis, block: RepeatedBlock, pairs: bool) -> list[Tail]:
-    """How each branch of ``block`` is made to add 0 (raises GrowthError with the reason if it cannot)."""
+def plan_zero(gm: torch.fx.GraphModule, analysis: Analysis, block: RepeatedBlock, pairs: bool) -> Plan:
+    """How each branch of ``block`` is made to add 0, and its stream norms made one (raises GrowthError with
+    the reason if they cannot)."""
     nodes = block_region(gm, block.path)
     inside = set(nodes)
     named = {n.name: n for n in nodes}
@@ -104,7 +126,7 @@ def plan_zero(gm: torch.fx.GraphModule, analysis: Analysis, block: RepeatedBlock
             if pairs:
                 tail.pair_set, tail.why_not_pairs = _pair_set(gm, analysis, tail, nodes, own, stream)
             tails.append(tail)
-    return tails
+    return Plan(tails, _plan_norms(gm, stream_norms(nodes, dominators), own))
 
 
 def _tails(gm, analysis, node, stream, inside) -> list[Tail]:
@@ -252,6 +274,121 @@ def _random(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return any(word in name for word in ("rand", "bernoulli", "normal", "multinomial"))
 
 
+# ---------------------------------------------------------------- post-norm chains
+#
+# Once every branch adds 0, a copy of a post-norm block is a chain of its k stream norms N_1..N_k after the
+# block's own last norm P (input u, per-token variance -- or mean square, for RMSNorm -- s). A norm with
+# weight 1, bias 0 and eps a maps a vector of variance v to one of variance v / (v + a), so the chain
+# P(eps a0), N_1..N_k-1 (eps 1), N_k (eps c) gives (u - mean) / sqrt((1 + c k) s + c a0). With c = P's eps
+# e and a0 = 1 + k e this is (u - mean) / sqrt(1 + k e) / sqrt(s + e): N_k with P's weight times
+# sqrt(1 + k e) and P's bias is exactly P. (The issue's form for BERT, k = 2: eps 1 + 2e, 1, e.)
+
+_NORM_ARGS = {
+    "layer_norm": ("normalized_shape", "weight", "bias", "eps"),
+    "rms_norm": ("normalized_shape", "weight", "eps"),
+}
+
+
+@dataclass
+class _Norm:
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+    shape: tuple[int, ...]
+
+
+def _norm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Norm:
+    """A LayerNorm's or RMSNorm's tensors and eps, as the graph has them now."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        eps = module.eps if module.eps is not None else torch.finfo(node.meta["tensor_meta"].dtype).eps
+        return _Norm(module.weight, getattr(module, "bias", None), float(eps), tuple(module.normalized_shape))
+    names = _NORM_ARGS[target_name(node)]
+
+    def arg(name: str, default: object = None) -> object:
+        i = names.index(name) + 1
+        return node.kwargs[name] if name in node.kwargs else node.args[i] if len(node.args) > i else default
+
+    tensors = []
+    for name in ("weight", "bias"):
+        value = arg(name) if name in names else None
+        if value is not None and not (isinstance(value, torch.fx.Node) and value.op == "get_attr"):
+            raise GrowthError(f"{describe(node, gm)} reads a computed {name}: its chain of norms cannot be set")
+        tensors.append(get_tensor(gm, str(value.target)) if value is not None else None)
+    eps = arg("eps", 1e-5 if "bias" in names else None)
+    if eps is None:
+        eps = torch.finfo(node.meta["tensor_meta"].dtype).eps
+    if not isinstance(eps, (int, float)):
+        raise GrowthError(f"{describe(node, gm)} has a computed eps: its chain of norms cannot be set")
+    return _Norm(tensors[0], tensors[1], float(eps), tuple(arg("normalized_shape")))
+
+
+def _plan_norms(gm: torch.fx.GraphModule, norms: list[torch.fx.Node], own: set[int]) -> list[str]:
+    if not norms:
+        return []
+    found = [_norm(gm, n) for n in norms]
+    if len({n.shape for n in found}) != 1:
+        raise GrowthError(f"the norms on the block's stream ({', '.join(n.name for n in norms)}) differ in shape")
+    last, node = found[-1], norms[-1]
+    if last.weight is None:
+        raise GrowthError(
+            f"{describe(node, gm)} ends a post-norm block without a weight: a copy's last norm could not take "
+            "the scale that makes the chain of norms exact"
+        )
+    if any(id(t) not in own for t in (last.weight, last.bias) if t is not None) or _read_elsewhere(gm, node):
+        raise GrowthError(f"{describe(node, gm)} ends a post-norm block and shares its tensors: it cannot be set")
+    return [n.name for n in norms]
+
+
+def _read_elsewhere(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether another op than ``node`` reads the tensors of norm ``node``."""
+    norm = _norm(gm, node)
+    ids = {id(t) for t in (norm.weight, norm.bias) if t is not None}
+    for other in gm.graph.nodes:
+        if other is node or (other.op == "get_attr" and set(other.users) == {node}):
+            continue
+        if ids & {id(p) for p in params_of(gm, [other]).values()}:
+            return True
+    return False
+
+
+def _set_norm(
+    gm: torch.fx.GraphModule, node: torch.fx.Node, eps: float, like: _Norm | None = None, scale: float = 1.0
+) -> None:
+    """Norm ``node`` gets ``like``'s weight times ``scale`` and bias (weight 1 and bias 0 without), and ``eps``."""
+    norm = _norm(gm, node)
+    if norm.weight is not None and like is not None:
+        norm.weight.copy_(like.weight * scale)
+    elif norm.weight is not None:
+        norm.weight.fill_(1.0)
+    if norm.bias is not None and like is not None and like.bias is not None:
+        norm.bias.copy_(like.bias)
+    elif norm.bias is not None:
+        norm.bias.zero_()
+    if node.op == "call_module":
+        gm.get_submodule(str(node.target)).eps = eps
+        return
+    i = _NORM_ARGS[target_name(node)].index("eps") + 1
+    if "eps" in node.kwargs or len(node.args) < i:
+        node.kwargs = {**node.kwargs, "eps": eps}
+    else:
+        node.args = (*node.args[:i], eps, *node.args[i + 1 :])
+
+
+def _chain(gm: torch.fx.GraphModule, norms: list[torch.fx.Node], copies: dict) -> tuple[torch.Tensor, ...]:
+    """Set the block's last norm and the copy's norms to compose exactly to that norm (see above). Returns
+    the last norm's tensors (the model's own, now weight 1 and bias 0)."""
+    last = norms[-1]
+    old = _norm(gm, last)
+    k = len(norms)
+    saved = _Norm(old.weight.clone(), None if old.bias is None else old.bias.clone(), old.eps, old.shape)
+    for node in norms[:-1]:
+        _set_norm(gm, copies[node], 1.0)
+    _set_norm(gm, copies[last], old.eps, saved, math.sqrt(1 + k * old.eps))
+    _set_norm(gm, last, 1 + k * old.eps)
+    return tuple(t for t in (old.weight, old.bias) if t is not None)
+
+
 # ---------------------------------------------------------------- mutation
 
 
@@ -259,7 +396,7 @@ def insert_copy(
     gm: torch.fx.GraphModule,
     analysis: Analysis,
     block: RepeatedBlock,
-    tails: list[Tail],
+    plan: Plan,
     method: Method,
     init: str,
     generator: torch.Generator,
@@ -289,7 +426,7 @@ def insert_copy(
                 if old_id in weights and isinstance(new, nn.Parameter) and new.is_floating_point():
                     new.copy_(method._uniform(new.shape, method._scale(new), new, generator))
         paired, silent, reasons = 0, [], set()
-        for tail in tails if method.name != "random" else ():  # random: a copy that is not an identity
+        for tail in plan.tails if method.name != "random" else ():  # random: a copy that is not an identity
             if tail.norms:  # zero-init residual: the last BatchNorm's weight and bias are 0, the layers random
                 for norm in tail.norms:
                     twin(norms[norm].weight).zero_()
@@ -305,13 +442,17 @@ def insert_copy(
                 reasons.add(tail.why_not_pairs if method.name == "r2r" else f"{method.name}: its last layer is 0")
             for bias in tail.biases:
                 twin(tensor[bias]).zero_()
+        reset = ()
+        if plan.norms and method.name != "random":
+            named = {n.name: n for n in nodes}
+            reset = _chain(gm, [named[n] for n in plan.norms], copies)
     no_grad = tuple({id(p): p for p in (twin(tensor[n]) for n in silent)}.values())
     why = "; ".join(sorted(reasons)) if no_grad else ""
     new = {id(p): p for p in twins.values() if isinstance(p, nn.Parameter)}
     params = sum(p.numel() for p in new.values())
-    return BlockCopy(
-        gm.get_submodule(new_path), copies[_exit(nodes, block)].name, params, paired, no_grad, why, tuple(new.values())
-    )
+    module = gm.get_submodule(new_path)
+    output = copies[_exit(nodes, block)].name
+    return BlockCopy(module, output, params, paired, no_grad, why, tuple(new.values()), reset)
 
 
 @dataclass
@@ -323,9 +464,9 @@ class Tensors:
     modules: dict[str, nn.Module]  # the tails' BatchNorms
 
 
-def resolve(gm: torch.fx.GraphModule, analysis: Analysis, plans: list[list[Tail]]) -> Tensors:
+def resolve(gm: torch.fx.GraphModule, analysis: Analysis, plans: list[Plan]) -> Tensors:
     """Every tensor a plan reads or changes (tails, biases, upstream weights, the pairs' parameters)."""
-    tails = [t for plan in plans for t in plan]
+    tails = [t for plan in plans for t in plan.tails]
     names = {n for t in tails for n in (t.weight, *t.biases, *t.upstream)}
     sets = {t.pair_set for t in tails if t.pair_set is not None}
     bound = analysis.bound_params()
@@ -437,6 +578,10 @@ def _rename(gm: torch.fx.GraphModule, old: str, new: str) -> None:
         for change in entry.get("params", ()):
             change["param"] = _under(change["param"], old, new)
         entry["new_params"] = [_under(p, old, new) for p in entry.get("new_params", ())]
+        for insert in entry.get("blocks", ()):
+            for key in ("no_grad", "reset"):
+                insert[key] = [_under(p, old, new) for p in insert.get(key, ())]
+            insert["module"] = _under(insert.get("module", ""), old, new)
 
 
 def _copy_modules(gm: torch.fx.GraphModule, path: str, new_path: str, nodes) -> dict[str, str]:

@@ -8,8 +8,11 @@ Copying such a block and making its branches add exactly 0 inserts an identity (
 
 Which stream ops are an identity at insertion: casts to the same dtype, copies and views to the same
 shape; and one idempotent activation after the last addition (ResNet's ``relu(x + f(x))``), since the
-copy's input is then that activation's output. A block whose stream passes through anything else (a
-LayerNorm after the addition: post-norm BERT) is listed with the reason a copy is not an identity.
+copy's input is then that activation's output. A post-norm block (BERT: ``LN(h + f(h))`` after each
+addition, one LayerNorm or RMSNorm kind, the last after the last addition) is copied too: with every
+branch adding 0 the copy is a chain of norms after the block's last one, which ``passes/deepen_blocks.py``
+sets to compose exactly to that one norm. A block whose stream passes anything else is listed with the
+reason a copy is not an identity.
 
 Modules are read from ``node.meta["nn_module_stack"]`` (both graph levels record it) and from the
 targets of layers and parameters. Among nested candidates the repeated ones win: modules of one class
@@ -40,6 +43,7 @@ __all__ = [
     "depends_on",
     "repeated_blocks",
     "stream_adds",
+    "stream_norms",
 ]
 
 ADDS = {operator.add, operator.iadd, torch.add, "add", "add_", "iadd"}
@@ -56,6 +60,7 @@ _SAME_VALUE = {  # one tensor in, the same values out (given the same shape and 
     "Identity",
     "detach",
 }
+NORMS = {"LayerNorm": "layer", "layer_norm": "layer", "RMSNorm": "rms", "rms_norm": "rms"}  # name -> kind
 IDEMPOTENT = {"relu", "relu_", "ReLU", "relu6", "ReLU6", "hardtanh", "hardtanh_", "Hardtanh", "clamp", "clamp_", "clip"}
 
 
@@ -198,23 +203,30 @@ def _refusal(nodes: list[torch.fx.Node], entry: torch.fx.Node, dominators: set[s
     """Why the block's stream ops are not an identity once its branches add 0 ("" if they are)."""
     stream = [n for n in nodes if n.name in dominators]
     last_add = max(i for i, n in enumerate(stream) if _is_add(n))
-    changing = []
-    for i, node in enumerate(stream):
-        if _is_add(node) or _same_value(node):
-            continue
-        changing.append((i, node))
+    changing = [(i, n) for i, n in enumerate(stream) if not (_is_add(n) or _same_value(n))]
     if not changing:
         return ""
     if len(changing) == 1:
         i, node = changing[0]
         if i > last_add and _op_name(node) in IDEMPOTENT:
             return ""  # act(act(y)) = act(y): the copy's input is the block's output, act(...)
-    i, node = changing[0]
+    kinds = {NORMS.get(_op_name(n)) for _, n in changing}
+    if len(kinds) == 1 and None not in kinds:  # post-norm: a chain of norms once the branches add 0
+        if changing[-1][0] > last_add and sum(i > last_add for i, _ in changing) == 1:
+            return ""
+        i, node = changing[-1]
+        return (
+            f"its stream passes {_op_name(node)} ({node.name}) but does not end in exactly one normalisation after "
+            "its last residual addition (post-norm): a copy would not be an identity at insertion"
+        )
+    i, node = next((i, n) for i, n in changing if NORMS.get(_op_name(n)) is None or len(kinds) > 1)
     where = "after its residual addition" if i > last_add else "between its residual additions"
-    return (
-        f"its stream passes {_op_name(node)} ({node.name}) {where} (post-norm, or an op on the stream): "
-        "a copy would not be an identity at insertion"
-    )
+    return f"its stream passes {_op_name(node)} ({node.name}) {where}: a copy would not be an identity at insertion"
+
+
+def stream_norms(nodes: list[torch.fx.Node], dominators: set[str]) -> list[torch.fx.Node]:
+    """The normalisations on a post-norm block's stream, in order ([] for a block without)."""
+    return [n for n in nodes if n.name in dominators and NORMS.get(_op_name(n))]
 
 
 def _is_add(node: torch.fx.Node) -> bool:

@@ -96,6 +96,7 @@ class BlockInsert:
     params: int  # parameter count of the block
     no_grad: tuple[str, ...] = ()  # its parameters without a gradient at the first step, by construction
     no_grad_why: str = ""
+    reset: tuple[str, ...] = ()  # the model's own parameters it set (post-norm: the norm it follows, to 1 and 0)
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,10 @@ class GrowthRecord:
             exact=data["exact"],
             params=params,
             groups=groups,
-            blocks=tuple(BlockInsert(**{**b, "no_grad": tuple(b.get("no_grad", ()))}) for b in data.get("blocks", ())),
+            blocks=tuple(
+                BlockInsert(**{**b, "no_grad": tuple(b.get("no_grad", ())), "reset": tuple(b.get("reset", ()))})
+                for b in data.get("blocks", ())
+            ),
             skipped=tuple(SkippedPoint(**s) for s in data.get("skipped", ())),
             new_params=tuple(data.get("new_params", ())),
             options=dict(data.get("options", {})),

@@ -319,12 +319,13 @@ def test_head_size_16_to_32(name):
     assert report.onnx_max_rel_error <= ONNX_RTOL, report
 
 
-LAYER_PATHS = {"gpt2": "transformer.h", "llama": "model.layers"}
+LAYER_PATHS = {"bert": "encoder.layer", "gpt2": "transformer.h", "llama": "model.layers"}
 
 
 @pytest.mark.parametrize("name", sorted(LAYER_PATHS))
 def test_deepen_with_the_models_own_layers(name):
-    """+1 and +2 decoder layers (count= and after=), named like the others, preserved, and growable again."""
+    """+1 and +2 layers (count= and after=), named like the others, preserved, and growable again (BERT's
+    post-LN layers by the chain of norms, ``passes/deepen_blocks.py``)."""
     model, gm = _model_and_graph(name)
     prefix = LAYER_PATHS[name]
     blocks = r2r_fx.blocks.repeated_blocks(gm)
@@ -346,12 +347,3 @@ def test_deepen_with_the_models_own_layers(name):
     again = r2r_fx.widen(r2r_fx.deepen(two, block="own", count=1, seed=1), factor=2.0, seed=2)
     report = r2r_fx.verify(model, again, (_ids(),), onnx=False)
     assert report.eval_rel_error <= RTOL and report.train_rel_error <= RTOL, report
-
-
-def test_post_norm_bert_layers_are_refused_with_the_reason():
-    _, gm = _model_and_graph("bert")
-    blocks = r2r_fx.blocks.repeated_blocks(gm)
-    assert [b.path for b in blocks] == ["encoder.layer.0", "encoder.layer.1"]
-    assert all("post-norm" in b.refusal for b in blocks)
-    with pytest.raises(r2r_fx.GrowthError, match="post-norm"):
-        r2r_fx.deepen(gm, block="own", after="encoder.layer.0")

@@ -208,3 +208,23 @@ def test_checker_does_not_take_state_changes_for_randomness() -> None:
     train-mode calls; the checker took that for dropout randomness the graph had lost."""
     report = fuzzgen.check_program(fuzzgen.generate(11003994), "export", points=1, only="widen/r2r")
     assert report.results and not [r for r in report.results if r.outcome in fuzzgen.FAILURES]
+
+
+def test_checker_replays_a_float32_failure_in_float64() -> None:
+    """Seed 18500516: a LayerNorm over 2 channels amplifies the float32 rounding of the grown weights
+    (widened in float32) to 3e-5 in eval, 1.3e-4 in train mode, within twice the model's own float32 floor,
+    and a float64 re-run of those weights keeps it. The same transform of the model built in float64 is exact,
+    so it is rounding; a real change of the same model stays wrong however the replay ends."""
+    program = fuzzgen.generate(18500516)
+    report = fuzzgen.check_program(program, "symbolic_trace", only="widen/r2r/extra")
+    (result,) = [r for r in report.results if r.transform == "widen/r2r/extra"]
+    assert result.outcome == "preserved" and "float64 is exact" in result.detail, result
+    model, make_inputs = program.build()
+    gm = r2r_fx.capture(copy.deepcopy(model), make_inputs(program.batch, 0))
+    grown = r2r_fx.widen(gm, extra=3, method="r2r", seed=0, check=False)
+    inputs = make_inputs(4, 123)
+    assert fuzzgen._evaluate(model, copy.deepcopy(grown), inputs, program, True)[0] == "wrong"  # no replay
+    with torch.no_grad():
+        grown.m19.bias.mul_(1.001)
+    outcome, _, _ = fuzzgen._evaluate(model, grown, inputs, program, True, replay=lambda: True)
+    assert outcome == "wrong"

@@ -92,12 +92,35 @@ class TinyLM(nn.Module):
 
 
 class PostNorm(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, norm: nn.Module | None = None) -> None:
         super().__init__()
-        self.fc, self.ln = nn.Linear(8, 8), nn.LayerNorm(8)
+        self.fc, self.ln = nn.Linear(8, 8), norm if norm is not None else nn.LayerNorm(8)
 
     def forward(self, x):
         return self.ln(x + self.fc(x))
+
+
+class PostNormLayer(PreNormLayer):
+    """BERT's layout: LN(x + attention(x)), then LN(h + MLP(h)); a large eps, so that a chain of norms that
+    does not compose to the old one shows far above the tolerance."""
+
+    def __init__(self, d: int, heads: int, dropout: float = 0.0, rms: bool = False) -> None:
+        super().__init__(d, heads, dropout)
+        norm = (lambda: nn.RMSNorm(d, eps=0.05)) if rms else (lambda: nn.LayerNorm(d, eps=0.05))
+        self.ln1, self.ln2 = norm(), norm()
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = (f(x).view(b, t, self.heads, self.head_size).transpose(1, 2) for f in (self.q, self.k, self.v))
+        a = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        h = self.ln1(x + self.drop(self.proj(a)))
+        return self.ln2(h + self.drop(self.fc2(self.drop(nn.functional.gelu(self.fc1(h))))))
+
+
+class PostNormLM(TinyLM):
+    def __init__(self, layers: int = 3, dropout: float = 0.0, rms: bool = False) -> None:
+        super().__init__(layers, dropout)
+        self.layers = nn.ModuleList(PostNormLayer(16, 4, dropout, rms) for _ in range(layers))
 
 
 class Gated(nn.Module):
@@ -123,9 +146,10 @@ def _ids():
 def _captured(model, inputs, via="symbolic_trace"):
     torch.manual_seed(1)
     for m in model.modules():  # non-trivial norms and statistics
-        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm, nn.RMSNorm)) and m.weight is not None:
             nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.5, 0.5)
+            if getattr(m, "bias", None) is not None:
+                nn.init.uniform_(m.bias, -0.5, 0.5)
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 1.5)
@@ -238,15 +262,29 @@ def test_init_copy_starts_from_the_neighbour():
     assert params["layers.1.q.weight"].data_ptr() != params["layers.0.q.weight"].data_ptr()
 
 
+class NormFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.ln = nn.Linear(8, 8), nn.LayerNorm(8)
+
+    def forward(self, x):
+        h = self.ln(x)
+        return h + self.fc(h)
+
+
 def test_refusals_name_the_reason():
-    post = nn.Sequential(PostNorm(), PostNorm())
-    gm = _captured(post, (torch.randn(2, 8),))
-    (first, second) = repeated_blocks(gm)
-    assert "post-norm" in first.refusal and "LayerNorm (_1_ln)" in second.refusal
+    gm = _captured(nn.Sequential(NormFirst(), NormFirst()), (torch.randn(2, 8),))
+    (first, second) = repeated_blocks(gm)  # a copy would normalise the output again
+    assert "LayerNorm (_1_ln)" in second.refusal and "does not end in exactly one normalisation" in second.refusal
     with pytest.raises(GrowthError, match="post-norm"):
         r2r_fx.deepen(gm, block="own")
     with pytest.raises(GrowthError, match="post-norm"):
         r2r_fx.deepen(gm, block="own", after="0")
+    bare = _captured(
+        nn.Sequential(*[PostNorm(nn.LayerNorm(8, elementwise_affine=False)) for _ in range(2)]), (torch.randn(2, 8),)
+    )
+    with pytest.raises(GrowthError, match="without a weight"):
+        r2r_fx.deepen(bare, block="own", after="0")
     gated = _captured(nn.Sequential(Gated(), Gated()), (torch.randn(2, 8),))
     with pytest.raises(GrowthError, match="sigmoid"):
         r2r_fx.deepen(gated, block="own", after="1")
@@ -456,3 +494,42 @@ def test_a_block_that_writes_its_input_in_place_is_refused():
     assert all("writes its input in place" in b.refusal for b in repeated_blocks(gm))
     with pytest.raises(GrowthError, match="writes its input in place"):
         r2r_fx.deepen(gm, block="own", check=False)
+
+
+@pytest.mark.parametrize("via", FLAVOURS)
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("method", ["r2r", "netmorph", "net2net"])
+def test_post_norm_layers_are_copied_exactly(via, rms, method):
+    """BERT's post-LN layers: the copy's norms and the norm before it compose exactly to that norm."""
+    torch.manual_seed(0)
+    model, inputs = PostNormLM(dropout=0.2, rms=rms), _ids()
+    gm = _captured(model, inputs, via)
+    reference = copy.deepcopy(gm)
+    blocks = repeated_blocks(gm)
+    assert [b.path for b in blocks] == ["layers.0", "layers.1", "layers.2"] and not any(b.refusal for b in blocks)
+    for kwargs in ({"count": 2}, {"after": "layers.2", "count": 2}):
+        grown = r2r_fx.deepen(gm, block="own", method=method, seed=0, **kwargs)
+        record = growth_history(grown)[-1]
+        assert len(record.blocks) == 2 and all(b.reset for b in record.blocks)
+        assert all(n.endswith(("ln2.weight", "ln2.bias")) for b in record.blocks for n in b.reset)
+        assert _independent_error(reference, grown, *inputs) <= 1e-6
+        assert_function_preserved(reference, grown, inputs, onnx=via == "symbolic_trace" and method == "r2r")
+    again = r2r_fx.widen(r2r_fx.deepen(grown, block="own", count=1, seed=1), factor=2.0, seed=2)
+    assert _independent_error(reference, again, *inputs) <= 1e-6
+
+
+def test_post_rmsnorm_with_the_default_eps():
+    gm = _captured(nn.Sequential(*[PostNorm(nn.RMSNorm(8)) for _ in range(3)]), (torch.randn(4, 8),))
+    grown = r2r_fx.deepen(gm, block="own", after="1", count=2, seed=0)
+    assert _independent_error(gm, grown, torch.randn(4, 8)) <= 1e-6
+
+
+def test_post_norm_without_the_eps_rescale_is_wrong():
+    """The test above can fail: the same chain with the norm before it keeping its eps is off by far more."""
+    torch.manual_seed(0)
+    model, inputs = PostNormLM(), _ids()
+    gm = _captured(model, inputs)
+    grown = r2r_fx.deepen(gm, block="own", after="layers.1", seed=0)
+    assert _independent_error(gm, grown, *inputs) <= 1e-6
+    grown.get_submodule("layers.1.ln2").eps = 0.05
+    assert _independent_error(gm, grown, *inputs) > 1e-3
