@@ -62,6 +62,10 @@ _KEEP_ZERO = {  # f(0) = 0 along the operand that carries the branch
     "relu", "relu_", "ReLU", "gelu", "GELU", "silu", "SiLU", "tanh", "Tanh", "hardswish", "Hardswish",
     "leaky_relu", "LeakyReLU", "elu", "ELU", "mish", "Mish",
 }  # fmt: skip
+_MOVES = {  # rearrange or select their first operand's entries (Swin's window partitions, shifts and crops)
+    "getitem", "slice", "select", "narrow", "roll", "expand", "repeat", "unflatten", "movedim", "index_select",
+    "split", "split_with_sizes", "chunk", "unbind", "constant_pad_nd", "pad",
+}  # fmt: skip
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _ZERO_NORM = (
     "a BatchNorm follows the branch's last layer: its weight and bias start at 0 (zero-init residual; in train "
@@ -83,6 +87,7 @@ class Tail:
     upstream: list[str]  # parameters the branch uses before the layer (no gradient when the weight is 0)
     pair_set: int | None = None  # the channel set read in identical pairs, or None: the weight is 0
     why_not_pairs: str = ""
+    is_norm: bool = False  # the branch ends in a norm: its weight (and bias) are 0, it gives 0 whatever it reads
 
 
 @dataclass
@@ -123,7 +128,7 @@ def plan_zero(gm: torch.fx.GraphModule, analysis: Analysis, block: RepeatedBlock
             changed = [tail.weight, *tail.biases]
             if any(id(get_tensor(gm, n)) not in own for n in changed):
                 raise GrowthError(f"the last layer of a branch ({tail.node}) reads a tensor shared with the model")
-            if pairs:
+            if pairs and not tail.is_norm:
                 tail.pair_set, tail.why_not_pairs = _pair_set(gm, analysis, tail, nodes, own, stream)
             tails.append(tail)
     return Plan(tails, _plan_norms(gm, stream_norms(nodes, dominators), own))
@@ -139,9 +144,11 @@ def _tails(gm, analysis, node, stream, inside) -> list[Tail]:
     if name in ("add", "add_") and len(node.args) == 2:
         return [t for a in node.args for t in _tails(gm, analysis, a, stream, inside)]
     module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-    if name in _KEEP_ZERO or isinstance(module, _BATCH_NORMS) or (module is not None and is_stochastic_depth(module)):
+    moves = name in _MOVES and _pads_zeros(node)
+    dropping = module is not None and is_stochastic_depth(module)
+    if moves or name in _KEEP_ZERO or isinstance(module, _BATCH_NORMS) or dropping:
         carriers = [a for a in node.all_input_nodes if a in inside and depends_on(a, stream)]
-        if name == "div":
+        if name == "div" or moves:  # the first operand only (an index computed from the stream is no carrier)
             carriers = carriers[:1] if node.args and node.args[0] in carriers else []
         inner = None
         for carrier in carriers:
@@ -156,9 +163,42 @@ def _tails(gm, analysis, node, stream, inside) -> list[Tail]:
                 for t in found:
                     t.norms.append(str(node.target))
             return found
-        if inner is not None:
+        if inner is not None and not isinstance(module, _BATCH_NORMS):
             raise inner
+    last_norm = _norm_tail(gm, node)
+    if last_norm is not None:
+        return [last_norm]
     raise GrowthError(f"a branch ends in {describe(node, gm)}, which cannot be made to give 0")
+
+
+_TAIL_NORMS = ("LayerNorm", "layer_norm", "RMSNorm", "rms_norm", "GroupNorm", *(c.__name__ for c in _BATCH_NORMS))
+
+
+def _norm_tail(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Tail | None:
+    """A Tail for a norm that ends a branch (Swin v2's ``x + LN(attention(x))``; a BatchNorm after an op the
+    walk cannot pass): weight and bias 0 give 0 for any input, in both modes. None if ``node`` is no norm."""
+    if _name(gm, node) not in _TAIL_NORMS or (node.op == "call_function" and target_name(node) not in _NORM_ARGS):
+        return None
+    weight, bias = _norm_targets(gm, node)
+    if weight is None:
+        raise GrowthError(f"a branch ends in {describe(node, gm)}, which has no weight to start at 0")
+    why = f"{describe(node, gm)} ends the branch: its weight and bias start at 0, the layers before it stay random"
+    return Tail(node.name, weight, 0, [bias] if bias else [], [], [], why_not_pairs=why, is_norm=True)
+
+
+def _pads_zeros(node: torch.fx.Node) -> bool:
+    """False for a pad with a value other than 0 (or another mode), True for every other op."""
+    name = target_name(node)
+    if name == "constant_pad_nd":
+        value = node.kwargs.get("value", node.args[2] if len(node.args) > 2 else 0)
+    elif name == "pad":  # reflect, replicate and circular padding of zeros give zeros
+        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+        if mode != "constant":
+            return True
+    else:
+        return True
+    return value is None or value == 0
 
 
 def _name(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
@@ -297,30 +337,41 @@ class _Norm:
     shape: tuple[int, ...]
 
 
+def _norm_arg(node: torch.fx.Node, name: str, default: object = None) -> object:
+    names = _NORM_ARGS[target_name(node)]
+    if name not in names:
+        return default
+    i = names.index(name) + 1
+    return node.kwargs[name] if name in node.kwargs else node.args[i] if len(node.args) > i else default
+
+
+def _norm_targets(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str | None, str | None]:
+    """The names of a norm's weight and bias (None where it has none)."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        return tuple(f"{node.target}.{n}" if getattr(module, n, None) is not None else None for n in ("weight", "bias"))
+    out = []
+    for name in ("weight", "bias"):
+        value = _norm_arg(node, name)
+        if value is not None and not (isinstance(value, torch.fx.Node) and value.op == "get_attr"):
+            raise GrowthError(f"{describe(node, gm)} reads a computed {name}: it cannot be set")
+        out.append(str(value.target) if value is not None else None)
+    return out[0], out[1]
+
+
 def _norm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Norm:
     """A LayerNorm's or RMSNorm's tensors and eps, as the graph has them now."""
+    tensors = [get_tensor(gm, t) if t is not None else None for t in _norm_targets(gm, node)]
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
         eps = module.eps if module.eps is not None else torch.finfo(node.meta["tensor_meta"].dtype).eps
-        return _Norm(module.weight, getattr(module, "bias", None), float(eps), tuple(module.normalized_shape))
-    names = _NORM_ARGS[target_name(node)]
-
-    def arg(name: str, default: object = None) -> object:
-        i = names.index(name) + 1
-        return node.kwargs[name] if name in node.kwargs else node.args[i] if len(node.args) > i else default
-
-    tensors = []
-    for name in ("weight", "bias"):
-        value = arg(name) if name in names else None
-        if value is not None and not (isinstance(value, torch.fx.Node) and value.op == "get_attr"):
-            raise GrowthError(f"{describe(node, gm)} reads a computed {name}: its chain of norms cannot be set")
-        tensors.append(get_tensor(gm, str(value.target)) if value is not None else None)
-    eps = arg("eps", 1e-5 if "bias" in names else None)
+        return _Norm(tensors[0], tensors[1], float(eps), tuple(module.normalized_shape))
+    eps = _norm_arg(node, "eps", 1e-5 if target_name(node) == "layer_norm" else None)
     if eps is None:
         eps = torch.finfo(node.meta["tensor_meta"].dtype).eps
     if not isinstance(eps, (int, float)):
         raise GrowthError(f"{describe(node, gm)} has a computed eps: its chain of norms cannot be set")
-    return _Norm(tensors[0], tensors[1], float(eps), tuple(arg("normalized_shape")))
+    return _Norm(tensors[0], tensors[1], float(eps), tuple(_norm_arg(node, "normalized_shape")))
 
 
 def _plan_norms(gm: torch.fx.GraphModule, norms: list[torch.fx.Node], own: set[int]) -> list[str]:

@@ -179,7 +179,7 @@ def _module_regions(gm: torch.fx.GraphModule) -> tuple[dict[str, list[torch.fx.N
 def _qualify(nodes: list[torch.fx.Node], dominators: set[str]) -> tuple[torch.fx.Node, torch.fx.Node, str] | None:
     """(entry, exit, refusal) when ``nodes`` form a residual block, else None."""
     inside = set(nodes)
-    exits = [n for n in nodes if n.op != "get_attr" and any(u not in inside for u in n.users)]
+    exits = [n for n in nodes if n.op != "get_attr" and not _is_size(n) and any(u not in inside for u in n.users)]
     if len(exits) != 1 or exits[0].name not in dominators or shape_of(exits[0]) is None:
         return None
     exit_ = exits[0]
@@ -191,7 +191,7 @@ def _qualify(nodes: list[torch.fx.Node], dominators: set[str]) -> tuple[torch.fx
     meta_in, meta_out = entry.meta.get("tensor_meta"), exit_.meta.get("tensor_meta")
     if shape_of(entry) != shape_of(exit_) or meta_in.dtype != meta_out.dtype:
         return None
-    if _reaches_outside(entry, inside, set(inputs) - {entry}):
+    if _reaches_outside(entry, inside, {a for a in inputs if a is not entry and not _is_size(a)}):
         return None  # another input is computed from the stream outside the module: not one unit
     adds = stream_adds(nodes, entry, dominators)
     if not adds or any(not depends_on(branch, stream) for _, stream, branch in adds):
@@ -227,6 +227,18 @@ def _refusal(nodes: list[torch.fx.Node], entry: torch.fx.Node, dominators: set[s
 def stream_norms(nodes: list[torch.fx.Node], dominators: set[str]) -> list[torch.fx.Node]:
     """The normalisations on a post-norm block's stream, in order ([] for a block without)."""
     return [n for n in nodes if n.name in dominators and NORMS.get(_op_name(n))]
+
+
+def _is_size(node: torch.fx.Node) -> bool:
+    """Whether ``node`` computes a size from shapes alone (export shares them across modules; a copy of a
+    block reads the same sizes), not from values (``.item()``)."""
+    value = node.meta.get("val")
+    if not isinstance(value, (int, torch.SymInt)) and node.meta.get("type") not in (int, torch.Size):
+        return False
+    name = target_name(node)
+    if name in ("sym_size", "size") or (name == "getattr" and node.args[1:] == ("shape",)):
+        return True
+    return all(_is_size(a) for a in node.all_input_nodes)
 
 
 def _is_add(node: torch.fx.Node) -> bool:

@@ -4,10 +4,12 @@ Usage:
     python tools/zoo_table.py                      # all 80 models, ONNX check included
     python tools/zoo_table.py --models resnet18 vit_b_16 --no-onnx
     python tools/zoo_table.py --out docs/zoo       # also writes zoo.json and zoo.md there
+    python tools/zoo_table.py --no-widen --deepen-count 4 --no-onnx   # deepen alone: 4 blocks per model
 
 Each model runs in its own subprocess (a crash or a memory blow-up is reported, not fatal) with a
 time limit. Columns: graph level (module or ATen) and capture time, width groups (widened / internal / all), the main
-skip reasons, widen time, relative errors in eval, train and ONNX Runtime.
+skip reasons, widen time, relative errors in eval, train and ONNX Runtime; deepen (``block="auto"``): blocks
+inserted, whether they copy the model's own blocks or are the generic block, the parameter ratio, errors.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 EXTERNAL = ("model input", "model output")
 
 
-def run_one(name: str, onnx: bool, deepen: bool, widen: bool = True, method: str = "r2r") -> dict[str, Any]:
+def run_one(
+    name: str, onnx: bool, deepen: bool, widen: bool = True, method: str = "r2r", count: int | None = None
+) -> dict[str, Any]:
     import torch
 
     import r2r_fx
@@ -55,7 +59,7 @@ def run_one(name: str, onnx: bool, deepen: bool, widen: bool = True, method: str
     if widen:
         _widen_columns(row, gm, inputs, onnx, method)
     if deepen:
-        _deepen_columns(row, gm, inputs, onnx, method)
+        _deepen_columns(row, gm, inputs, onnx, method, count)
     return row
 
 
@@ -84,19 +88,24 @@ def _widen_columns(row: dict[str, Any], gm: Any, inputs: Any, onnx: bool, method
     del grown, result
 
 
-def _deepen_columns(row: dict[str, Any], gm: Any, inputs: Any, onnx: bool, method: str) -> None:
+def _deepen_columns(row: dict[str, Any], gm: Any, inputs: Any, onnx: bool, method: str, count: int | None) -> None:
     import r2r_fx
     from r2r_fx.record import growth_history
 
     t = time.perf_counter()
-    deep = r2r_fx.deepen(gm, seed=0, method=method)
+    deep = r2r_fx.deepen(gm, seed=0, method=method, count=count)
     row["deepen_s"] = time.perf_counter() - t
-    row["blocks"] = sum(len(r.blocks) for r in growth_history(deep))
+    record = growth_history(deep)[-1]
+    row["blocks"] = len(record.blocks)
+    row["block_kind"] = "own" if any(b.kind.startswith("own:") for b in record.blocks) else "generic"
+    row["block_skips"] = sorted({s.reason[:100] for s in record.skipped})
     row["params_deepened"] = sum(p.numel() for p in deep.parameters())
-    dreport = r2r_fx.verify(gm, deep, inputs, onnx=onnx)
+    row["deepen_params_x"] = row["params_deepened"] / max(1, sum(p.numel() for p in gm.parameters()))
+    dreport = r2r_fx.verify(gm, deep, inputs, onnx=onnx, f64_fallback=True)
     row.update(
         deepen_rel_eval=dreport.eval_rel_error,
         deepen_rel_train=dreport.train_rel_error,
+        deepen_rel_train_f64=dreport.train_rel_error_f64,
         deepen_rel_onnx=dreport.onnx_max_rel_error,
         deepen_ok=dreport.ok,
     )
@@ -136,7 +145,7 @@ def _fmt(x: Any) -> str:
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = (
         "| model | graph | params | groups widened / internal / all | widen s | rel eval | rel train "
-        "(f64; floor) | rel ONNX | blocks | deepen rel (train; ONNX) | ok | main skip reasons / error |"
+        "(f64; floor) | rel ONNX | blocks (params) | deepen rel (train; ONNX) | ok | main skip reasons / error |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -154,13 +163,21 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             _fmt(r.get("rel_eval")),
             _train(r),
             _fmt(r.get("rel_onnx")),
-            _fmt(r.get("blocks")),
+            _blocks(r),
             deep,
             "yes" if r["ok"] else "NO",
             reasons,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _blocks(r: dict[str, Any]) -> str:
+    if "blocks" not in r:
+        return "-"
+    kind = f" {r['block_kind']}" if "block_kind" in r else ""
+    ratio = f" (x{r['deepen_params_x']:.2f})" if "deepen_params_x" in r else ""
+    return f"{r['blocks']}{kind}{ratio}"
 
 
 def _train(r: dict[str, Any]) -> str:
@@ -196,8 +213,10 @@ def summary(rows: list[dict[str, Any]]) -> str:
         )
     deep_rows = [r for r in done if "blocks" in r]
     if deep_rows:
+        own = [r for r in deep_rows if r.get("block_kind") == "own"]
         parts.append(
-            f"deepen: {sum(r['blocks'] for r in deep_rows)} blocks in {len(deep_rows)} models, "
+            f"deepen: {sum(r['blocks'] for r in deep_rows)} blocks in {len(deep_rows)} models "
+            f"({len(own)} with copies of their own blocks), "
             f"{sum(bool(r.get('deepen_ok')) for r in deep_rows)} preserved, worst eval error "
             f"{max(r['deepen_rel_eval'] for r in deep_rows):.1e}"
         )
@@ -211,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-deepen", action="store_true", help="skip the deepen columns")
     parser.add_argument("--no-widen", action="store_true", help="skip the widen columns")
     parser.add_argument("--method", default="r2r", help="r2r (default), net2net, netmorph or random")
+    parser.add_argument(
+        "--deepen-count",
+        type=int,
+        help="blocks deepen inserts, spread over the stages (default: one after each stage's last block)",
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per model")
     parser.add_argument("--out", help="folder for zoo.json and zoo.md")
     parser.add_argument(
@@ -223,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(args.one, not args.no_onnx, not args.no_deepen, not args.no_widen, args.method)))
+        row = run_one(args.one, not args.no_onnx, not args.no_deepen, not args.no_widen, args.method, args.deepen_count)
+        print(json.dumps(row))
         return 0
     from torchvision_zoo import classification_models
 
@@ -236,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, name in enumerate(names, 1):
         flags = {"--no-onnx": args.no_onnx, "--no-deepen": args.no_deepen, "--no-widen": args.no_widen}
         cmd = [sys.executable, __file__, "--one", name, "--method", args.method]
+        cmd += ["--deepen-count", str(args.deepen_count)] if args.deepen_count else []
         cmd += [flag for flag, on in flags.items() if on]
         t = time.perf_counter()
         try:

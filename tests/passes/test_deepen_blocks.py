@@ -533,3 +533,63 @@ def test_post_norm_without_the_eps_rescale_is_wrong():
     assert _independent_error(gm, grown, *inputs) <= 1e-6
     grown.get_submodule("layers.1.ln2").eps = 0.05
     assert _independent_error(gm, grown, *inputs) > 1e-3
+
+
+class NormEnded(nn.Module):
+    """Swin v2's residual post-norm: ``x + norm(f(x))``; the branch ends in the norm."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.norm = nn.Linear(8, 16), nn.Linear(16, 8), norm
+
+    def forward(self, x):
+        return x + self.norm(self.fc2(torch.relu(self.fc1(x))))
+
+
+@pytest.mark.parametrize("via", FLAVOURS)
+@pytest.mark.parametrize(
+    "norm", [nn.LayerNorm(8), nn.RMSNorm(8), nn.LayerNorm(8, bias=False)], ids=["layernorm", "rmsnorm", "no_bias"]
+)
+def test_a_branch_that_ends_in_a_norm_starts_at_zero(via, norm):
+    model = nn.Sequential(*[NormEnded(copy.deepcopy(norm)) for _ in range(3)])
+    x = torch.randn(4, 8)
+    gm = _captured(model, (x,), via)
+    grown = r2r_fx.deepen(gm, block="own", after="1", seed=0)
+    (block,) = growth_history(grown)[-1].blocks
+    assert "ends the branch" in block.no_grad_why and f"{block.module}.fc1.weight" in block.no_grad
+    assert not grown.get_parameter(f"{block.module}.norm.weight").any()
+    assert grown.get_parameter(f"{block.module}.fc2.weight").abs().sum() > 0  # random, trains through the norm
+    assert _independent_error(model, grown, torch.randn(6, 8)) == 0.0
+    assert_function_preserved(model, grown, (x,), onnx=via == "symbolic_trace")
+    bare = _captured(nn.Sequential(*[NormEnded(nn.LayerNorm(8, elementwise_affine=False)) for _ in range(2)]), (x,))
+    with pytest.raises(GrowthError, match="no weight to start at 0"):
+        r2r_fx.deepen(bare, block="own", after="0")
+
+
+class Shifted(nn.Module):
+    """Swin's window moves on the branch: pad, roll, crop (``pad_value`` 0 keeps a zero branch zero)."""
+
+    def __init__(self, pad_value: float = 0.0) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.pad_value = nn.Linear(8, 16), nn.Linear(16, 8), pad_value
+
+    def forward(self, x):
+        b, t, d = x.shape
+        h = self.fc2(torch.relu(self.fc1(x.reshape(b * t, d)))).reshape(b, t, d)
+        h = torch.roll(nn.functional.pad(h, (0, 0, 0, 2), value=self.pad_value), 1, dims=1)
+        return x + h[:, 1 : t + 1].contiguous()
+
+
+@pytest.mark.parametrize("via", FLAVOURS)
+def test_a_branch_through_pads_rolls_and_crops_starts_at_zero(via):
+    """Under export the blocks share the size ``b * t`` (computed once, in the first): sizes are no exits."""
+    model, x = nn.Sequential(*[Shifted() for _ in range(3)]), torch.randn(2, 5, 8)
+    gm = _captured(model, (x,), via)
+    assert [b.path for b in repeated_blocks(gm)] == ["0", "1", "2"]
+    grown = r2r_fx.deepen(gm, block="own", after="0", count=2, seed=0)
+    assert all(b.hidden == 16 and not b.no_grad for b in growth_history(grown)[-1].blocks)  # paired
+    assert _independent_error(model, grown, torch.randn(3, 5, 8)) <= 1e-6
+    assert_function_preserved(model, grown, (x,), onnx=via == "symbolic_trace")
+    ones = _captured(nn.Sequential(*[Shifted(1.0) for _ in range(2)]), (x,), via)
+    with pytest.raises(GrowthError, match="cannot be made to give 0"):
+        r2r_fx.deepen(ones, block="own", after="0")
