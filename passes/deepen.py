@@ -419,6 +419,8 @@ def check_identities(
     whose values at the chains' starts are compared (post-norm copies change the norm they start at)."""
     from r2r_fx.capture import eval_mode
 
+    inputs = example_inputs_of(gm)  # random: one draw for both graphs
+
     def values(graph: torch.fx.GraphModule, names: set[str]) -> dict[str, torch.Tensor]:
         found: dict[str, torch.Tensor] = {}
 
@@ -430,7 +432,7 @@ def check_identities(
                 return out
 
         with eval_mode(graph):
-            Watch(graph).run(*example_inputs_of(graph))
+            Watch(graph).run(*inputs)
         return found
 
     if reference is None:

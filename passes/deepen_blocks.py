@@ -43,6 +43,7 @@ from r2r_fx.blocks import (
     attr_or_none,
     block_region,
     depends_on,
+    norm_kind,
     params_of,
     stream_adds,
     stream_norms,
@@ -131,7 +132,7 @@ def plan_zero(gm: torch.fx.GraphModule, analysis: Analysis, block: RepeatedBlock
             if pairs and not tail.is_norm:
                 tail.pair_set, tail.why_not_pairs = _pair_set(gm, analysis, tail, nodes, own, stream)
             tails.append(tail)
-    return Plan(tails, _plan_norms(gm, stream_norms(nodes, dominators), own))
+    return Plan(tails, _plan_norms(gm, stream_norms(gm, nodes, dominators), own))
 
 
 def _tails(gm, analysis, node, stream, inside) -> list[Tail]:
@@ -171,13 +172,16 @@ def _tails(gm, analysis, node, stream, inside) -> list[Tail]:
     raise GrowthError(f"a branch ends in {describe(node, gm)}, which cannot be made to give 0")
 
 
-_TAIL_NORMS = ("LayerNorm", "layer_norm", "RMSNorm", "rms_norm", "GroupNorm", *(c.__name__ for c in _BATCH_NORMS))
+_TAIL_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, *_BATCH_NORMS)  # torch's own: weight = bias = 0 gives 0
 
 
 def _norm_tail(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Tail | None:
     """A Tail for a norm that ends a branch (Swin v2's ``x + LN(attention(x))``; a BatchNorm after an op the
     walk cannot pass): weight and bias 0 give 0 for any input, in both modes. None if ``node`` is no norm."""
-    if _name(gm, node) not in _TAIL_NORMS or (node.op == "call_function" and target_name(node) not in _NORM_ARGS):
+    if node.op == "call_module":
+        if type(gm.get_submodule(str(node.target))) not in _TAIL_NORMS:
+            return None
+    elif norm_kind(gm, node) is None:
         return None
     weight, bias = _norm_targets(gm, node)
     if weight is None:
@@ -187,7 +191,7 @@ def _norm_tail(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Tail | None:
 
 
 def _pads_zeros(node: torch.fx.Node) -> bool:
-    """False for a pad with a value other than 0 (or another mode), True for every other op."""
+    """False for a pad with a value other than 0, True for every other op."""
     name = target_name(node)
     if name == "constant_pad_nd":
         value = node.kwargs.get("value", node.args[2] if len(node.args) > 2 else 0)
@@ -321,12 +325,14 @@ def _random(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
 # weight 1, bias 0 and eps a maps a vector of variance v to one of variance v / (v + a), so the chain
 # P(eps a0), N_1..N_k-1 (eps 1), N_k (eps c) gives (u - mean) / sqrt((1 + c k) s + c a0). With c = P's eps
 # e and a0 = 1 + k e this is (u - mean) / sqrt(1 + k e) / sqrt(s + e): N_k with P's weight times
-# sqrt(1 + k e) and P's bias is exactly P. (The issue's form for BERT, k = 2: eps 1 + 2e, 1, e.)
+# sqrt(1 + k e) and P's bias is exactly P. (The issue's form for BERT, k = 2: eps 1 + 2e, 1, e.) Only in
+# float32 and float64: a bfloat16 or float16 chain rounds P's output to the dtype, about 1e-3.
 
-_NORM_ARGS = {
-    "layer_norm": ("normalized_shape", "weight", "bias", "eps"),
-    "rms_norm": ("normalized_shape", "weight", "eps"),
+_NORM_ARGS = {  # the functions' arguments after the input, with their defaults
+    "layer_norm": {"normalized_shape": None, "weight": None, "bias": None, "eps": 1e-5},
+    "rms_norm": {"normalized_shape": None, "weight": None, "eps": None},
 }
+_CHAIN_DTYPES = (torch.float32, torch.float64)
 
 
 @dataclass
@@ -337,12 +343,12 @@ class _Norm:
     shape: tuple[int, ...]
 
 
-def _norm_arg(node: torch.fx.Node, name: str, default: object = None) -> object:
-    names = _NORM_ARGS[target_name(node)]
-    if name not in names:
-        return default
-    i = names.index(name) + 1
-    return node.kwargs[name] if name in node.kwargs else node.args[i] if len(node.args) > i else default
+def _norm_arg(node: torch.fx.Node, name: str) -> object:
+    args = _NORM_ARGS[target_name(node)]
+    if name not in args:
+        return None
+    i = list(args).index(name) + 1
+    return node.kwargs[name] if name in node.kwargs else node.args[i] if len(node.args) > i else args[name]
 
 
 def _norm_targets(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str | None, str | None]:
@@ -360,40 +366,48 @@ def _norm_targets(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str | 
 
 
 def _norm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Norm:
-    """A LayerNorm's or RMSNorm's tensors and eps, as the graph has them now."""
+    """A LayerNorm's or RMSNorm's tensors, eps and normalised shape, as the graph has them now."""
     tensors = [get_tensor(gm, t) if t is not None else None for t in _norm_targets(gm, node)]
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
-        eps = module.eps if module.eps is not None else torch.finfo(node.meta["tensor_meta"].dtype).eps
-        return _Norm(tensors[0], tensors[1], float(eps), tuple(module.normalized_shape))
-    eps = _norm_arg(node, "eps", 1e-5 if target_name(node) == "layer_norm" else None)
-    if eps is None:
+        eps, shape = module.eps, module.normalized_shape
+    else:
+        eps, shape = _norm_arg(node, "eps"), _norm_arg(node, "normalized_shape")
+    if eps is None:  # RMSNorm's default: the input dtype's machine epsilon (fixed from here on)
         eps = torch.finfo(node.meta["tensor_meta"].dtype).eps
     if not isinstance(eps, (int, float)):
         raise GrowthError(f"{describe(node, gm)} has a computed eps: its chain of norms cannot be set")
-    return _Norm(tensors[0], tensors[1], float(eps), tuple(_norm_arg(node, "normalized_shape")))
+    if not isinstance(shape, (list, tuple, torch.Size)) or not all(isinstance(d, int) for d in shape):
+        raise GrowthError(f"{describe(node, gm)} has a computed normalised shape: its chain of norms cannot be set")
+    return _Norm(tensors[0], tensors[1], float(eps), tuple(shape))
 
 
 def _plan_norms(gm: torch.fx.GraphModule, norms: list[torch.fx.Node], own: set[int]) -> list[str]:
     if not norms:
         return []
+    dtype = norms[-1].meta["tensor_meta"].dtype
+    if dtype not in _CHAIN_DTYPES:
+        raise GrowthError(f"a post-norm block in {dtype}: its chain of norms would round the stream to it")
     found = [_norm(gm, n) for n in norms]
     if len({n.shape for n in found}) != 1:
         raise GrowthError(f"the norms on the block's stream ({', '.join(n.name for n in norms)}) differ in shape")
-    last, node = found[-1], norms[-1]
-    if last.weight is None:
+    if found[-1].weight is None:
         raise GrowthError(
-            f"{describe(node, gm)} ends a post-norm block without a weight: a copy's last norm could not take "
-            "the scale that makes the chain of norms exact"
+            f"{describe(norms[-1], gm)} ends a post-norm block without a weight: a copy's last norm could not "
+            "take the scale that makes the chain of norms exact"
         )
-    if any(id(t) not in own for t in (last.weight, last.bias) if t is not None) or _read_elsewhere(gm, node):
-        raise GrowthError(f"{describe(node, gm)} ends a post-norm block and shares its tensors: it cannot be set")
+    for node, norm in zip(norms, found):
+        if any(id(t) not in own for t in (norm.weight, norm.bias) if t is not None):
+            raise GrowthError(
+                f"{describe(node, gm)} on a post-norm block's stream shares its tensors: it cannot be set"
+            )
+    if _read_elsewhere(gm, norms[-1], found[-1]):
+        raise GrowthError(f"{describe(norms[-1], gm)} ends a post-norm block and shares its tensors: it cannot be set")
     return [n.name for n in norms]
 
 
-def _read_elsewhere(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+def _read_elsewhere(gm: torch.fx.GraphModule, node: torch.fx.Node, norm: _Norm) -> bool:
     """Whether another op than ``node`` reads the tensors of norm ``node``."""
-    norm = _norm(gm, node)
     ids = {id(t) for t in (norm.weight, norm.bias) if t is not None}
     for other in gm.graph.nodes:
         if other is node or (other.op == "get_attr" and set(other.users) == {node}):
@@ -403,41 +417,39 @@ def _read_elsewhere(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return False
 
 
-def _set_norm(
-    gm: torch.fx.GraphModule, node: torch.fx.Node, eps: float, like: _Norm | None = None, scale: float = 1.0
-) -> None:
-    """Norm ``node`` gets ``like``'s weight times ``scale`` and bias (weight 1 and bias 0 without), and ``eps``."""
-    norm = _norm(gm, node)
-    if norm.weight is not None and like is not None:
-        norm.weight.copy_(like.weight * scale)
-    elif norm.weight is not None:
-        norm.weight.fill_(1.0)
-    if norm.bias is not None and like is not None and like.bias is not None:
-        norm.bias.copy_(like.bias)
-    elif norm.bias is not None:
-        norm.bias.zero_()
+def _set_eps(gm: torch.fx.GraphModule, node: torch.fx.Node, eps: float) -> None:
     if node.op == "call_module":
         gm.get_submodule(str(node.target)).eps = eps
         return
-    i = _NORM_ARGS[target_name(node)].index("eps") + 1
+    i = list(_NORM_ARGS[target_name(node)]).index("eps") + 1
     if "eps" in node.kwargs or len(node.args) < i:
         node.kwargs = {**node.kwargs, "eps": eps}
-    else:
+    else:  # eps given positionally, or the next positional argument
         node.args = (*node.args[:i], eps, *node.args[i + 1 :])
 
 
-def _chain(gm: torch.fx.GraphModule, norms: list[torch.fx.Node], copies: dict) -> tuple[torch.Tensor, ...]:
-    """Set the block's last norm and the copy's norms to compose exactly to that norm (see above). Returns
-    the last norm's tensors (the model's own, now weight 1 and bias 0)."""
+def _chain(gm: torch.fx.GraphModule, norms: list[torch.fx.Node], copies: dict, twin) -> tuple[torch.Tensor, ...]:
+    """Set the copy's norms (their tensors: ``twin`` of the block's) and the block's last norm ``P`` to compose
+    exactly to ``P`` (see above). Returns ``P``'s tensors (the model's own, now weight 1 and bias 0)."""
     last = norms[-1]
-    old = _norm(gm, last)
+    p = _norm(gm, last)
     k = len(norms)
-    saved = _Norm(old.weight.clone(), None if old.bias is None else old.bias.clone(), old.eps, old.shape)
     for node in norms[:-1]:
-        _set_norm(gm, copies[node], 1.0)
-    _set_norm(gm, copies[last], old.eps, saved, math.sqrt(1 + k * old.eps))
-    _set_norm(gm, last, 1 + k * old.eps)
-    return tuple(t for t in (old.weight, old.bias) if t is not None)
+        inner = _norm(gm, node)
+        if inner.weight is not None:
+            twin(inner.weight).fill_(1.0)
+        if inner.bias is not None:
+            twin(inner.bias).zero_()
+        _set_eps(gm, copies[node], 1.0)
+    twin(p.weight).copy_(p.weight * math.sqrt(1 + k * p.eps))
+    if p.bias is not None:
+        twin(p.bias).copy_(p.bias)
+    _set_eps(gm, copies[last], p.eps)
+    p.weight.fill_(1.0)
+    if p.bias is not None:
+        p.bias.zero_()
+    _set_eps(gm, last, 1 + k * p.eps)
+    return tuple(t for t in (p.weight, p.bias) if t is not None)
 
 
 # ---------------------------------------------------------------- mutation
@@ -496,7 +508,7 @@ def insert_copy(
         reset = ()
         if plan.norms and method.name != "random":
             named = {n.name: n for n in nodes}
-            reset = _chain(gm, [named[n] for n in plan.norms], copies)
+            reset = _chain(gm, [named[n] for n in plan.norms], copies, twin)
     no_grad = tuple({id(p): p for p in (twin(tensor[n]) for n in silent)}.values())
     why = "; ".join(sorted(reasons)) if no_grad else ""
     new = {id(p): p for p in twins.values() if isinstance(p, nn.Parameter)}
@@ -632,7 +644,8 @@ def _rename(gm: torch.fx.GraphModule, old: str, new: str) -> None:
         for insert in entry.get("blocks", ()):
             for key in ("no_grad", "reset"):
                 insert[key] = [_under(p, old, new) for p in insert.get(key, ())]
-            insert["module"] = _under(insert.get("module", ""), old, new)
+            for key in ("at", "module"):
+                insert[key] = _under(insert.get(key, ""), old, new)
 
 
 def _copy_modules(gm: torch.fx.GraphModule, path: str, new_path: str, nodes) -> dict[str, str]:

@@ -43,6 +43,7 @@ __all__ = [
     "depends_on",
     "repeated_blocks",
     "stream_adds",
+    "norm_kind",
     "stream_norms",
 ]
 
@@ -60,7 +61,16 @@ _SAME_VALUE = {  # one tensor in, the same values out (given the same shape and 
     "Identity",
     "detach",
 }
-NORMS = {"LayerNorm": "layer", "layer_norm": "layer", "RMSNorm": "rms", "rms_norm": "rms"}  # name -> kind
+_NORM_KINDS = {
+    nn.LayerNorm: "layer",
+    nn.RMSNorm: "rms",
+    nn.functional.layer_norm: "layer",
+    torch.layer_norm: "layer",
+    torch.ops.aten.layer_norm.default: "layer",
+    nn.functional.rms_norm: "rms",
+    torch.rms_norm: "rms",
+    torch.ops.aten.rms_norm.default: "rms",
+}
 IDEMPOTENT = {"relu", "relu_", "ReLU", "relu6", "ReLU6", "hardtanh", "hardtanh_", "Hardtanh", "clamp", "clamp_", "clip"}
 
 
@@ -86,7 +96,7 @@ def repeated_blocks(gm: torch.fx.GraphModule) -> list[RepeatedBlock]:
     unsafe = unsafe_points(gm)
     found: dict[str, tuple[torch.fx.Node, torch.fx.Node, str]] = {}
     for path, nodes in regions.items():
-        shape = _qualify(nodes, dominators)
+        shape = _qualify(gm, nodes, dominators)
         if shape is not None:
             entry, exit_, refusal = shape
             writer = writes_into(gm, nodes, entry)
@@ -176,7 +186,9 @@ def _module_regions(gm: torch.fx.GraphModule) -> tuple[dict[str, list[torch.fx.N
     return dict(regions), classes
 
 
-def _qualify(nodes: list[torch.fx.Node], dominators: set[str]) -> tuple[torch.fx.Node, torch.fx.Node, str] | None:
+def _qualify(
+    gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], dominators: set[str]
+) -> tuple[torch.fx.Node, torch.fx.Node, str] | None:
     """(entry, exit, refusal) when ``nodes`` form a residual block, else None."""
     inside = set(nodes)
     exits = [n for n in nodes if n.op != "get_attr" and not _is_size(n) and any(u not in inside for u in n.users)]
@@ -196,10 +208,10 @@ def _qualify(nodes: list[torch.fx.Node], dominators: set[str]) -> tuple[torch.fx
     adds = stream_adds(nodes, entry, dominators)
     if not adds or any(not depends_on(branch, stream) for _, stream, branch in adds):
         return None  # x + a constant or x + an input: not a residual branch
-    return entry, exit_, _refusal(nodes, entry, dominators)
+    return entry, exit_, _refusal(gm, nodes, dominators)
 
 
-def _refusal(nodes: list[torch.fx.Node], entry: torch.fx.Node, dominators: set[str]) -> str:
+def _refusal(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], dominators: set[str]) -> str:
     """Why the block's stream ops are not an identity once its branches add 0 ("" if they are)."""
     stream = [n for n in nodes if n.name in dominators]
     last_add = max(i for i, n in enumerate(stream) if _is_add(n))
@@ -210,7 +222,7 @@ def _refusal(nodes: list[torch.fx.Node], entry: torch.fx.Node, dominators: set[s
         i, node = changing[0]
         if i > last_add and _op_name(node) in IDEMPOTENT:
             return ""  # act(act(y)) = act(y): the copy's input is the block's output, act(...)
-    kinds = {NORMS.get(_op_name(n)) for _, n in changing}
+    kinds = {norm_kind(gm, n) for _, n in changing}
     if len(kinds) == 1 and None not in kinds:  # post-norm: a chain of norms once the branches add 0
         if changing[-1][0] > last_add and sum(i > last_add for i, _ in changing) == 1:
             return ""
@@ -219,14 +231,27 @@ def _refusal(nodes: list[torch.fx.Node], entry: torch.fx.Node, dominators: set[s
             f"its stream passes {_op_name(node)} ({node.name}) but does not end in exactly one normalisation after "
             "its last residual addition (post-norm): a copy would not be an identity at insertion"
         )
-    i, node = next((i, n) for i, n in changing if NORMS.get(_op_name(n)) is None or len(kinds) > 1)
+    if None not in kinds:
+        names = ", ".join(f"{_op_name(n)} ({n.name})" for _, n in changing)
+        return f"its stream passes norms of different kinds ({names}): a copy would not be an identity at insertion"
+    i, node = next((i, n) for i, n in changing if norm_kind(gm, n) is None)
     where = "after its residual addition" if i > last_add else "between its residual additions"
     return f"its stream passes {_op_name(node)} ({node.name}) {where}: a copy would not be an identity at insertion"
 
 
-def stream_norms(nodes: list[torch.fx.Node], dominators: set[str]) -> list[torch.fx.Node]:
+def norm_kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
+    """ "layer" for torch's LayerNorm (layer or function), "rms" for its RMSNorm, else None (a layer of another
+    class, whatever its name, may compute something else: Gemma's ``(1 + weight)``)."""
+    if node.op == "call_module":
+        return _NORM_KINDS.get(type(gm.get_submodule(str(node.target))))
+    if node.op == "call_function":
+        return next((kind for target, kind in _NORM_KINDS.items() if target is node.target), None)
+    return None
+
+
+def stream_norms(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], dominators: set[str]) -> list[torch.fx.Node]:
     """The normalisations on a post-norm block's stream, in order ([] for a block without)."""
-    return [n for n in nodes if n.name in dominators and NORMS.get(_op_name(n))]
+    return [n for n in nodes if n.name in dominators and norm_kind(gm, n)]
 
 
 def _is_size(node: torch.fx.Node) -> bool:

@@ -7,7 +7,8 @@ went; per-parameter state tensors of the parameter's shape (SGD momentum, Adam's
 normalised stream grown by whole copies has each old column split into ``k`` shares that add up to
 it; the stream's copies are equal, so every share gets exactly the old column's gradient, and every
 share carries the old column's state. Entries a stream rescaled (a norm weight's ``gamma*sqrt(kd/D)``
-when mean channels are added, ``AxisChange.old_changed``) start with fresh state, like new ones. Parameters that did
+when mean channels are added, ``AxisChange.old_changed``) start with fresh state, like new ones, and so do
+parameters a pass set (``BlockInsert.reset``: the norm a copy of a post-norm block follows). Parameters that did
 not exist before (inserted blocks) join the first parameter group with fresh state. Parameters a
 pass renamed (the later blocks a copy of a model's block pushes one index up) are found through the
 records' ``renamed``.
@@ -66,6 +67,8 @@ def carry_optimizer(
     new_params = dict(new_model.named_parameters(remove_duplicate=False))
     by_old_name = _old_names(old_model, new_model, set(old_names.values()), list(new_params))
     changes = param_changes(new_model)
+    history = growth_history(new_model)[len(growth_history(old_model)) :]
+    reset = {n for record in history for block in record.blocks for n in block.reset}  # set by a pass: afresh
     groups, used = [], set()
     mapping: dict[int, nn.Parameter] = {}
     for group in optimizer.param_groups:
@@ -92,11 +95,14 @@ def carry_optimizer(
         new_p = mapping.get(id(old_p))
         if new_p is None:
             continue
-        history = changes.get(new_name_of[id(new_p)], [])
+        name = new_name_of[id(new_p)]
+        grown = changes.get(name, [])
         carried = {}
         for key, value in state.items():
-            if isinstance(value, torch.Tensor) and value.shape == old_p.shape and value.dim() > 0:
-                carried[key] = _grow_like(value.detach().clone(), history) if history else value.detach().clone()
+            if isinstance(value, torch.Tensor) and value.shape == old_p.shape and value.dim() > 0 and name in reset:
+                carried[key] = torch.zeros_like(value)
+            elif isinstance(value, torch.Tensor) and value.shape == old_p.shape and value.dim() > 0:
+                carried[key] = _grow_like(value.detach().clone(), grown) if grown else value.detach().clone()
             else:
                 carried[key] = value.clone() if isinstance(value, torch.Tensor) else value
         new_optimizer.state[new_p] = carried
