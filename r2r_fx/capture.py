@@ -169,10 +169,42 @@ def capture(
         gm = _finish(gm, model, level, inputs)
         if "r2r_eval_only" not in gm.meta:
             _check_train_mode(model, gm, inputs, rtol)
+        opaque = _opaque_calls(gm) if via == "auto" and level == "module" else []
+        if opaque:  # the ATen graph sees through them, where it can be had as well
+            try:
+                aten = capture(model, inputs, via="export", check=check, rtol=rtol)
+            except CaptureError as exc:
+                logger.info("capture via export (for %s) failed: %s", ", ".join(opaque), exc)
+            else:
+                if "r2r_eval_only" not in aten.meta or "r2r_eval_only" in gm.meta:
+                    aten.meta["r2r_capture_note"] = (
+                        f"torch.export: the module graph keeps {', '.join(opaque)} as calls no rule describes"
+                    )
+                    return aten
         return gm
     if check and reference is None:
         _eval_output(model, fresh_inputs(inputs))  # a model that fails by itself is reported as such
     raise CaptureError("could not capture the model:\n  " + "\n  ".join(causes))
+
+
+def _opaque_calls(gm: torch.fx.GraphModule) -> list[str]:
+    """Python functions outside torch that the module graph keeps as calls (``torch.fx.wrap``: torchvision's
+    Swin attention) and that no rule describes: the analysis would freeze everything they touch."""
+    import types
+
+    from r2r_fx.rules import rule_for
+
+    names = []
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, types.FunctionType):
+            continue
+        module = getattr(target, "__module__", "") or ""
+        if module == "torch" or module.startswith(("torch.", "_operator", "operator", "math")):
+            continue
+        if rule_for(node, gm) is None and target.__name__ not in names:
+            names.append(target.__name__)
+    return names
 
 
 class _EagerFailure(CaptureError):

@@ -289,3 +289,35 @@ def test_the_example_script_runs(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "function preserved" in done.stdout and len(list(tmp_path.iterdir())) >= 2
+
+
+def _scaled_gelu(x: torch.Tensor, scale: float) -> torch.Tensor:
+    if scale > 0:  # Python control flow: why a library wraps a function for torch.fx
+        return F.gelu(x) * scale
+    return x
+
+
+torch.fx.wrap("_scaled_gelu")
+
+
+class _Wrapped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.fc2(_scaled_gelu(self.fc1(x), 2.0))
+
+
+def test_a_wrapped_function_no_rule_describes_is_seen_through_by_export():
+    """``torch.fx.wrap`` keeps a function as one call in the module graph (torchvision's Swin attention);
+    no rule describes it, so everything it touches would freeze: ``via="auto"`` takes the ATen graph."""
+    model, x = _Wrapped().eval(), torch.randn(4, 6)
+    module_graph = r2r_fx.capture(model, (x,), via="symbolic_trace")
+    assert not any(g.widenable for g in r2r_fx.width_groups(module_graph))
+    gm = r2r_fx.capture(model, (x,))
+    assert gm.meta["r2r_graph_level"] == "aten" and "_scaled_gelu" in gm.meta["r2r_capture_note"]
+    grown = r2r_fx.widen(gm, factor=2.0, seed=0)
+    assert grown.get_parameter("fc1.weight").shape == (24, 6)
+    with torch.no_grad():
+        assert (grown(x) - model(x)).abs().max() <= 1e-5 * model(x).abs().max()

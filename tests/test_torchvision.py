@@ -188,6 +188,19 @@ def _small_swin() -> tuple[nn.Module, tuple[torch.Tensor]]:
     return model, (torch.randn(1, 3, 64, 64),)
 
 
+def test_swin_is_captured_through_its_wrapped_attention_and_deepened_by_its_own_blocks():
+    model, inputs = _small_swin()
+    gm = r2r_fx.capture(model, inputs)  # the module graph keeps shifted_window_attention as one call
+    assert gm.meta["r2r_graph_level"] == "aten" and "shifted_window_attention" in gm.meta["r2r_capture_note"]
+    grown = r2r_fx.deepen(gm, count=2, seed=0)
+    record = growth_history(grown)[-1]
+    assert len(record.blocks) == 2 and all(b.kind.startswith("own:") for b in record.blocks), record
+    with torch.no_grad():
+        ref = model(*inputs)
+        assert (grown(*inputs) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert_function_preserved(model, grown, inputs, onnx=True)
+
+
 def test_swin_stream_grows_in_every_stage_and_its_heads_too():
     """Each stage's stream grows by whole copies: patch merging normalises a concatenation of copies of
     the stream, which keeps every piece's statistics (1.5x is refused with that reason)."""
