@@ -125,7 +125,8 @@ def plan_zero(gm: torch.fx.GraphModule, analysis: Analysis, block: RepeatedBlock
     tails = []
     for _, stream, branch in stream_adds(nodes, entry, dominators):
         for tail in _tails(gm, analysis, branch, stream, inside):
-            tail.upstream = _upstream_params(gm, named[tail.node], stream, inside)
+            own_params = {tail.weight, *tail.biases}  # an exported graph reads them by get_attr: not upstream
+            tail.upstream = [p for p in _upstream_params(gm, named[tail.node], stream, inside) if p not in own_params]
             changed = [tail.weight, *tail.biases]
             if any(id(get_tensor(gm, n)) not in own for n in changed):
                 raise GrowthError(f"the last layer of a branch ({tail.node}) reads a tensor shared with the model")

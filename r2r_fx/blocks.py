@@ -6,8 +6,9 @@ dtype, every node between the two is the module's own, and on the way the stream
 residual additions ``s + f(s)`` (at least one) and ops that change nothing once every branch adds 0.
 Copying such a block and making its branches add exactly 0 inserts an identity (``passes/deepen.py``).
 
-Which stream ops are an identity at insertion: casts to the same dtype, copies and views to the same
-shape; and one idempotent activation after the last addition (ResNet's ``relu(x + f(x))``), since the
+Which stream ops are an identity at insertion: casts to the same dtype, copies, views and reshapes (the
+block's input and output have one shape, so reshapes between compose to the identity: OPT flattens
+its tokens for the MLP); and one idempotent activation after the last addition (ResNet's ``relu(x + f(x))``), since the
 copy's input is then that activation's output. A post-norm block (BERT: ``LN(h + f(h))`` after each
 addition, one LayerNorm or RMSNorm kind, the last after the last addition) is copied too: with every
 branch adding 0 the copy is a chain of norms after the block's last one, which ``passes/deepen_blocks.py``
@@ -23,6 +24,7 @@ consecutive blocks with the same ops and shapes up to names.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections import defaultdict
 from dataclasses import dataclass
@@ -71,6 +73,7 @@ _NORM_KINDS = {
     torch.rms_norm: "rms",
     torch.ops.aten.rms_norm.default: "rms",
 }
+_RESHAPES = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
 IDEMPOTENT = {"relu", "relu_", "ReLU", "relu6", "ReLU6", "hardtanh", "hardtanh_", "Hardtanh", "clamp", "clamp_", "clip"}
 
 
@@ -137,15 +140,27 @@ def block_region(gm: torch.fx.GraphModule, path: str) -> list[torch.fx.Node]:
 def stream_adds(
     nodes: list[torch.fx.Node], entry: torch.fx.Node, dominators: set[str]
 ) -> list[tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node]]:
-    """(addition, stream operand, branch operand) for each addition on the stream of a block."""
+    """(addition, stream operand, branch operand) for each addition on the stream of a block. A sum of
+    several terms counts each (Cohere's parallel layer: ``(x + attention) + mlp``; only its last addition is
+    on every path, the first is its operand)."""
     out, previous = [], entry
     for node in nodes:
         if node.name not in dominators:
             continue
-        if _is_add(node) and previous in node.args[:2]:
-            other = node.args[1] if node.args[0] is previous else node.args[0]
-            out.append((node, previous, other))
+        if _is_add(node):
+            terms = _terms(node, dominators)
+            if sum(t is previous for t in terms) == 1:
+                out += [(node, previous, t) for t in terms if t is not previous]
         previous = node
+    return out
+
+
+def _terms(add: torch.fx.Node, dominators: set[str]) -> list[object]:
+    """The operands of a sum, through inner additions used only by it and not on the stream."""
+    out = []
+    for arg in add.args[:2]:
+        inner = isinstance(arg, torch.fx.Node) and _is_add(arg) and arg.name not in dominators and len(arg.users) == 1
+        out += _terms(arg, dominators) if inner else [arg]
     return out
 
 
@@ -215,9 +230,15 @@ def _refusal(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], dominators: s
     """Why the block's stream ops are not an identity once its branches add 0 ("" if they are)."""
     stream = [n for n in nodes if n.name in dominators]
     last_add = max(i for i, n in enumerate(stream) if _is_add(n))
-    changing = [(i, n) for i, n in enumerate(stream) if not (_is_add(n) or _same_value(n))]
+    changing = [(i, n) for i, n in enumerate(stream) if not (_is_add(n) or _same_value(n) or _reshapes(n))]
+    reshaped = next((n for n in stream if _reshapes(n)), None)
+    if reshaped is not None and any(norm_kind(gm, n) for _, n in changing):
+        return (
+            f"its stream is reshaped ({reshaped.name}) and normalised: a chain of norms over other shapes "
+            "would not be exact"
+        )
     if not changing:
-        return ""
+        return ""  # reshapes between additions: in and out have one shape, so they compose to the identity
     if len(changing) == 1:
         i, node = changing[0]
         if i > last_add and _op_name(node) in IDEMPOTENT:
@@ -301,6 +322,15 @@ def _same_value(node: torch.fx.Node) -> bool:
     if tensors[0].meta["tensor_meta"].dtype != node.meta["tensor_meta"].dtype:
         return False
     return _op_name(node) in _SAME_VALUE
+
+
+def _reshapes(node: torch.fx.Node) -> bool:
+    """A view to another shape of the same entries in the same order (no permutation, no cast)."""
+    tensors = [a for a in node.all_input_nodes if shape_of(a) is not None]
+    if len(tensors) != 1 or shape_of(node) is None or _op_name(node) not in _RESHAPES:
+        return False
+    before, after = tensors[0].meta["tensor_meta"], node.meta["tensor_meta"]
+    return before.dtype == after.dtype and math.prod(before.shape) == math.prod(after.shape)
 
 
 def depends_on(node: object, source: torch.fx.Node) -> bool:

@@ -67,10 +67,16 @@ def build(family: str) -> Any:
         pass
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(family, **SIZES)
+    sizes = dict(SIZES)
+    if isinstance(getattr(type(AutoConfig.for_model(family)), "head_dim", None), property):
+        del sizes["head_dim"]  # derived from the others (Falcon)
+    config = AutoConfig.for_model(family, **sizes)
     for name, value in EXTRA.items():
         if hasattr(config, name):
             setattr(config, name, value)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):  # ids within the small vocabulary
+        if isinstance(getattr(config, name, None), int) and getattr(config, name) >= SIZES["vocab_size"]:
+            setattr(config, name, 0)
     if isinstance(getattr(config, "layer_types", None), list):  # every layer full attention
         config.layer_types = ["full_attention"] * SIZES["num_hidden_layers"]
     for name in DROPOUTS:
@@ -188,19 +194,19 @@ def main(argv: list[str] | None = None) -> int:
             row = {"family": family, "error": f"timed out after {args.timeout:.0f} s"}
         row["total_s"] = time.perf_counter() - t
         rows.append(row)
-        print(
-            f"{family}: {'error: ' + row['error'] if 'error' in row else 'ran'} ({row['total_s']:.0f} s)",
-            file=sys.stderr,
-        )
-    table = markdown(rows)
-    print(table)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "hf.json"), "w") as f:
-            json.dump(rows, f, indent=1)
-        with open(os.path.join(args.out, "hf.md"), "w") as f:
-            f.write(table + "\n")
+        print(f"{family}: {json.dumps(row)}", file=sys.stderr, flush=True)
+        _write(rows, args.out)  # after each family: a long sweep shows what it has
+    print(markdown(rows))
     return 0
+
+
+def _write(rows: list[dict[str, Any]], out: str | None) -> None:
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "hf.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        with open(os.path.join(out, "hf.md"), "w") as f:
+            f.write(markdown(rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -226,20 +226,23 @@ def _first_step_silent(grown, inputs, record) -> set[str]:
     return {n for n in record.new_params if params[n].grad is None or not params[n].grad.any()}
 
 
+@pytest.mark.parametrize("via", FLAVOURS)
 @pytest.mark.parametrize("method", ["r2r", "netmorph", "net2net"])
-def test_gradient_report_matches_the_gradients_with_batchnorm(method):
+def test_gradient_report_matches_the_gradients_with_batchnorm(method, via):
     model, inputs = Stages(), _images()
-    gm = _captured(model, inputs)
+    gm = _captured(model, inputs, via)
     grown = r2r_fx.deepen(gm, block="own", method=method, seed=0)
     record = growth_history(grown)[-1]
     assert _first_step_silent(grown, inputs, record) == {n for b in record.blocks for n in b.no_grad}
 
 
+@pytest.mark.parametrize("via", FLAVOURS)
 @pytest.mark.parametrize("method", ["r2r", "netmorph"])
-def test_gradient_report_matches_the_gradients(method):
-    """The recorded no-gradient parameters get exactly 0 at the first step; every other new one does not."""
+def test_gradient_report_matches_the_gradients(method, via):
+    """The recorded no-gradient parameters get exactly 0 at the first step; every other new one does not
+    (an exported graph reads a layer's weight by get_attr: it is no layer before itself)."""
     model, inputs = TinyLM(dropout=0.1), _ids()
-    gm = _captured(model, inputs)
+    gm = _captured(model, inputs, via)
     grown = r2r_fx.deepen(gm, block="own", after="layers.1", method=method, seed=0)
     record = growth_history(grown)[-1]
     (block,) = record.blocks
@@ -689,3 +692,55 @@ def test_carry_optimizer_starts_the_reset_norm_afresh():
     moved = r2r_fx.deepen(grown, block="own", after="0", seed=1)  # renumbers the first copy's record too
     first = growth_history(moved)[-2].blocks[0]
     assert (first.at, first.module, set(first.reset)) == ("2", "3", {"2.ln.weight", "2.ln.bias"})
+
+
+class Flattening(nn.Module):
+    """OPT's layer: the stream is flattened to (tokens, d) for the MLP and viewed back after the addition."""
+
+    def __init__(self, norm: bool = False) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.norm = nn.LayerNorm(8) if norm else None
+
+    def forward(self, x):
+        shape = x.shape
+        h = x.reshape(-1, x.size(-1))
+        h = (h + self.fc2(torch.relu(self.fc1(h)))).view(shape)
+        return self.norm(h) if self.norm is not None else h
+
+
+@pytest.mark.parametrize("via", FLAVOURS)
+def test_a_stream_reshaped_between_additions_is_copied(via):
+    model, x = nn.Sequential(*[Flattening() for _ in range(3)]), torch.randn(2, 5, 8)
+    gm = _captured(model, (x,), via)
+    assert [b.refusal for b in repeated_blocks(gm)] == ["", "", ""]
+    grown = r2r_fx.deepen(gm, block="own", after="1", seed=0)
+    assert _independent_error(model, grown, torch.randn(3, 5, 8)) <= 1e-6  # export keeps 5 tokens
+    assert_function_preserved(model, grown, (x,), onnx=via == "symbolic_trace")
+    normed = _captured(nn.Sequential(*[Flattening(norm=True) for _ in range(2)]), (x,), via)
+    assert all("reshaped" in b.refusal for b in repeated_blocks(normed))
+
+
+class Parallel(nn.Module):
+    """Cohere's parallel layer, ``(x + f(n(x))) + g(n(x))``: only the last addition is on every path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.f, self.g1, self.g2 = nn.LayerNorm(8), nn.Linear(8, 8), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return x + self.f(h) + self.g2(torch.relu(self.g1(h)))
+
+
+@pytest.mark.parametrize("via", FLAVOURS)
+def test_a_parallel_layer_sums_its_branches_in_one_addition(via):
+    model, x = nn.Sequential(*[Parallel() for _ in range(3)]), torch.randn(2, 5, 8)
+    gm = _captured(model, (x,), via)
+    assert [b.refusal for b in repeated_blocks(gm)] == ["", "", ""]
+    grown = r2r_fx.deepen(gm, block="own", after="1", seed=0)
+    (block,) = growth_history(grown)[-1].blocks
+    # f reads no pairable set: its weight is 0, so the norm before it (whose output g's pairs cancel) is silent
+    assert block.hidden == 16 and block.no_grad == (f"{block.module}.norm.bias", f"{block.module}.norm.weight")
+    assert _independent_error(model, grown, torch.randn(3, 5, 8)) <= 1e-6
+    assert_function_preserved(model, grown, (x,), onnx=via == "symbolic_trace")
