@@ -47,7 +47,7 @@ import re
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -62,6 +62,7 @@ __all__ = [
     "Program",
     "check_program",
     "compare_outputs",
+    "failures_report",
     "generate",
     "minimize",
     "normalize_reason",
@@ -144,6 +145,12 @@ class Program:
         """(model with seeded weights, ``make_inputs(batch, seed)``), from :meth:`source`."""
         ns = self.namespace()
         return ns["make_model"](), ns["make_inputs"]
+
+    def transforms(
+        self, gm: Any, r2r_fx: Any, rng: random.Random, points: int | None
+    ) -> list[tuple[str, str, Callable]]:
+        """(label, call source, thunk) of every transform to check on ``gm``, the capture of this program's model."""
+        return _transforms(gm, r2r_fx, rng, points)
 
 
 # --------------------------------------------------------------------------------------------- generator
@@ -1477,7 +1484,7 @@ def _f64_replay(program: Program, via: str, label: str, call: str, points: int |
     try:
         gm = r2r_fx.capture(model, make_inputs(wide.batch, 0), via=via)
         rng = random.Random(program.seed)
-        thunk = next(t for lab, c, t in _transforms(gm, r2r_fx, rng, points) if (lab, c) == (label, call))
+        thunk = next(t for lab, c, t in wide.transforms(gm, r2r_fx, rng, points) if (lab, c) == (label, call))
         outcome, _, _ = _evaluate(original, thunk(), _double(inputs), wide, True)
     except Exception:  # noqa: BLE001 - no replay, no excuse: the float32 error stands
         return False
@@ -1542,7 +1549,7 @@ def _where(exc: BaseException) -> str:
     return ""
 
 
-_CARRY = ("widen/r2r/factor2", "widen/netmorph/extra", "deepen/r2r/default", "grow_kernel")
+_CARRY = ("widen/r2r/factor2", "widen/netmorph/extra", "deepen/r2r/default", "deepen/own/r2r/default", "grow_kernel")
 
 
 def _check_carry_optimizer(r2r_fx: Any, gm: nn.Module, grown: nn.Module, call: str) -> tuple[str, str]:
@@ -1653,7 +1660,7 @@ def check_program(program: Program, via: str, *, points: int | None = None, only
         report.notes.append(f"width_groups raises: {_short(exc)}{_where(exc)}")
     reference = _Reference(original, inputs)
     rng = random.Random(program.seed)
-    for label, call, thunk in _transforms(gm, r2r_fx, rng, points):
+    for label, call, thunk in program.transforms(gm, r2r_fx, rng, points):
         if only and not (label.startswith(only) or only == f"carry_optimizer/{label}"):
             continue
         t0 = time.perf_counter()
@@ -1685,6 +1692,26 @@ def check_program(program: Program, via: str, *, points: int | None = None, only
             )
     report.seconds = time.perf_counter() - start
     return report
+
+
+def failures_report(runs: Iterable[tuple[Program, str]], points: int | None = None, shown: int = 3) -> str:
+    """Every wrong / broken / internal outcome (and capture internal error) of checking each (program, via),
+    with its seed, transform and call, then the source of the first ``shown`` failing models; "" if none."""
+    failures: list[str] = []
+    sources: list[str] = []
+    for program, via in runs:
+        report = check_program(program, via, points=points)
+        seed = program.seed
+        if report.capture == "internal":
+            failures.append(f"seed {seed} via {via}: capture internal error: {report.capture_detail}")
+        bad = [r for r in report.results if r.outcome in FAILURES]
+        for r in bad:
+            failures.append(f"seed {seed} via {via}: {r.transform}: {r.outcome}: {r.detail}\n    {r.call}")
+        if (bad or report.capture == "internal") and len(sources) < shown:
+            sources.append(f"# ---- seed {seed}, via {via}\n{program.source()}")
+    if not failures:
+        return ""
+    return f"{len(failures)} failing transforms:\n" + "\n".join(failures) + "\n\n" + "\n".join(sources)
 
 
 _VALUE = re.compile(r"\b(?:v\d+|x\d+)\b")
