@@ -1660,18 +1660,24 @@ def check_program(program: Program, via: str, *, points: int | None = None, only
         report.notes.append(f"width_groups raises: {_short(exc)}{_where(exc)}")
     reference = _Reference(original, inputs)
     rng = random.Random(program.seed)
+    given = {k: v.detach().clone() for k, v in gm.state_dict().items()}
     for label, call, thunk in program.transforms(gm, r2r_fx, rng, points):
         if only and not (label.startswith(only) or only == f"carry_optimizer/{label}"):
             continue
         t0 = time.perf_counter()
+        outcome = detail = ""
         try:
             grown = thunk()
         except (r2r_fx.R2RError, ValueError) as exc:
-            report.results.append(CheckResult(label, call, "refused", _short(exc), None, time.perf_counter() - t0))
-            continue
+            outcome, detail = "refused", _short(exc)
         except Exception as exc:  # noqa: BLE001
-            detail = _short(exc) + _where(exc)
-            report.results.append(CheckResult(label, call, "internal", detail, None, time.perf_counter() - t0))
+            outcome, detail = "internal", _short(exc) + _where(exc)
+        changed = _restore_state(gm, given)
+        if changed and outcome != "internal":  # a transform returns a new model, the one it was given unchanged
+            when = " before it refused" if outcome else ""
+            outcome, detail = "wrong", f"the transform changed the model it was given{when}: {', '.join(changed[:3])}"
+        if outcome:
+            report.results.append(CheckResult(label, call, outcome, detail, None, time.perf_counter() - t0))
             continue
         compare = "/random/" not in label
         replay = None
@@ -1692,6 +1698,18 @@ def check_program(program: Program, via: str, *, points: int | None = None, only
             )
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _restore_state(gm: nn.Module, given: dict[str, torch.Tensor]) -> list[str]:
+    """Names of ``gm``'s parameters and buffers that differ from ``given`` (or are gone), put back as they were."""
+    state = gm.state_dict()
+    changed = [k for k, v in given.items() if k not in state or not torch.equal(state[k], v)]
+    changed += [k for k in state if k not in given]
+    for k in changed:
+        if k in state and state[k].shape == given[k].shape:
+            with torch.no_grad():
+                state[k].copy_(given[k])
+    return changed
 
 
 def failures_report(runs: Iterable[tuple[Program, str]], points: int | None = None, shown: int = 3) -> str:

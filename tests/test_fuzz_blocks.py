@@ -9,6 +9,7 @@ the seed, the transform, the call and the model's source. ``tools/fuzz.py --kind
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 import warnings
 
@@ -73,3 +74,33 @@ def test_block_repro_is_standalone() -> None:
     source = fuzzgen.repro_source(program, report, fuzzgen.CheckResult(label, call, "wrong", "x"))
     ns: dict = {"__name__": "__main__"}
     exec(compile(source, "<repro>", "exec"), ns)  # runs the repro's own check: the transform preserves
+
+
+class _Mutating(fuzzgen_blocks.BlockProgram):
+    """Transforms that write into the model they are given: one returns a good copy, one refuses afterwards."""
+
+    def transforms(self, gm, r2r_fx, rng, points):
+        def grow(refuse: bool):
+            grown = copy.deepcopy(gm)
+            with torch.no_grad():
+                next(gm.parameters()).add_(1.0)
+            if refuse:
+                raise r2r_fx.R2RError("no")
+            return grown
+
+        return [
+            ("mutate", "grow(False)", lambda: grow(False)),
+            ("mutate_refuse", "grow(True)", lambda: grow(True)),
+            ("copy", "copy.deepcopy(gm)", lambda: copy.deepcopy(gm)),
+        ]
+
+
+def test_checker_flags_a_transform_that_changes_its_input() -> None:
+    """A transform returns a new model; one that writes into ``gm`` (even one that then refuses) is wrong,
+    and ``gm`` is put back so that the transforms after it start from the captured model."""
+    program = fuzzgen_blocks.generate(1)
+    mutating = _Mutating(**{f.name: getattr(program, f.name) for f in dataclasses.fields(program)})
+    report = fuzzgen.check_program(mutating, "symbolic_trace")
+    outcomes = [(r.transform, r.outcome) for r in report.results]
+    assert outcomes == [("mutate", "wrong"), ("mutate_refuse", "wrong"), ("copy", "preserved")], report.results
+    assert "changed the model it was given before it refused" in report.results[1].detail
