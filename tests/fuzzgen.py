@@ -25,8 +25,11 @@ leaves, smaller than the eager model's own float32-vs-float64 difference, may di
 Outcomes: "preserved", "refused" (an ``R2RError`` or ``ValueError``), "wrong" (runs but differs or
 changes shape), "broken" (the grown model raises in eval/train mode or in a train-mode backward, or
 gives non-finite gradients), "internal" (any other exception from the transform) and, for the
-non-preserving ``method="random"`` baseline, "ran" (not broken; values not compared). After a preserved
-widen/deepen/grow_kernel, ``carry_optimizer`` is checked too (label ``carry_optimizer/<transform>``).
+non-preserving ``method="random"`` baseline, "ran" (not broken; values not compared). A transform that
+changes the captured model it was given is "wrong" too (even one that then refuses), and the model is put
+back for the next. Which transforms run is the program's (:meth:`Program.transforms`; the residual-block
+models of tests/fuzzgen_blocks.py have their own). After a preserved widen/deepen/grow_kernel,
+``carry_optimizer`` is checked too (label ``carry_optimizer/<transform>``).
 
 Dropout: ``nn.Dropout*`` layers (and the ones capture makes from ATen dropouts) get ``p = 0`` in both
 models for the train-mode comparison. Functional ``F.dropout(x, P, self.training)`` is generated with
