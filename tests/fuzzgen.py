@@ -25,8 +25,11 @@ leaves, smaller than the eager model's own float32-vs-float64 difference, may di
 Outcomes: "preserved", "refused" (an ``R2RError`` or ``ValueError``), "wrong" (runs but differs or
 changes shape), "broken" (the grown model raises in eval/train mode or in a train-mode backward, or
 gives non-finite gradients), "internal" (any other exception from the transform) and, for the
-non-preserving ``method="random"`` baseline, "ran" (not broken; values not compared). After a preserved
-widen/deepen/grow_kernel, ``carry_optimizer`` is checked too (label ``carry_optimizer/<transform>``).
+non-preserving ``method="random"`` baseline, "ran" (not broken; values not compared). A transform that
+changes the captured model it was given is "wrong" too (even one that then refuses), and the model is put
+back for the next. Which transforms run is the program's (:meth:`Program.transforms`; the residual-block
+models of tests/fuzzgen_blocks.py have their own). After a preserved widen/deepen/grow_kernel,
+``carry_optimizer`` is checked too (label ``carry_optimizer/<transform>``).
 
 Dropout: ``nn.Dropout*`` layers (and the ones capture makes from ATen dropouts) get ``p = 0`` in both
 models for the train-mode comparison. Functional ``F.dropout(x, P, self.training)`` is generated with
@@ -47,7 +50,7 @@ import re
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -62,6 +65,7 @@ __all__ = [
     "Program",
     "check_program",
     "compare_outputs",
+    "failures_report",
     "generate",
     "minimize",
     "normalize_reason",
@@ -144,6 +148,12 @@ class Program:
         """(model with seeded weights, ``make_inputs(batch, seed)``), from :meth:`source`."""
         ns = self.namespace()
         return ns["make_model"](), ns["make_inputs"]
+
+    def transforms(
+        self, gm: Any, r2r_fx: Any, rng: random.Random, points: int | None
+    ) -> list[tuple[str, str, Callable]]:
+        """(label, call source, thunk) of every transform to check on ``gm``, the capture of this program's model."""
+        return _transforms(gm, r2r_fx, rng, points)
 
 
 # --------------------------------------------------------------------------------------------- generator
@@ -1477,7 +1487,7 @@ def _f64_replay(program: Program, via: str, label: str, call: str, points: int |
     try:
         gm = r2r_fx.capture(model, make_inputs(wide.batch, 0), via=via)
         rng = random.Random(program.seed)
-        thunk = next(t for lab, c, t in _transforms(gm, r2r_fx, rng, points) if (lab, c) == (label, call))
+        thunk = next(t for lab, c, t in wide.transforms(gm, r2r_fx, rng, points) if (lab, c) == (label, call))
         outcome, _, _ = _evaluate(original, thunk(), _double(inputs), wide, True)
     except Exception:  # noqa: BLE001 - no replay, no excuse: the float32 error stands
         return False
@@ -1542,7 +1552,7 @@ def _where(exc: BaseException) -> str:
     return ""
 
 
-_CARRY = ("widen/r2r/factor2", "widen/netmorph/extra", "deepen/r2r/default", "grow_kernel")
+_CARRY = ("widen/r2r/factor2", "widen/netmorph/extra", "deepen/r2r/default", "deepen/own/r2r/default", "grow_kernel")
 
 
 def _check_carry_optimizer(r2r_fx: Any, gm: nn.Module, grown: nn.Module, call: str) -> tuple[str, str]:
@@ -1653,18 +1663,24 @@ def check_program(program: Program, via: str, *, points: int | None = None, only
         report.notes.append(f"width_groups raises: {_short(exc)}{_where(exc)}")
     reference = _Reference(original, inputs)
     rng = random.Random(program.seed)
-    for label, call, thunk in _transforms(gm, r2r_fx, rng, points):
+    given = {k: v.detach().clone() for k, v in gm.state_dict().items()}
+    for label, call, thunk in program.transforms(gm, r2r_fx, rng, points):
         if only and not (label.startswith(only) or only == f"carry_optimizer/{label}"):
             continue
         t0 = time.perf_counter()
+        outcome = detail = ""
         try:
             grown = thunk()
         except (r2r_fx.R2RError, ValueError) as exc:
-            report.results.append(CheckResult(label, call, "refused", _short(exc), None, time.perf_counter() - t0))
-            continue
+            outcome, detail = "refused", _short(exc)
         except Exception as exc:  # noqa: BLE001
-            detail = _short(exc) + _where(exc)
-            report.results.append(CheckResult(label, call, "internal", detail, None, time.perf_counter() - t0))
+            outcome, detail = "internal", _short(exc) + _where(exc)
+        changed = _restore_state(gm, given)
+        if changed and outcome != "internal":  # a transform returns a new model, the one it was given unchanged
+            when = " before it refused" if outcome else ""
+            outcome, detail = "wrong", f"the transform changed the model it was given{when}: {', '.join(changed[:3])}"
+        if outcome:
+            report.results.append(CheckResult(label, call, outcome, detail, None, time.perf_counter() - t0))
             continue
         compare = "/random/" not in label
         replay = None
@@ -1685,6 +1701,38 @@ def check_program(program: Program, via: str, *, points: int | None = None, only
             )
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _restore_state(gm: nn.Module, given: dict[str, torch.Tensor]) -> list[str]:
+    """Names of ``gm``'s parameters and buffers that differ from ``given`` (or are gone), put back as they were."""
+    state = gm.state_dict()
+    changed = [k for k, v in given.items() if k not in state or not torch.equal(state[k], v)]
+    changed += [k for k in state if k not in given]
+    for k in changed:
+        if k in state and state[k].shape == given[k].shape:
+            with torch.no_grad():
+                state[k].copy_(given[k])
+    return changed
+
+
+def failures_report(runs: Iterable[tuple[Program, str]], points: int | None = None, shown: int = 3) -> str:
+    """Every wrong / broken / internal outcome (and capture internal error) of checking each (program, via),
+    with its seed, transform and call, then the source of the first ``shown`` failing models; "" if none."""
+    failures: list[str] = []
+    sources: list[str] = []
+    for program, via in runs:
+        report = check_program(program, via, points=points)
+        seed = program.seed
+        if report.capture == "internal":
+            failures.append(f"seed {seed} via {via}: capture internal error: {report.capture_detail}")
+        bad = [r for r in report.results if r.outcome in FAILURES]
+        for r in bad:
+            failures.append(f"seed {seed} via {via}: {r.transform}: {r.outcome}: {r.detail}\n    {r.call}")
+        if (bad or report.capture == "internal") and len(sources) < shown:
+            sources.append(f"# ---- seed {seed}, via {via}\n{program.source()}")
+    if not failures:
+        return ""
+    return f"{len(failures)} failing transforms:\n" + "\n".join(failures) + "\n\n" + "\n".join(sources)
 
 
 _VALUE = re.compile(r"\b(?:v\d+|x\d+)\b")

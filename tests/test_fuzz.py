@@ -24,17 +24,10 @@ __all__: list[str] = []
 
 CHUNKS = 12
 PER_CHUNK = 20  # 240 graphs
-SHOWN = 3  # failing models whose source goes into the message
 _FLOAT32 = SimpleNamespace(torch_dtype=torch.float32, random_train=False)  # what _evaluate reads of a Program
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one torch thread is several times faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _via(seed: int) -> str:
@@ -44,19 +37,9 @@ def _via(seed: int) -> str:
 @pytest.mark.parametrize("chunk", range(CHUNKS))
 def test_fuzz_chunk(chunk: int) -> None:
     warnings.filterwarnings("ignore")
-    failures: list[str] = []
-    sources: list[str] = []
-    for seed in range(chunk * PER_CHUNK, (chunk + 1) * PER_CHUNK):
-        program = fuzzgen.generate(seed)
-        report = fuzzgen.check_program(program, _via(seed), points=1)
-        if report.capture == "internal":
-            failures.append(f"seed {seed} via {report.via}: capture internal error: {report.capture_detail}")
-        bad = [r for r in report.results if r.outcome in fuzzgen.FAILURES]
-        for r in bad:
-            failures.append(f"seed {seed} via {report.via}: {r.transform}: {r.outcome}: {r.detail}\n    {r.call}")
-        if (bad or report.capture == "internal") and len(sources) < SHOWN:
-            sources.append(f"# ---- seed {seed}, via {report.via}\n{program.source()}")
-    assert not failures, f"{len(failures)} failing transforms:\n" + "\n".join(failures) + "\n\n" + "\n".join(sources)
+    seeds = range(chunk * PER_CHUNK, (chunk + 1) * PER_CHUNK)
+    failures = fuzzgen.failures_report(((fuzzgen.generate(seed), _via(seed)) for seed in seeds), points=1)
+    assert not failures, failures
 
 
 def test_generator_is_deterministic_and_broad() -> None:

@@ -1,14 +1,18 @@
 """Long fuzz campaigns: random architectures through every transform, independent check against eager.
 
     python tools/fuzz.py --models 10000 --seed 0 --minutes 60 --out fuzz_out
+    python tools/fuzz.py --kind blocks --seed 18700000 --minutes 20 --out fuzz_blocks
 
-Each seed's program (``tests/fuzzgen.py``) is captured both ways (``--via both``, the default; or one
-of ``symbolic_trace`` / ``export``), every transform is applied with the safety net off and checked.
+Each seed's program (``--kind general``, the default: ``tests/fuzzgen.py``'s random programs through
+widen, deepen and grow_kernel; ``--kind blocks``: ``tests/fuzzgen_blocks.py``'s residual-block models
+through ``deepen(block="own")``, a second deepen and a widen of the deepened model) is captured both
+ways (``--via both``, the default; or one of ``symbolic_trace`` / ``export``), every transform is applied
+with the safety net off and checked.
 ``DIR/summary.json`` holds the counts (per outcome, per transform, per graph flavour, capture
 outcomes, frozen-group statistics and reasons, the rate) and is rewritten as the campaign goes;
 ``DIR/repro/`` gets one standalone ``.py`` per failure (wrong / broken / internal; at most
 ``--repros-per-class`` per failure class, each class keyed by transform, outcome and message;
-``--minimize S`` also writes a shrunk ``min_*.py`` of each class's first failure).
+``--minimize S`` also writes a shrunk ``min_*.py`` of each class's first failure of a general program).
 
 The campaign runs in worker processes: a worker killed by a signal (a segfault inside torch, seen
 in these campaigns) is recorded under ``crashes`` with ``repro/crash_seed*.py`` for the model it was
@@ -38,9 +42,12 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import fuzzgen  # noqa: E402
+import fuzzgen_blocks  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["Campaign", "failure_class", "main"]
+__all__ = ["GENERATORS", "Campaign", "failure_class", "main"]
+
+GENERATORS = {"general": fuzzgen.generate, "blocks": fuzzgen_blocks.generate}  # --kind: seed -> Program
 
 
 def failure_class(result: fuzzgen.CheckResult, via: str) -> str:
@@ -55,8 +62,11 @@ def failure_class(result: fuzzgen.CheckResult, via: str) -> str:
 class Campaign:
     """Runs programs and accumulates the summary; writes repro files for failures."""
 
-    def __init__(self, out: str, repros_per_class: int, points: int | None, minimize: float = 0.0) -> None:
+    def __init__(
+        self, out: str, repros_per_class: int, points: int | None, minimize: float = 0.0, kind: str = "general"
+    ) -> None:
         self.out, self.repros_per_class, self.points, self.minimize = out, repros_per_class, points, minimize
+        self.kind, self.generate = kind, GENERATORS[kind]
         os.makedirs(os.path.join(out, "repro"), exist_ok=True)
         self.start = time.time()
         self.commit_at_start = _commit()  # what the campaign imported; others may commit while it runs
@@ -84,7 +94,7 @@ class Campaign:
 
     def run_seed(self, seed: int, vias: list[str]) -> None:
         try:
-            program = fuzzgen.generate(seed)
+            program = self.generate(seed)
         except RuntimeError:
             self.generator_failures += 1
             return
@@ -147,6 +157,7 @@ class Campaign:
         transforms = sum(self.outcomes.values())
         return {
             "r2r_fx_commit": self.commit_at_start,
+            "kind": self.kind,
             "torch": torch.__version__,
             "minutes": round(minutes, 2),
             "models": self.models,
@@ -195,7 +206,10 @@ def _time_limit(seconds: int) -> Iterator[None]:
 
 
 def reduce(program: fuzzgen.Program, via: str, result: fuzzgen.CheckResult, seconds: float) -> str | None:
-    """A repro of ``result`` from the smallest program :func:`fuzzgen.minimize` finds (None if none)."""
+    """A repro of ``result`` from the smallest program :func:`fuzzgen.minimize` finds (None if none; block models,
+    whose statements live in their block classes, are not shrunk)."""
+    if isinstance(program, fuzzgen_blocks.BlockProgram):
+        return None
     mode = result.detail.split(":", 1)[0] if result.outcome == "wrong" else result.detail.split(":", 1)[-1][:40]
     small = fuzzgen.minimize(program, via, result.transform, result.outcome, mode, budget=seconds)
     report = fuzzgen.check_program(small, via, only=result.transform)
@@ -234,15 +248,7 @@ if __name__ == "__main__":
     gm = r2r_fx.capture(model, make_inputs(), via={via!r})
     inputs = make_inputs(BATCH + 2, 123)
     calls = []
-    for method in ("r2r", "net2net", "netmorph", "random"):
-        calls += [("widen", dict(factor=2.0, method=method)), ("widen", dict(extra=2, method=method))]
-        calls.append(("deepen", dict(method=method)))
-        calls += [("deepen", dict(at=p.node, method=method)) for p in r2r_fx.insertion_points(gm)]
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.modules.conv._ConvNd):
-            k = gm.get_submodule(str(node.target)).kernel_size[0]
-            calls.append(("grow_kernel", dict(node=node.name, size=k + 2)))
-    for name, kwargs in calls:
+{calls}    for name, kwargs in calls:
         print(name, kwargs, flush=True)
         try:
             grown = getattr(r2r_fx, name)(gm, **kwargs, seed=0, check=False) if name != "grow_kernel" else (
@@ -258,6 +264,23 @@ if __name__ == "__main__":
         sum(o.sum() for o in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(o)).backward()
     print("no crash")
 """
+
+
+_CRASH_CALLS = {
+    "general": """    for method in ("r2r", "net2net", "netmorph", "random"):
+        calls += [("widen", dict(factor=2.0, method=method)), ("widen", dict(extra=2, method=method))]
+        calls.append(("deepen", dict(method=method)))
+        calls += [("deepen", dict(at=p.node, method=method)) for p in r2r_fx.insertion_points(gm)]
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.modules.conv._ConvNd):
+            k = gm.get_submodule(str(node.target)).kernel_size[0]
+            calls.append(("grow_kernel", dict(node=node.name, size=k + 2)))
+""",
+    "blocks": """    for method in ("r2r", "net2net", "netmorph", "random"):
+        calls += [("deepen", dict(block="own", method=method)), ("deepen", dict(block="own", where="end"))]
+        calls += [("deepen", dict(block="own", after=b.path, method=method)) for b in r2r_fx.repeated_blocks(gm)]
+""",
+}
 
 
 def _merge(a: Any, b: Any) -> Any:
@@ -300,10 +323,11 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int:
         crashes.append({"seed": seed, "via": via, "how": sig})
         print(f"worker died ({sig}) on seed {seed} via {via}; going on from seed {seed + 1}", flush=True)
         try:
-            program = fuzzgen.generate(seed)
+            program = GENERATORS[args.kind](seed)
+            calls = _CRASH_CALLS[args.kind]
             with open(os.path.join(args.out, "repro", f"crash_seed{seed}_{via}.py"), "w") as f:
                 f.write(f"# r2r_fx fuzz repro: seed {seed}, via {via}: worker crashed ({sig})\n")
-                f.write(program.source() + _CRASH_HARNESS.format(signal=sig, via=via))
+                f.write(program.source() + _CRASH_HARNESS.format(signal=sig, via=via, calls=calls))
         except Exception as exc:  # noqa: BLE001
             print(f"could not write the crash repro: {exc}")
         start = seed + 1
@@ -339,12 +363,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=None, help="stop after this long")
     parser.add_argument("--out", default="fuzz_out", help="output directory")
     parser.add_argument("--via", default="both", choices=["both", "symbolic_trace", "export"])
-    parser.add_argument("--points", type=int, default=None, help="deepen at= points per method (default: all)")
+    parser.add_argument(
+        "--kind", default="general", choices=sorted(GENERATORS), help="general programs or residual-block models"
+    )
+    parser.add_argument(
+        "--points",
+        type=int,
+        default=None,
+        help="deepen at= points per method (default: all); with --kind blocks, placements per method (default 2)",
+    )
     parser.add_argument("--repros-per-class", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--minimize", type=float, default=0.0, help="seconds to shrink the first repro of each class")
     parser.add_argument(
-        "--reduce", nargs=2, metavar=("SEED", "TRANSFORM"), help="only shrink one failure (with --via) and print it"
+        "--reduce",
+        nargs=2,
+        metavar=("SEED", "TRANSFORM"),
+        help="only shrink one failure (with --via) and print it (a block model's: print it whole)",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -357,10 +392,13 @@ def main(argv: list[str] | None = None) -> int:
     vias = ["symbolic_trace", "export"] if args.via == "both" else [args.via]
     if args.reduce:
         seed, label = int(args.reduce[0]), args.reduce[1]
-        program = fuzzgen.generate(seed)
+        program = GENERATORS[args.kind](seed)
         for via in vias:
             report = fuzzgen.check_program(program, via, points=args.points, only=label)
             bad = [r for r in report.results if r.transform == label and r.outcome in fuzzgen.FAILURES]
+            if bad and isinstance(program, fuzzgen_blocks.BlockProgram):  # not shrunk: the whole model
+                print(fuzzgen.repro_source(program, report, bad[0]))
+                return 0
             if bad:
                 print(reduce(program, via, bad[0], args.minimize or 120.0) or "could not reproduce after shrinking")
                 return 0
@@ -379,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             keep.append(a)
         return supervise(args, keep)
-    campaign = Campaign(args.out, args.repros_per_class, args.points, args.minimize)
+    campaign = Campaign(args.out, args.repros_per_class, args.points, args.minimize, args.kind)
     if args.worker:
         campaign.progress_file = os.path.join(args.out, "current_seed")
         campaign.part_file = os.path.join(args.out, "parts", f"part_{args.seed:09d}.json")
