@@ -224,7 +224,8 @@ class R2R(Method):
         v = self._uniform(shape, self._scale(tensor), tensor, generator)
         if free:
             return v
-        parts = [v, -v] + ([torch.zeros_like(v.narrow(axis, 0, 1))] if r % 2 else [])
+        odd = [*shape[:axis], 1, *shape[axis + 1 :]]  # one channel (r = 1: the whole tail) is 0
+        parts = [v, -v] + ([torch.zeros(odd, dtype=v.dtype, device=v.device)] if r % 2 else [])
         return torch.cat(parts, dim=axis)
 
     def tail_gamma(self, gamma, axis, r, generator):

@@ -1077,3 +1077,26 @@ def test_deepen_before_an_op_that_keeps_its_output_written_in_place_later(via):
         grown.train()
         grown(x).sum().backward()  # raised "modified by an inplace operation" after the stem and mul
     assert grown_anywhere >= 2 and not points & {"stem", "conv2d", "mul"}, points
+
+
+class _PreNorm(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(c), nn.Linear(c, c)
+
+    def forward(self, x):
+        return x + self.fc(self.norm(x))
+
+
+@pytest.mark.parametrize("extra", [1, 2, 3])
+@pytest.mark.parametrize("method", ["r2r", "net2net", "netmorph"])
+def test_a_normalised_stream_grows_by_one_mean_channel(method, extra):
+    """Fuzz finding 17 (seed 18700135, --kind blocks): R2R's mean tail of one channel (no [V, -V] pair) raised
+    inside the method; it is a zero column."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), _PreNorm(8), nn.Linear(8, 5)).eval()
+    x = torch.randn(4, 3)
+    grown = r2r_fx.widen(r2r_fx.capture(model, (x,)), extra=extra, method=method, seed=0, groups=["kind:stream"])
+    assert grown.get_parameter("1.norm.weight").shape == (8 + extra,)
+    with torch.no_grad():
+        assert (grown(x) - model(x)).abs().max() <= 1e-5 * model(x).abs().max()
