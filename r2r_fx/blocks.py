@@ -74,6 +74,7 @@ _NORM_KINDS = {
     torch.ops.aten.rms_norm.default: "rms",
 }
 _RESHAPES = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+_PERMUTES = {"permute", "transpose", "swapaxes"}
 IDEMPOTENT = {"relu", "relu_", "ReLU", "relu6", "ReLU6", "hardtanh", "hardtanh_", "Hardtanh", "clamp", "clamp_", "clip"}
 
 
@@ -223,22 +224,27 @@ def _qualify(
     adds = stream_adds(nodes, entry, dominators)
     if not adds or any(not depends_on(branch, stream) for _, stream, branch in adds):
         return None  # x + a constant or x + an input: not a residual branch
-    return entry, exit_, _refusal(gm, nodes, dominators)
+    return entry, exit_, _refusal(gm, nodes, entry, dominators)
 
 
-def _refusal(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], dominators: set[str]) -> str:
+def _refusal(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], entry: torch.fx.Node, dominators: set[str]) -> str:
     """Why the block's stream ops are not an identity once its branches add 0 ("" if they are)."""
     stream = [n for n in nodes if n.name in dominators]
     last_add = max(i for i, n in enumerate(stream) if _is_add(n))
-    changing = [(i, n) for i, n in enumerate(stream) if not (_is_add(n) or _same_value(n) or _reshapes(n))]
-    reshaped = next((n for n in stream if _reshapes(n)), None)
-    if reshaped is not None and any(norm_kind(gm, n) for _, n in changing):
+    changing = [(i, n) for i, n in enumerate(stream) if not (_is_add(n) or _same_value(n) or _moves(n))]
+    moved = [n for n in stream if _moves(n)]
+    if moved and any(norm_kind(gm, n) for _, n in changing):
         return (
-            f"its stream is reshaped ({reshaped.name}) and normalised: a chain of norms over other shapes "
-            "would not be exact"
+            f"its stream is reshaped or permuted ({moved[0].name}) and normalised: a chain of norms over other "
+            "shapes would not be exact"
+        )
+    if moved and not _moves_cancel(stream, entry):
+        return (
+            f"its stream's reshapes and permutations ({', '.join(n.name for n in moved[:3])}) do not compose to the "
+            "identity: a copy would not be an identity at insertion"
         )
     if not changing:
-        return ""  # reshapes between additions: in and out have one shape, so they compose to the identity
+        return ""  # moves between additions that cancel (OPT's flattened tokens, MaxViT's partitions)
     if len(changing) == 1:
         i, node = changing[0]
         if i > last_add and _op_name(node) in IDEMPOTENT:
@@ -324,13 +330,46 @@ def _same_value(node: torch.fx.Node) -> bool:
     return _op_name(node) in _SAME_VALUE
 
 
-def _reshapes(node: torch.fx.Node) -> bool:
-    """A view to another shape of the same entries in the same order (no permutation, no cast)."""
+def _moves(node: torch.fx.Node) -> bool:
+    """A reshape or a permutation by constant dims of one tensor (the same entries, no cast)."""
     tensors = [a for a in node.all_input_nodes if shape_of(a) is not None]
-    if len(tensors) != 1 or shape_of(node) is None or _op_name(node) not in _RESHAPES:
+    if len(tensors) != 1 or shape_of(node) is None or _op_name(node) not in _RESHAPES | _PERMUTES:
+        return False
+    if _op_name(node) in _PERMUTES and _dims(node) is None:
         return False
     before, after = tensors[0].meta["tensor_meta"], node.meta["tensor_meta"]
     return before.dtype == after.dtype and math.prod(before.shape) == math.prod(after.shape)
+
+
+def _dims(node: torch.fx.Node) -> list[int] | None:
+    """A permute's or transpose's dims when they are constants."""
+    dims = node.args[1:]
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = dims[0]
+    dims = list(node.kwargs.get("dims", dims))
+    return dims if dims and all(isinstance(d, int) for d in dims) else None
+
+
+def _moves_cancel(stream: list[torch.fx.Node], entry: torch.fx.Node) -> bool:
+    """Whether the stream's moves, followed on the entry's element indices (additions pass the stream on,
+    every other op keeps positions), bring every element back to its place."""
+    start = torch.arange(math.prod(shape_of(entry))).reshape(shape_of(entry))
+    values = {entry: start}
+    for node in stream:
+        inputs = [a for a in node.all_input_nodes if a in values]
+        if len(inputs) != 1:
+            return False
+        x = values[inputs[0]]
+        if _moves(node) and _op_name(node) in _PERMUTES:
+            dims = _dims(node)
+            values[node] = x.transpose(*dims) if _op_name(node) in ("transpose", "swapaxes") else x.permute(dims)
+        elif _moves(node):
+            values[node] = x.reshape(shape_of(node))
+        else:  # additions, same-value ops, norms and activations: positions kept
+            if shape_of(node) != tuple(x.shape):
+                return False
+            values[node] = x
+    return torch.equal(values[stream[-1]], start.reshape(shape_of(stream[-1])))
 
 
 def depends_on(node: object, source: torch.fx.Node) -> bool:

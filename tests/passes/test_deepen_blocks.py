@@ -744,3 +744,36 @@ def test_a_parallel_layer_sums_its_branches_in_one_addition(via):
     assert block.hidden == 16 and block.no_grad == (f"{block.module}.norm.bias", f"{block.module}.norm.weight")
     assert _independent_error(model, grown, torch.randn(3, 5, 8)) <= 1e-6
     assert_function_preserved(model, grown, (x,), onnx=via == "symbolic_trace")
+
+
+class Partitioned(nn.Module):
+    """MaxViT's partition layer: (B, C, H, W) cut into 2x2 windows of tokens, ``x + f(norm(x))`` on them,
+    and put back; ``undo=False`` leaves the windows' tokens transposed (square, so the shape still fits)."""
+
+    def __init__(self, undo: bool = True) -> None:
+        super().__init__()
+        self.norm, self.fc1, self.fc2, self.undo = nn.LayerNorm(8), nn.Linear(8, 16), nn.Linear(16, 8), undo
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        t = x.permute(0, 2, 3, 1).reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 2, 4, 5)
+        t = t.reshape(b * (h // 2) * (w // 2), 4, c)
+        t = t + self.fc2(torch.relu(self.fc1(self.norm(t))))
+        t = (
+            t.reshape(b, h // 2, w // 2, 2, 2, c).permute(0, 1, 3, 2, 4, 5)
+            if self.undo
+            else t.reshape(b, h // 2, w // 2, 2, 2, c).permute(0, 2, 4, 1, 3, 5)
+        )
+        return t.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("via", FLAVOURS)
+def test_a_stream_partitioned_and_put_back_is_copied(via):
+    model, x = nn.Sequential(*[Partitioned() for _ in range(3)]), torch.randn(2, 8, 4, 4)
+    gm = _captured(model, (x,), via)
+    assert [b.refusal for b in repeated_blocks(gm)] == ["", "", ""]
+    grown = r2r_fx.deepen(gm, block="own", after="1", seed=0)
+    assert _independent_error(model, grown, torch.randn(3, 8, 4, 4)) <= 1e-6
+    assert_function_preserved(model, grown, (x,), onnx=via == "symbolic_trace")
+    moved = _captured(nn.Sequential(*[Partitioned(undo=False) for _ in range(2)]), (x,), via)
+    assert all("do not compose to the identity" in b.refusal for b in repeated_blocks(moved))
