@@ -177,3 +177,21 @@ def test_carry_from_the_eager_model_of_an_exported_capture():
                 assert state[key][new_entry_mask(changes[name][-1])].eq(0).all()
         grown_count += new_p.shape != old_p.shape
     assert grown_count > 0
+
+
+@pytest.mark.parametrize("kind", ["heads", "head_size"])
+def test_carry_optimizer_through_packed_projections(kind):
+    """q, k and v packed in one in_proj (three segments per axis): each segment's old rows keep their state,
+    each segment's new rows start at zero."""
+    model, inputs = ZOO["encoder_pre_ln"]()
+    gm = r2r_fx.capture(model, inputs, via="symbolic_trace")
+    gm.train()
+    opt = torch.optim.Adam(gm.parameters(), lr=1e-3)
+    for _ in range(2):
+        opt.zero_grad()
+        gm(*random_batch(inputs, 4)).float().pow(2).mean().backward()
+        opt.step()
+    grown = r2r_fx.widen(gm.eval(), factor=2.0, seed=0, groups=[f"kind:{kind}"])
+    packed = [n for n, changes in param_changes(grown).items() if "in_proj_weight" in n]
+    assert packed and all(len(param_changes(grown)[n][-1].axes[0].old_runs) >= 3 for n in packed), packed
+    assert_state_carried(opt, gm, r2r_fx.carry_optimizer(opt, gm, grown), grown)
