@@ -6,14 +6,14 @@ dtype, every node between the two is the module's own, and on the way the stream
 residual additions ``s + f(s)`` (at least one) and ops that change nothing once every branch adds 0.
 Copying such a block and making its branches add exactly 0 inserts an identity (``passes/deepen.py``).
 
-Which stream ops are an identity at insertion: casts to the same dtype, copies, views and reshapes (the
-block's input and output have one shape, so reshapes between compose to the identity: OPT flattens
-its tokens for the MLP); and one idempotent activation after the last addition (ResNet's ``relu(x + f(x))``), since the
-copy's input is then that activation's output. A post-norm block (BERT: ``LN(h + f(h))`` after each
-addition, one LayerNorm or RMSNorm kind, the last after the last addition) is copied too: with every
-branch adding 0 the copy is a chain of norms after the block's last one, which ``passes/deepen_blocks.py``
-sets to compose exactly to that one norm. A block whose stream passes anything else is listed with the
-reason a copy is not an identity.
+Which stream ops are an identity at insertion: casts to the same dtype and copies; reshapes and
+permutations that cancel (followed on the entry's element indices: OPT flattens its tokens for the MLP,
+MaxViT cuts its map into windows and puts them back); and one idempotent activation after the last
+addition (ResNet's ``relu(x + f(x))``), since the copy's input is then that activation's output. A
+post-norm block (BERT: ``LN(h + f(h))`` after each addition, one LayerNorm or RMSNorm kind, the last
+after the last addition) is copied too: with every branch adding 0 the copy is a chain of norms after
+the block's last one, which ``passes/deepen_norms.py`` sets to compose exactly to that one norm. A
+block whose stream passes anything else is listed with the reason a copy is not an identity.
 
 Modules are read from ``node.meta["nn_module_stack"]`` (both graph levels record it) and from the
 targets of layers and parameters. Among nested candidates the repeated ones win: modules of one class
