@@ -220,10 +220,11 @@ class DeepenPass(Pass):
         return self.block == "own" or (self.block == "auto" and any(not b.refusal for b in blocks))
 
     def transform(self, gm: torch.fx.GraphModule) -> PassResult:
+        blocks = repeated_blocks(gm) if self.block != "generic" else []
         if self.block == "own":
-            return self._own_blocks(gm)
-        if self.uses_own_blocks(repeated_blocks(gm)):
-            result = self._own_blocks(gm)
+            return self._own_blocks(gm, blocks)
+        if self.uses_own_blocks(blocks):
+            result = self._own_blocks(gm, blocks)
             if result.modified:
                 return result  # else (every block refused) the generic block, as for a model without blocks
         analysis = analyze(gm)
@@ -279,9 +280,8 @@ class DeepenPass(Pass):
         append_record(grown, record)
         return PassResult(grown, bool(blocks), record)
 
-    def _own_blocks(self, gm: torch.fx.GraphModule) -> PassResult:
+    def _own_blocks(self, gm: torch.fx.GraphModule, blocks: list[RepeatedBlock]) -> PassResult:
         analysis = analyze(gm)
-        blocks = repeated_blocks(gm)
         chosen = self.choose(blocks)
         pairs = self.method.name == "r2r"
         plans, skipped = {}, []

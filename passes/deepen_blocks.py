@@ -2,11 +2,11 @@
 it, its branches adding exactly 0 at insertion.
 
 Each residual addition ``s + b`` of the copy gets ``b = 0``. Walking back from ``b`` through ops that
-keep 0 at 0 (dropout, stochastic depth, scaling, views, casts, activations with ``f(0) = 0``,
-BatchNorm) leads to the branch's last weighted layer ``T``
-(Linear, convolution, ``addmm``). A BatchNorm between ``T`` and the addition gets weight and bias 0
-(zero-init residual, exact in both modes; ``T`` and the rest stay random and first train through that
-BatchNorm's weight). Otherwise, with ``method="r2r"`` the channels ``T`` reads are made identical
+keep 0 at 0 (dropout, stochastic depth, scaling, views, moves, casts, activations with ``f(0) = 0``)
+leads to the branch's last weighted layer ``T`` (Linear, convolution, ``addmm``), or to a norm
+(ResNet's BatchNorm after ``T``, Swin v2's LayerNorm), which then gets weight and bias 0 (zero-init
+residual, exact in both modes; the layers before it stay random and first train through that norm's
+weight). At a ``T``, with ``method="r2r"`` the channels ``T`` reads are made identical
 in pairs (channel ``j + w/2`` a copy of ``j``: every producer row, bias and per-channel value of that
 channel set, which the width analysis lists) and ``T``'s columns opposite (``[V, -V]``), so
 ``T(h) = V h - V h = 0`` while every weight stays random and gets a gradient. The pairs need a channel
@@ -67,11 +67,6 @@ _MOVES = {  # rearrange or select their first operand's entries (Swin's window p
     "getitem", "slice", "select", "narrow", "roll", "expand", "repeat", "unflatten", "movedim", "index_select",
     "split", "split_with_sizes", "chunk", "unbind", "constant_pad_nd", "pad",
 }  # fmt: skip
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_ZERO_NORM = (
-    "a BatchNorm follows the branch's last layer: its weight and bias start at 0 (zero-init residual; in train "
-    "mode it would scale the rounding left by a paired cancellation up by 1/sqrt(eps))"
-)
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _WEIGHTED_OPS = {"linear", "conv1d", "conv2d", "conv3d", "addmm", "mm", "matmul", "conv"}
 
@@ -84,7 +79,6 @@ class Tail:
     weight: str  # parameter name (the original block's)
     axis: int  # the weight's input axis
     biases: list[str]  # to 0
-    norms: list[str]  # BatchNorms between the layer and the addition: weight and bias to 0 (the layer stays random)
     upstream: list[str]  # parameters the branch uses before the layer (no gradient when the weight is 0)
     pair_set: int | None = None  # the channel set read in identical pairs, or None: the weight is 0
     why_not_pairs: str = ""
@@ -148,7 +142,7 @@ def _tails(gm, analysis, node, stream, inside) -> list[Tail]:
     module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
     moves = name in _MOVES and _pads_zeros(node)
     dropping = module is not None and is_stochastic_depth(module)
-    if moves or name in _KEEP_ZERO or isinstance(module, _BATCH_NORMS) or dropping:
+    if moves or name in _KEEP_ZERO or dropping:
         carriers = [a for a in node.all_input_nodes if a in inside and depends_on(a, stream)]
         if name == "div" or moves:  # the first operand only (an index computed from the stream is no carrier)
             carriers = carriers[:1] if node.args and node.args[0] in carriers else []
@@ -159,13 +153,8 @@ def _tails(gm, analysis, node, stream, inside) -> list[Tail]:
             except GrowthError as error:
                 inner = inner or error
                 continue
-            if isinstance(module, _BATCH_NORMS):
-                if module.weight is None or module.bias is None:
-                    raise GrowthError(f"{describe(node, gm)}, without affine parameters, follows a branch's last layer")
-                for t in found:
-                    t.norms.append(str(node.target))
             return found
-        if inner is not None and not isinstance(module, _BATCH_NORMS):
+        if inner is not None:
             raise inner
     last_norm = _norm_tail(gm, node)
     if last_norm is not None:
@@ -173,12 +162,14 @@ def _tails(gm, analysis, node, stream, inside) -> list[Tail]:
     raise GrowthError(f"a branch ends in {describe(node, gm)}, which cannot be made to give 0")
 
 
-_TAIL_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, *_BATCH_NORMS)  # torch's own: weight = bias = 0 gives 0
+_TAIL_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _norm_tail(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Tail | None:
-    """A Tail for a norm that ends a branch (Swin v2's ``x + LN(attention(x))``; a BatchNorm after an op the
-    walk cannot pass): weight and bias 0 give 0 for any input, in both modes. None if ``node`` is no norm."""
+    """A Tail for a norm that ends a branch (ResNet's last BatchNorm, Swin v2's ``x + LN(attention(x))``):
+    torch's norms with weight and bias 0 give 0 for any input, in both modes, while the layers before stay
+    random (zero-init residual; pairs there would leave rounding that a train-mode BatchNorm scales up by
+    1/sqrt(eps)). None if ``node`` is no norm."""
     if node.op == "call_module":
         if type(gm.get_submodule(str(node.target))) not in _TAIL_NORMS:
             return None
@@ -186,9 +177,14 @@ def _norm_tail(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Tail | None:
         return None
     weight, bias = norm_targets(gm, node)
     if weight is None:
-        raise GrowthError(f"a branch ends in {describe(node, gm)}, which has no weight to start at 0")
-    why = f"{describe(node, gm)} ends the branch: its weight and bias start at 0, the layers before it stay random"
-    return Tail(node.name, weight, 0, [bias] if bias else [], [], [], why_not_pairs=why, is_norm=True)
+        raise GrowthError(
+            f"a branch ends in {describe(node, gm)}, without affine parameters: it has no weight to start at 0"
+        )
+    why = (
+        f"{describe(node, gm)} ends the branch: its weight and bias start at 0 (zero-init residual), the layers "
+        "before it stay random"
+    )
+    return Tail(node.name, weight, 0, [bias] if bias else [], [], why_not_pairs=why, is_norm=True)
 
 
 def _pads_zeros(node: torch.fx.Node) -> bool:
@@ -230,7 +226,7 @@ def _as_tail(gm, analysis: Analysis, node: torch.fx.Node) -> Tail | None:
     else:
         params |= {f"{node.target}.{n}" for n, _ in gm.get_submodule(str(node.target)).named_parameters()}
     weight = weights[0]
-    return Tail(node.name, weight.param, weight.axis, sorted(params - {weight.param}), [], [])
+    return Tail(node.name, weight.param, weight.axis, sorted(params - {weight.param}), [])
 
 
 def _ancestors_from(node: torch.fx.Node, stream: torch.fx.Node, inside: set) -> list[torch.fx.Node]:
@@ -338,7 +334,7 @@ def insert_copy(
     inserted before rename later blocks: ``tensors`` resolved the names before any insertion. Every change
     goes to the copy's twin of a tensor, found by identity, never to the tensor itself."""
     nodes = block_region(gm, block.path)
-    tensor, weights, norms = tensors.by_name, tensors.weights, tensors.modules
+    tensor, weights = tensors.by_name, tensors.weights
     new_path = _make_room(gm, block.path)
     renames = _copy_modules(gm, block.path, new_path, nodes)
     copies = _copy_nodes(gm, nodes, block, new_path, renames)
@@ -357,19 +353,13 @@ def insert_copy(
                     new.copy_(method._uniform(new.shape, method._scale(new), new, generator))
         paired, silent, reasons = 0, [], set()
         for tail in plan.tails if method.name != "random" else ():  # random: a copy that is not an identity
-            if tail.norms:  # zero-init residual: the last BatchNorm's weight and bias are 0, the layers random
-                for norm in tail.norms:
-                    twin(norms[norm].weight).zero_()
-                    twin(norms[norm].bias).zero_()
-                silent += tail.upstream + [tail.weight, *tail.biases]
-                reasons.add(_ZERO_NORM)
-                continue
             if tail.pair_set is not None and method.name == "r2r":
                 paired += _pair(analysis, tail, lambda name: twin(tensor[name]))
             else:
                 twin(tensor[tail.weight]).zero_()
                 silent += tail.upstream
-                reasons.add(tail.why_not_pairs if method.name == "r2r" else f"{method.name}: its last layer is 0")
+                own_reason = method.name == "r2r" or tail.is_norm
+                reasons.add(tail.why_not_pairs if own_reason else f"{method.name}: its last layer is 0")
             for bias in tail.biases:
                 twin(tensor[bias]).zero_()
         reset = ()
@@ -391,7 +381,6 @@ class Tensors:
 
     by_name: dict[str, torch.Tensor]
     weights: set[int]  # ids of the tensors the analysis binds as weights (producer rows, consumer columns)
-    modules: dict[str, nn.Module]  # the tails' BatchNorms
 
 
 def resolve(gm: torch.fx.GraphModule, analysis: Analysis, plans: list[Plan]) -> Tensors:
@@ -404,8 +393,7 @@ def resolve(gm: torch.fx.GraphModule, analysis: Analysis, plans: list[Plan]) -> 
         if any(a in lay.channel_sets() for _, lay, _ in axes for a in sets):
             names.add(param)
     weights = {id(get_tensor(gm, p)) for p, axes in bound.items() if any(r in ("in", "out") for _, _, r in axes)}
-    modules = {n: gm.get_submodule(n) for t in tails for n in t.norms}
-    return Tensors({n: get_tensor(gm, n) for n in names}, weights, modules)
+    return Tensors({n: get_tensor(gm, n) for n in names}, weights)
 
 
 def _exit(nodes: list[torch.fx.Node], block: RepeatedBlock) -> torch.fx.Node:

@@ -26,6 +26,7 @@ import copy
 import logging
 import operator
 import traceback
+import types
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -39,7 +40,7 @@ from r2r_fx.compat import ExceptionSafeTracer, drop_export_guards, is_concrete_i
 from r2r_fx.compat import aten as _aten
 from r2r_fx.errors import CaptureError
 from r2r_fx.inline import equivalent, inlined_forwards, unsupported
-from r2r_fx.rules import LAYERS, is_stochastic_depth
+from r2r_fx.rules import LAYERS, is_stochastic_depth, rule_for
 from r2r_fx.train_mode import follow_train_flags, modulize_train_flags
 from r2r_fx.tree import fresh_inputs, max_errors
 
@@ -190,10 +191,6 @@ def capture(
 def _opaque_calls(gm: torch.fx.GraphModule) -> list[str]:
     """Python functions outside torch that the module graph keeps as calls (``torch.fx.wrap``: torchvision's
     Swin attention) and that no rule describes: the analysis would freeze everything they touch."""
-    import types
-
-    from r2r_fx.rules import rule_for
-
     names = []
     for node in gm.graph.nodes:
         target = node.target

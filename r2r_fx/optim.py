@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from r2r_fx.record import ParamChange, growth_history, old_positions, param_changes
+from r2r_fx.record import GrowthRecord, ParamChange, growth_history, old_positions, param_changes
 
 __all__ = ["carry_optimizer", "carry_scheduler"]
 
@@ -65,9 +65,9 @@ def carry_optimizer(
     """
     old_names = {id(p): n for n, p in old_model.named_parameters(remove_duplicate=False)}
     new_params = dict(new_model.named_parameters(remove_duplicate=False))
-    by_old_name = _old_names(old_model, new_model, set(old_names.values()), list(new_params))
+    history = growth_history(new_model)[len(growth_history(old_model)) :]  # the passes since old_model
+    by_old_name = _old_names(history, new_model, set(old_names.values()), list(new_params))
     changes = param_changes(new_model)
-    history = growth_history(new_model)[len(growth_history(old_model)) :]
     reset = {n for record in history for block in record.blocks for n in block.reset}  # set by a pass: afresh
     groups, used = [], set()
     mapping: dict[int, nn.Parameter] = {}
@@ -109,11 +109,11 @@ def carry_optimizer(
     return new_optimizer
 
 
-def _old_names(old_model: nn.Module, new_model: nn.Module, old: set[str], new: list[str]) -> dict[str, str]:
+def _old_names(history: list[GrowthRecord], new_model: nn.Module, old: set[str], new: list[str]) -> dict[str, str]:
     """{name in ``old_model``: name in ``new_model``} for the parameters that existed: the renamings of the
-    passes since ``old_model`` (``GrowthRecord.renamed``, newest first), then the capture's own renamings
-    (``r2r_param_sources``: an exported graph's BatchNorm layers) when ``old_model`` is the eager model."""
-    history = growth_history(new_model)[len(growth_history(old_model)) :]
+    passes since ``old_model`` (``history``, their ``GrowthRecord.renamed``, newest first), then the
+    capture's own renamings (``r2r_param_sources``: an exported graph's BatchNorm layers) when
+    ``old_model`` is the eager model."""
     sources = getattr(new_model, "meta", {}).get("r2r_param_sources", {})
     out = {}
     for name in new:

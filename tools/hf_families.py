@@ -23,12 +23,12 @@ import argparse
 import functools
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from zoo_table import run_isolated  # noqa: E402
 
 FAMILIES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "olmo", "olmo2",
@@ -182,17 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for family in args.families or FAMILIES:
         cmd = [sys.executable, __file__, "--one", family] + (["--no-onnx"] if args.no_onnx else [])
-        t = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            if proc.returncode == 0:
-                row = json.loads(proc.stdout.strip().splitlines()[-1])
-            else:
-                tail = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-                row = {"family": family, "error": tail[-1] if tail else f"exit code {proc.returncode}"}
-        except subprocess.TimeoutExpired:
-            row = {"family": family, "error": f"timed out after {args.timeout:.0f} s"}
-        row["total_s"] = time.perf_counter() - t
+        row = run_isolated(cmd, {"family": family}, args.timeout)
         rows.append(row)
         print(f"{family}: {json.dumps(row)}", file=sys.stderr, flush=True)
         _write(rows, args.out)  # after each family: a long sweep shows what it has

@@ -263,22 +263,29 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, "--one", name, "--method", args.method]
         cmd += ["--deepen-count", str(args.deepen_count)] if args.deepen_count else []
         cmd += [flag for flag, on in flags.items() if on]
-        t = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            if proc.returncode == 0:
-                row = json.loads(proc.stdout.strip().splitlines()[-1])
-            else:
-                tail = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-                row = {"model": name, "error": tail[-1] if tail else f"exit code {proc.returncode}"}
-        except subprocess.TimeoutExpired:
-            row = {"model": name, "error": f"timed out after {args.timeout:.0f} s"}
-        row["total_s"] = time.perf_counter() - t
+        row = run_isolated(cmd, {"model": name}, args.timeout)
         rows.append(row)
         state = "error: " + row["error"] if "error" in row else ("ok" if row["ok"] else "NOT PRESERVED")
         print(f"[{i}/{len(names)}] {name}: {state} ({row['total_s']:.0f} s)", file=sys.stderr, flush=True)
     _write(rows, args.out)
     return 0 if all(r.get("ok") for r in rows) else 1
+
+
+def run_isolated(cmd: list[str], row: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """The JSON row a ``--one`` subprocess prints last, or ``row`` with the error (its last stderr line, or
+    the time limit); ``total_s`` either way. A crash or a memory blow-up is reported, not fatal."""
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0:
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+        else:
+            tail = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+            row = {**row, "error": tail[-1] if tail else f"exit code {proc.returncode}"}
+    except subprocess.TimeoutExpired:
+        row = {**row, "error": f"timed out after {timeout:.0f} s"}
+    row["total_s"] = time.perf_counter() - t
+    return row
 
 
 def _merge(paths: list[str]) -> list[dict[str, Any]]:

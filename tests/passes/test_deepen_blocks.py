@@ -709,14 +709,22 @@ class Flattening(nn.Module):
         return self.norm(h) if self.norm is not None else h
 
 
-@pytest.mark.parametrize("via", FLAVOURS)
-def test_a_stream_reshaped_between_additions_is_copied(via):
-    model, x = nn.Sequential(*[Flattening() for _ in range(3)]), torch.randn(2, 5, 8)
+def _copied_after_the_middle(factory, x: torch.Tensor, via: str) -> torch.fx.GraphModule:
+    """Three blocks, every one copyable; one copy after the middle one, checked against the eager model on
+    a batch of another size (export keeps the other sizes) and by verify."""
+    model = nn.Sequential(*[factory() for _ in range(3)])
     gm = _captured(model, (x,), via)
     assert [b.refusal for b in repeated_blocks(gm)] == ["", "", ""]
     grown = r2r_fx.deepen(gm, block="own", after="1", seed=0)
-    assert _independent_error(model, grown, torch.randn(3, 5, 8)) <= 1e-6  # export keeps 5 tokens
+    assert _independent_error(model, grown, torch.randn(3, *x.shape[1:])) <= 1e-6
     assert_function_preserved(model, grown, (x,), onnx=via == "symbolic_trace")
+    return grown
+
+
+@pytest.mark.parametrize("via", FLAVOURS)
+def test_a_stream_reshaped_between_additions_is_copied(via):
+    x = torch.randn(2, 5, 8)
+    _copied_after_the_middle(Flattening, x, via)
     normed = _captured(nn.Sequential(*[Flattening(norm=True) for _ in range(2)]), (x,), via)
     assert all("reshaped" in b.refusal for b in repeated_blocks(normed))
 
@@ -735,15 +743,10 @@ class Parallel(nn.Module):
 
 @pytest.mark.parametrize("via", FLAVOURS)
 def test_a_parallel_layer_sums_its_branches_in_one_addition(via):
-    model, x = nn.Sequential(*[Parallel() for _ in range(3)]), torch.randn(2, 5, 8)
-    gm = _captured(model, (x,), via)
-    assert [b.refusal for b in repeated_blocks(gm)] == ["", "", ""]
-    grown = r2r_fx.deepen(gm, block="own", after="1", seed=0)
+    grown = _copied_after_the_middle(Parallel, torch.randn(2, 5, 8), via)
     (block,) = growth_history(grown)[-1].blocks
     # f reads no pairable set: its weight is 0, so the norm before it (whose output g's pairs cancel) is silent
     assert block.hidden == 16 and block.no_grad == (f"{block.module}.norm.bias", f"{block.module}.norm.weight")
-    assert _independent_error(model, grown, torch.randn(3, 5, 8)) <= 1e-6
-    assert_function_preserved(model, grown, (x,), onnx=via == "symbolic_trace")
 
 
 class Partitioned(nn.Module):
@@ -769,11 +772,7 @@ class Partitioned(nn.Module):
 
 @pytest.mark.parametrize("via", FLAVOURS)
 def test_a_stream_partitioned_and_put_back_is_copied(via):
-    model, x = nn.Sequential(*[Partitioned() for _ in range(3)]), torch.randn(2, 8, 4, 4)
-    gm = _captured(model, (x,), via)
-    assert [b.refusal for b in repeated_blocks(gm)] == ["", "", ""]
-    grown = r2r_fx.deepen(gm, block="own", after="1", seed=0)
-    assert _independent_error(model, grown, torch.randn(3, 8, 4, 4)) <= 1e-6
-    assert_function_preserved(model, grown, (x,), onnx=via == "symbolic_trace")
+    x = torch.randn(2, 8, 4, 4)
+    _copied_after_the_middle(Partitioned, x, via)
     moved = _captured(nn.Sequential(*[Partitioned(undo=False) for _ in range(2)]), (x,), via)
     assert all("do not compose to the identity" in b.refusal for b in repeated_blocks(moved))
