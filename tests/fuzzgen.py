@@ -1578,6 +1578,24 @@ def _check_carry_optimizer(r2r_fx: Any, gm: nn.Module, grown: nn.Module, call: s
         buf = new.state.get(p, {}).get("momentum_buffer")
         if buf is not None and buf.shape != p.shape:
             return "broken", f"momentum of shape {tuple(buf.shape)} for a parameter of shape {tuple(p.shape)}"
+    adam = torch.optim.Adam(params, lr=1e-3)  # and Adam's moments: the second ones seeded positive
+    for p in params:
+        adam.state[p] = {
+            "step": torch.tensor(5.0),
+            "exp_avg": torch.randn(p.shape, generator=gen).to(p.dtype),
+            "exp_avg_sq": torch.rand(p.shape, generator=gen).add(0.1).to(p.dtype),
+        }
+    try:
+        new_adam = r2r_fx.carry_optimizer(adam, gm, grown)
+    except Exception as exc:  # noqa: BLE001
+        return "internal", "Adam: " + _short(exc) + _where(exc)
+    for p in grown.parameters():
+        state = new_adam.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state and state[key].shape != p.shape:
+                return "broken", f"Adam {key} of shape {tuple(state[key].shape)} for a parameter {tuple(p.shape)}"
+        if "exp_avg_sq" in state and not bool(state["exp_avg_sq"].gt(0).all()):
+            return "broken", "Adam: a carried second moment is not positive"
     match = re.match(r"r2r_fx\.grow_kernel\(gm, '([^']+)'", call)
     if match:
         node = next((n for n in gm.graph.nodes if n.name == match.group(1)), None)

@@ -151,13 +151,16 @@ def test_carry_optimizer_after_grow_kernel():
     grown = r2r_fx.grow_kernel(gm, "_0", 5)
     new_opt = r2r_fx.carry_optimizer(opt, gm, grown)
     carried = new_opt.state[grown.get_submodule("0").weight]
-    for key in ("exp_avg", "exp_avg_sq"):  # old taps in the centre, new taps zero, before any new step
+    ring = torch.ones(5, 5, dtype=torch.bool)
+    ring[1:4, 1:4] = False
+    for key in ("exp_avg", "exp_avg_sq"):  # old taps in the centre, before any new step
         old_state = opt.state[gm.get_submodule("0").weight][key]
         assert carried[key].shape == (4, 3, 5, 5)
         assert torch.equal(carried[key][:, :, 1:4, 1:4], old_state) and old_state.ne(0).any()
-        ring = torch.ones(5, 5, dtype=torch.bool)
-        ring[1:4, 1:4] = False
-        assert carried[key][:, :, ring].eq(0).all()
+    assert carried["exp_avg"][:, :, ring].eq(0).all()  # new taps: no momentum ...
+    second = carried["exp_avg_sq"]  # ... and the old taps' mean second moment (the corner: of both axes)
+    torch.testing.assert_close(second[:, :, 0, 1:4], second[:, :, 1:4, 1:4].mean(2))
+    torch.testing.assert_close(second[:, :, 0, 0], second[:, :, 1:4, 1:4].mean((2, 3)))
     grown(torch.randn(2, 3, 8, 8)).sum().backward()
     new_opt.step()
     weight = grown.get_submodule("0").weight

@@ -227,7 +227,7 @@ def test_record_says_copies_tail_and_changed_entries():
     assert not {c.param: c.axes for c in doubled.params}["blocks.0.n1.weight"][0].old_changed
 
 
-def test_optimizer_state_of_rescaled_norm_weights_starts_afresh():
+def test_optimizer_state_of_rescaled_norm_weights_keeps_its_scale_and_drops_its_momentum():
     model, inputs, fresh = _case()
     gm = r2r_fx.capture(model, inputs)
     optimizer = trained_adam(gm, fresh)
@@ -235,13 +235,18 @@ def test_optimizer_state_of_rescaled_norm_weights_starts_afresh():
     carried = r2r_fx.carry_optimizer(optimizer, gm, grown)
     old = {n: optimizer.state[p] for n, p in gm.named_parameters()}
     new = {n: carried.state[p] for n, p in grown.named_parameters()}
+    weight = new["blocks.0.n1.weight"]
+    assert old["blocks.0.n1.weight"]["exp_avg"].any() and not weight["exp_avg"][:D].any()  # gamma * s: no momentum
+    assert torch.equal(weight["exp_avg_sq"][:D], old["blocks.0.n1.weight"]["exp_avg_sq"])  # its scale kept
     for key in ("exp_avg", "exp_avg_sq"):
-        assert old["blocks.0.n1.weight"][key].any() and not new["blocks.0.n1.weight"][key].any()
         assert torch.equal(new["blocks.0.n1.bias"][key][:D], old["blocks.0.n1.bias"][key])
         reader, writer = new["blocks.0.fc1.weight"][key], new["blocks.0.fc2.weight"][key]  # the MLP grew too
         assert torch.equal(reader[: 2 * D, :D], old["blocks.0.fc1.weight"][key])  # whole columns: carried
-        assert not reader[:, D:].any()  # tail columns: fresh
-        assert torch.equal(writer[:D, : 2 * D], old["blocks.0.fc2.weight"][key]) and not writer[D:].any()
+        assert torch.equal(writer[:D, : 2 * D], old["blocks.0.fc2.weight"][key])
+    reader, writer = new["blocks.0.fc1.weight"], new["blocks.0.fc2.weight"]
+    assert not reader["exp_avg"][:, D:].any() and not writer["exp_avg"][D:].any()  # tail: no momentum ...
+    old_reader = reader["exp_avg_sq"][: 2 * D, :D]  # ... and the old columns' mean scale
+    torch.testing.assert_close(reader["exp_avg_sq"][: 2 * D, D:], old_reader.mean(1, keepdim=True).expand(-1, 32))
 
 
 def test_new_writer_rows_get_gradients():
