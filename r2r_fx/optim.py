@@ -24,8 +24,9 @@ column's state. Entries whose value a pass rescaled (``AxisChange.old_changed``)
 (``BlockInsert.reset``) keep their scale statistics and drop their momentum.
 
 **Warm-up**: for the first ``warmup`` steps (default 100) the gradients of new entries, and of parameters that
-did not exist and start from a copied state (or under an optimizer without scale statistics, such as
-SGD), are scaled by ``t / warmup`` (a step pre-hook on the new optimizer, removed when it is done;
+did not exist and start from a copied state, are scaled by ``t / warmup`` (under an adaptive optimizer only
+entries with seeded scale statistics ramp, since an unseeded second moment would follow the ramp; under SGD
+all do; steps a GradScaler skips do not count) (a step pre-hook on the new optimizer, removed when it is done;
 ``optimizer.state_dict()`` does not hold it, so a reload ends it early). Adam's seeded second moments make
 that a ramp of the new entries' steps from 0 to their full size. Measured on a pre-LN ViT widened 2x by
 R2R (AdamW, lr 5e-4): the worst loss in the next 100 steps was 1.00 / 1.15 / 1.27 x the loss before
@@ -35,7 +36,8 @@ fluctuation was 1.00 / 1.004 / 1.00. ``warmup=0`` turns it off.
 Parameters that did not exist (inserted blocks) join the param group of the parameter they copy (a copy of
 the model's own block: the same name in the block it copies), or else the group that holds most of the
 model's parameters of their kind (matrices, or vectors: biases and norms), or the group ``group_of``
-names. A copy's parameter starts with its source's scale statistics and step; others start fresh.
+names. A copy's parameter starts with its source's carried scale statistics and step; others start fresh
+(copies made by earlier passes than the latest one since ``old_model`` are grouped by kind, unseeded).
 Parameters a pass renamed are found through the records' ``renamed``.
 """
 
@@ -49,10 +51,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from r2r_fx.record import GrowthRecord, ParamChange, growth_history, new_entry_mask, old_positions, param_changes
+from r2r_fx.record import GrowthRecord, ParamChange, growth_history, new_entry_mask, old_positions
 
 __all__ = ["carry_optimizer", "carry_scheduler"]
 
+# optimizers that divide by scale statistics (others, such as SGD, are plain in the gradient)
+_ADAPTIVE = tuple(
+    getattr(torch.optim, name)
+    for name in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "Adafactor", "Rprop")
+    if hasattr(torch.optim, name)
+)
 # per-entry state that measures a gradient's scale: new entries take the old entries' mean
 _SCALE_KEYS = frozenset(
     {"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "exp_inf", "acc_delta", "step_size"}
@@ -90,9 +98,10 @@ def _grow_like(state: torch.Tensor, changes: list[ParamChange], scale: bool) -> 
                 target = state.new_zeros(shape)
             target.index_copy_(axis, old, state)
             if info.role == "stream_in":  # every share of a column gets the column's own gradient: its state
-                d = change.shape_before[axis]
-                for j in range(1, size // d):
-                    target.narrow(axis, j * d, d).copy_(target.narrow(axis, 0, d))
+                piece = size // len(info.old_runs)  # pieces side by side (a concatenation of streams)
+                for new, _, length in info.old_runs:
+                    for j in range(1, piece // length):
+                        target.narrow(axis, new + j * length, length).copy_(target.narrow(axis, new, length))
             elif info.old_changed and not scale:  # rescaled values (a norm weight's gamma*s): no momentum
                 target.index_fill_(axis, old, 0)
             state = target
@@ -150,7 +159,10 @@ def carry_optimizer(
     new_params = dict(new_model.named_parameters(remove_duplicate=False))
     history = growth_history(new_model)[len(growth_history(old_model)) :]  # the passes since old_model
     by_old_name = _old_names(history, new_model, set(old_names.values()), list(new_params))
-    changes = param_changes(new_model)
+    changes: dict[str, list[ParamChange]] = {}  # the passes since old_model only (names: the final ones)
+    for record in history:
+        for change in record.params:
+            changes.setdefault(change.param, []).append(change)
     reset = {n for record in history for block in record.blocks for n in block.reset}  # set by a pass
     groups, used = [], set()
     mapping: dict[int, nn.Parameter] = {}
@@ -172,7 +184,7 @@ def carry_optimizer(
     sources = _copy_sources(history, set(old_names.values()))
     by_kind = _group_by_kind(optimizer)
     fresh: dict[str, nn.Parameter] = {}
-    seen = {id(new_params[n]) for n in used}
+    seen = {id(new_params[n]) for n in used} | {id(new_params[n]) for n in by_old_name.values()}  # not new
     for name, p in new_params.items():
         if id(p) in seen or not p.requires_grad:
             continue
@@ -187,7 +199,8 @@ def carry_optimizer(
         groups[index]["params"] = groups[index]["params"] + [p]
         fresh[name] = p
     accepted = inspect.signature(type(optimizer).__init__).parameters
-    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    open_ended = any(a.kind is inspect.Parameter.VAR_KEYWORD for a in accepted.values())
+    defaults = {k: v for k, v in optimizer.defaults.items() if open_ended or k in accepted}
     new_optimizer = type(optimizer)(groups, **defaults)
     new_name_of = {id(p): n for n, p in new_params.items()}
     for old_p, state in optimizer.state.items():
@@ -196,16 +209,22 @@ def carry_optimizer(
             continue
         name = new_name_of[id(new_p)]
         new_optimizer.state[new_p] = _carry_state(state, old_p.shape, changes.get(name, []), name in reset)
+    seeded = set()
     for name, p in fresh.items():  # a copy starts from its source's carried state
         source = new_params.get(by_old_name.get(sources.get(name, ""), ""))
-        seeded = _seeded_state(new_optimizer.state.get(source, {}), p.shape) if source is not None else {}
-        if seeded:
-            new_optimizer.state[p] = seeded
+        state = _seeded_state(new_optimizer.state.get(source, {}), p.shape) if source is not None else {}
+        if state:
+            new_optimizer.state[p] = state
+            seeded.add(p)
     if warmup > 0:
-        masks = {new_params[n]: _new_entries(changes[n]) for n in used if n in changes}
-        adaptive = any(_SCALE_KEYS & set(state) for state in new_optimizer.state.values())
-        # an adaptive optimizer's fresh state would follow the ramp (its steps grow): only seeded ones ramp
-        masks.update({p: None for p in fresh.values() if not adaptive or p in new_optimizer.state})
+        # an adaptive optimizer's unseeded state would follow the ramp (its steps grow): only seeded ones ramp
+        adaptive = isinstance(optimizer, _ADAPTIVE) or any(_SCALE_KEYS & set(st) for st in optimizer.state.values())
+
+        def ramps(p: nn.Parameter) -> bool:
+            return not adaptive or bool(_SCALE_KEYS & set(new_optimizer.state.get(p, {})))
+
+        masks = {new_params[n]: _new_entries(changes[n]) for n in used if n in changes and ramps(new_params[n])}
+        masks.update({p: None for p in fresh.values() if not adaptive or p in seeded})
         masks = {p: m for p, m in masks.items() if m is None or m.any()}
         if masks:
             _WarmUp(new_optimizer, masks, warmup)
@@ -236,6 +255,9 @@ class _WarmUp:
         self.handle = optimizer.register_step_pre_hook(self)
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        found_inf = kwargs.get("found_inf", getattr(optimizer, "found_inf", None))
+        if isinstance(found_inf, torch.Tensor) and bool(found_inf.sum() > 0):
+            return  # a step the GradScaler skips (fused optimizers skip inside step): not counted
         self.t += 1
         if self.t >= self.steps:
             self.handle.remove()
@@ -270,28 +292,22 @@ def _trace_back(name: str, records: list[GrowthRecord]) -> str:
 
 
 def _copy_sources(history: list[GrowthRecord], old: set[str]) -> dict[str, str]:
-    """{new parameter: the old_model parameter it is a copy of} for copies of the model's own blocks: the
-    same name under the block it copies (``BlockInsert.at``), in the naming before its pass."""
-    out = {}
-    for i, record in enumerate(history):
-        for block in record.blocks:
-            if not block.kind.startswith("own:"):
-                continue
-            prefix = block.module + "."
-            for name in record.new_params:
-                if name.startswith(prefix):
-                    source = _trace_back(f"{block.at}.{name[len(prefix) :]}", history[:i])
-                    if source in old:
-                        out[_forward(name, history[i + 1 :])] = source
+    """{new parameter: the old_model parameter it is a copy of} for copies of the model's own blocks that the
+    latest pass inserted: the same name under the block it copies (``BlockInsert.at``, named as before that
+    pass). Copies by earlier passes since old_model (their records renamed by later passes) have none."""
+    if not history:
+        return {}
+    out, record = {}, history[-1]
+    for block in record.blocks:
+        if not block.kind.startswith("own:"):
+            continue
+        prefix = block.module + "."
+        for name in record.new_params:
+            if name.startswith(prefix):
+                source = _trace_back(f"{block.at}.{name[len(prefix) :]}", history[:-1])
+                if source in old:
+                    out[name] = source
     return out
-
-
-def _forward(name: str, records: list[GrowthRecord]) -> str:
-    """``name`` before ``records`` -> its name after them (the inverse of ``_trace_back``)."""
-    for record in records:
-        after = {before: now for now, before in record.renamed.items() if before}
-        name = after.get(name, name)
-    return name
 
 
 def _old_names(history: list[GrowthRecord], new_model: nn.Module, old: set[str], new: list[str]) -> dict[str, str]:

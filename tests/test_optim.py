@@ -444,3 +444,51 @@ def test_fresh_parameters_of_an_adaptive_optimizer_do_not_ramp():
         value, grad = before[n]
         moved = grad != 0
         torch.testing.assert_close((value - params[n].detach())[moved], 1e-3 * grad.sign()[moved], msg=n)
+
+
+def test_carrying_twice_keeps_the_first_growths_state():
+    """grow, carry, train, grow again, carry again: the second carry follows only the second pass (the state
+    of what the first pass grew is kept, not dropped, and its new entries do not warm up again)."""
+    model, inputs = ZOO["mlp"]()
+    gm = r2r_fx.capture(model, inputs)
+    opt = torch.optim.Adam(gm.parameters(), lr=1e-3)
+    _step(gm, opt, inputs)
+    g1 = r2r_fx.widen(gm.eval(), factor=2.0, seed=0)
+    opt1 = r2r_fx.carry_optimizer(opt, gm, g1, warmup=0)
+    _step(g1, opt1, inputs)
+    g2 = r2r_fx.deepen(g1.eval(), block="generic", seed=0)
+    opt2 = r2r_fx.carry_optimizer(opt1, g1, g2)
+    for name, p in g1.named_parameters():
+        carried = opt2.state[g2.get_parameter(name)]
+        assert set(carried) == {"step", "exp_avg", "exp_avg_sq"} and int(carried["step"]) == 4, name
+        assert torch.equal(carried["exp_avg_sq"], opt1.state[p]["exp_avg_sq"]), name
+    ramped = [mask for hook in opt2._optimizer_step_pre_hooks.values() for mask in hook.masks.values()]
+    assert all(mask is None for mask in ramped)  # at most the inserted block's parameters ramp, whole
+
+
+def test_an_optimizer_over_part_of_the_model_keeps_to_its_part():
+    model, inputs = ZOO["mlp"]()
+    gm = r2r_fx.capture(model, inputs)
+    head = torch.optim.SGD(gm.fc3.parameters(), lr=0.1, momentum=0.9)
+    grown = r2r_fx.widen(gm, factor=2.0, seed=0)
+    carried = r2r_fx.carry_optimizer(head, gm, grown)
+    assert [p for g in carried.param_groups for p in g["params"]] == list(grown.fc3.parameters())
+
+
+def test_shares_of_streams_concatenated_side_by_side_carry_their_own_columns():
+    """Swin's patch merging reads four samples of the stream side by side: each piece's shares carry that
+    piece's old columns (not the first pieces')."""
+    from test_patch_merging import C, Merging, _inputs
+
+    torch.manual_seed(0)
+    gm = r2r_fx.capture(Merging().eval(), _inputs())
+    opt = torch.optim.Adam(gm.parameters(), lr=1e-3)
+    _step(gm, opt, _inputs())
+    grown = r2r_fx.widen(gm.eval(), factor=2.0, seed=0, groups=["kind:stream"], check=False)
+    old = opt.state[gm.get_parameter("reduction.weight")]["exp_avg"]
+    new = r2r_fx.carry_optimizer(opt, gm, grown).state[grown.get_parameter("reduction.weight")]["exp_avg"]
+    for piece in range(4):
+        column = old[:, piece * C : (piece + 1) * C]
+        for share in range(2):
+            start = (2 * piece + share) * C
+            assert torch.equal(new[: 2 * C, start : start + C], column), (piece, share)
