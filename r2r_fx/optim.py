@@ -184,7 +184,7 @@ def carry_optimizer(
     sources = _copy_sources(history, set(old_names.values()))
     by_kind = _group_by_kind(optimizer)
     fresh: dict[str, nn.Parameter] = {}
-    seen = {id(new_params[n]) for n in used} | {id(new_params[n]) for n in by_old_name.values()}  # not new
+    seen = {id(new_params[n]) for n in by_old_name.values()}  # parameters that existed are not new
     for name, p in new_params.items():
         if id(p) in seen or not p.requires_grad:
             continue
@@ -251,7 +251,8 @@ class _WarmUp:
     ``t / steps`` at the ``t``-th step, then removes itself."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, masks: dict[nn.Parameter, torch.Tensor | None], steps: int):
-        self.masks, self.steps, self.t = masks, steps, 0
+        self.masks = {p: None if m is None else m.to(p.device) for p, m in masks.items()}
+        self.steps, self.t = steps, 0
         self.handle = optimizer.register_step_pre_hook(self)
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -270,7 +271,7 @@ class _WarmUp:
                 if mask is None:
                     p.grad.mul_(scale)
                 else:
-                    p.grad.mul_(torch.where(mask.to(p.grad.device), scale, 1.0).to(p.grad.dtype))
+                    p.grad.mul_(torch.where(mask, scale, 1.0).to(p.grad.dtype))
 
 
 def _group_by_kind(optimizer: torch.optim.Optimizer) -> dict[bool, int]:

@@ -178,7 +178,7 @@ def train_arm(t: Task, arm: dict[str, str], seed: int, args: argparse.Namespace,
             if in_window:
                 out["window"].append(loss)
             rows.append({"task": t.name, "arm": arm["name"], "seed": seed, "step": step, "loss": loss})
-        if step == args.before and out["before"] is not None and method not in ("scratch", "control"):
+        if step == args.before and method not in ("scratch", "control"):
             out["jump"] = out["window"][0] - out["before"]
         if step == total:
             break
@@ -195,7 +195,7 @@ def train_arm(t: Task, arm: dict[str, str], seed: int, args: argparse.Namespace,
     out.update(
         worst=max(window) / before,
         recover=recovered,
-        final=full_loss(t, model),
+        final=rows[-1]["loss"],  # measured at the last step
         acc=accuracy(t, model),
         params=sum(p.numel() for p in model.parameters()),
         seconds=time.perf_counter() - start,
