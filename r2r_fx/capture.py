@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import logging
 import operator
 import traceback
@@ -127,7 +128,8 @@ def capture(
 
     ``via`` is ``"auto"`` (symbolic tracing, then torch.export), ``"symbolic_trace"`` or ``"export"``.
     ``check=False`` skips the comparison with eager (shapes then come from a meta-device run: no
-    arithmetic at all); a graph that cannot even run on meta tensors is still rejected.
+    arithmetic at all); a graph that cannot even run on meta tensors is still rejected. A model built on
+    the meta device (no weights: planning a 70B model's growth) is captured that way, its inputs moved there.
 
     ``model`` is never modified, but like ``torch.fx.symbolic_trace`` and ``torch.export`` the graph
     shares parameters and layers with it (no copy of the weights); the passes copy before they change
@@ -141,6 +143,9 @@ def capture(
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture() needs an nn.Module, got {type(model).__name__}")
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if weights_on_meta(model):  # no values to compare (planning at scale): shapes come from a meta run
+        check = False
+        inputs = tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs)
     reference = None
     causes: list[str] = []
     for level, build in chain:
@@ -186,6 +191,11 @@ def capture(
     if check and reference is None:
         _eval_output(model, fresh_inputs(inputs))  # a model that fails by itself is reported as such
     raise CaptureError("could not capture the model:\n  " + "\n  ".join(causes))
+
+
+def weights_on_meta(model: nn.Module) -> bool:
+    """True when ``model`` was built on the meta device (``with torch.device("meta"):``): shapes, no values."""
+    return any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def _opaque_calls(gm: torch.fx.GraphModule) -> list[str]:

@@ -32,18 +32,14 @@ import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
 from r2r_fx.cli_errors import UsageError, first_line, one_line
-from r2r_fx.estimate import channel_costs, estimate_growth, format_bytes
-from r2r_fx.loading import example_inputs, load_model
+from r2r_fx.cli_report import build_report, print_plan, print_summary, say
+from r2r_fx.input_files import check_input_files
 from r2r_fx.outputs import (
     Interrupted,
     Staged,
     check_outputs,
     default_output,
-    export_program,
     install_signal_handlers,
     interrupted_outputs,
     remove_temps,
@@ -51,13 +47,14 @@ from r2r_fx.outputs import (
     restore_signal_handlers,
     scratch_folder,
     stage_onnx,
-    write_pickle,
-    write_program,
     write_text,
 )
+from r2r_fx.progress import Progress
 
-if TYPE_CHECKING:
-    from r2r_fx.record import GrowthRecord
+if TYPE_CHECKING:  # torch is imported once the arguments and paths are known to be good
+    import torch
+    from torch import nn
+
 
 __all__ = ["main"]
 
@@ -66,6 +63,7 @@ logger = logging.getLogger(__name__)
 EXIT_OK, EXIT_NOT_PRESERVED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 _PROG = "r2r-rewrite"
+BUILT_IN_METHODS = ("r2r", "net2net", "netmorph", "random")  # r2r_fx.methods.METHODS's own, known without torch
 _STDERR: list[Any] = []  # the real stderr while the libraries' is silenced
 
 
@@ -303,10 +301,11 @@ def _groups_arg(text: str | None) -> list[int | str] | None:
 
 
 def _check_arguments(args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[int | str] | None]:
-    from r2r_fx.methods import METHODS
+    if args.method not in BUILT_IN_METHODS:  # a registered one, or a typo: ask the registry
+        from r2r_fx.methods import METHODS
 
-    if args.method not in METHODS:
-        raise UsageError(f"method {args.method!r} is not available; choose one of {', '.join(sorted(METHODS))}")
+        if args.method not in METHODS:
+            raise UsageError(f"method {args.method!r} is not available; choose one of {', '.join(sorted(METHODS))}")
     widen_kw = _widen_args(args.widen)
     groups = _groups_arg(args.groups)
     if groups is not None and widen_kw is None:
@@ -350,27 +349,46 @@ def _refuse_no_op(estimate: dict[str, Any], groups: list[int | str] | None, wide
 # ---------------------------------------------------------------- the run
 
 
-def _say(args: argparse.Namespace, text: str) -> None:
-    if not args.quiet and not args.json:
-        print(text, flush=True)
-
-
 def _run(args: argparse.Namespace) -> int:
-    import r2r_fx
-    from r2r_fx.record import growth_history
-
     widen_kw, groups = _check_arguments(args)
     output = args.output if args.output is not None else default_output(args.model)
     if not args.plan:
         check_outputs(args, output)
+    check_input_files(args)
+    progress = Progress(None if args.quiet or args.json else (_STDERR[-1] if _STDERR else sys.stderr))
+    try:
+        return _grow(args, progress, widen_kw, groups, output)
+    finally:
+        progress.close()
+
+
+def _grow(
+    args: argparse.Namespace,
+    progress: Progress,
+    widen_kw: dict[str, Any] | None,
+    groups: list[int | str] | None,
+    output: str,
+) -> int:
+    import r2r_fx
+    from r2r_fx.capture import weights_on_meta
+    from r2r_fx.estimate import channel_costs, estimate_growth, format_bytes
+    from r2r_fx.loading import example_inputs, load_model
+    from r2r_fx.record import growth_history
+    from r2r_fx.saving import export_program, write_pickle, write_program
+
     timings: dict[str, float] = {}
     t = time.perf_counter()
+    progress.phase(f"loading {args.model}")
     model, stored, name, graph = load_model(args.model, args)
     inputs = example_inputs(args, stored)
-    _say(args, f"capturing {name} ...")
+    if not args.plan and weights_on_meta(model):
+        raise UsageError(f"{name} has its weights on the meta device (shapes, no values): only --plan works on it")
+    say(args, f"capturing {name} ...")
+    progress.phase(f"capturing {name}")
     gm, inputs = _capture_keeping_batch(model, inputs, graph)
     timings["capture"] = time.perf_counter() - t
     t = time.perf_counter()
+    progress.phase("analysing")
     from r2r_fx.passes.widen import wants_head_size
 
     analysis = r2r_fx.analyze(gm, head_size=wants_head_size(groups, (widen_kw or {}).get("sizes")))
@@ -388,7 +406,8 @@ def _run(args: argparse.Namespace) -> int:
         _refuse_no_op(estimate, groups, widen_kw is not None)
     timings["analyze"] = time.perf_counter() - t
     if args.plan:
-        _print_plan(args, analysis.groups, points, blocks, estimate, channel_costs(gm, analysis))
+        progress.close()
+        print_plan(args, analysis.groups, points, blocks, estimate, channel_costs(gm, analysis))
         return EXIT_OK
     assert estimate is not None
     if estimate["memory_needed"] > estimate["memory_available"] and not args.force:
@@ -399,6 +418,7 @@ def _run(args: argparse.Namespace) -> int:
             f"{format_bytes(estimate['memory_available'])} available: grow less (or --force)"
         )
     t = time.perf_counter()
+    progress.phase("growing")
     grown = gm
     try:
         if widen_kw is not None:
@@ -408,17 +428,27 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # GrowthError is one too: a pass refusing its arguments
         raise UsageError(one_line(exc)) from exc
     timings["rewrite"] = time.perf_counter() - t
-    report = _report(args, name, model, grown, timings, growth_history(grown))
+    report = build_report(args, name, model, grown, timings, growth_history(grown))
     if deepen is not None and not report["blocks_inserted"]:
         raise UsageError("--deepen would change nothing: " + "; ".join(report["deepen_skipped"][:3] or ["no block"]))
     ok = True
     staged = Staged()
     scratch = scratch_folder()
     onnx_tmp = os.path.join(scratch, "grown.onnx") if args.onnx else None
+    t = time.perf_counter()
+    program, dynamic, unsaveable = None, None, None
+    if not output.endswith(".pt"):  # one torch.export of the grown model: saved, and the ONNX exported from it
+        progress.phase("exporting the grown program (torch.export)")
+        try:
+            program, dynamic = export_program(grown, inputs)
+        except UsageError as exc:  # said after the check, whose verdict comes first
+            unsaveable = exc
+    exported = time.perf_counter() - t
     if not args.no_verify:
-        _say(args, "verifying (PyTorch eval/train" + (", ONNX Runtime)" if args.onnx else ") ..."))
+        say(args, "verifying (PyTorch eval/train" + (", ONNX Runtime)" if args.onnx else ") ..."))
+        progress.phase("verifying: PyTorch eval and train" + (", ONNX export and ONNX Runtime" if args.onnx else ""))
         t = time.perf_counter()
-        result = _verify(model, grown, inputs, onnx_tmp)
+        result = _verify(model, grown, inputs, onnx_tmp, program)
         timings["verify"] = time.perf_counter() - t
         report["verify"] = {
             k: getattr(result, k)
@@ -427,29 +457,32 @@ def _run(args: argparse.Namespace) -> int:
         report["verify"]["notes"] = result.notes
         ok = result.ok
     t = time.perf_counter()
+    progress.phase("writing")
     if ok or args.force:
-        if output.endswith(".pt"):
+        if unsaveable is not None:
+            raise unsaveable
+        if program is None:
             staged.add(output, write_pickle(grown))
             report["dynamic_axes"] = "as captured"
         else:
-            program, dynamic = export_program(grown, inputs)
             staged.add(output, write_program(program, [r.to_json() for r in growth_history(grown)]))
             report["dynamic_axes"] = dynamic
         if onnx_tmp:
             if not os.path.exists(onnx_tmp):
                 try:
-                    r2r_fx.export_onnx(grown, inputs, onnx_tmp)
+                    r2r_fx.export_onnx(grown if program is None else program, inputs, onnx_tmp)
                 except Exception as exc:  # noqa: BLE001 - an operator ONNX lacks, say
                     raise _no_onnx(exc) from exc
             stage_onnx(staged, onnx_tmp, args.onnx)
-    timings["export"] = time.perf_counter() - t
+    timings["export"] = exported + time.perf_counter() - t
+    progress.close()
     if args.report:
         staged.add(args.report, write_text(json.dumps(report, indent=2, default=str)))
     staged.commit()
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
-        _print_summary(args, report, output if ok or args.force else None)
+        print_summary(args, report, output if ok or args.force else None, widen_kw or {})
     if not ok:
         _error(
             "verification failed: the grown model is not function-preserving within tolerance"
@@ -460,12 +493,15 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _verify(model: nn.Module, grown: torch.fx.GraphModule, inputs: tuple[Any, ...], onnx_path: str | None) -> Any:
-    """r2r_fx.verify; an ONNX export that fails is bad input (drop --onnx), not a crash of the check."""
+def _verify(
+    model: nn.Module, grown: torch.fx.GraphModule, inputs: tuple[Any, ...], onnx_path: str | None, program: Any
+) -> Any:
+    """r2r_fx.verify (the ONNX file exported from ``program`` when there is one); an ONNX export that fails is
+    bad input (drop --onnx), not a crash of the check."""
     import r2r_fx
 
     try:
-        return r2r_fx.verify(model, grown, inputs, onnx=onnx_path is not None, onnx_path=onnx_path)
+        return r2r_fx.verify(model, grown, inputs, onnx=onnx_path is not None, onnx_path=onnx_path, onnx_from=program)
     except Exception as exc:
         if onnx_path is None:
             raise
@@ -485,6 +521,8 @@ def _capture_keeping_batch(
     Rows are repeated, so nothing about the model is assumed but that it takes a batch; a model that
     does not is captured from the example as given. A .pt2's program keeps the shapes it was saved with.
     """
+    import torch
+
     tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
     if graph is None and tensors and all(t.dim() > 0 and t.shape[0] == 1 for t in tensors):
         doubled = tuple(torch.cat([t, t]) if isinstance(t, torch.Tensor) else t for t in inputs)
@@ -510,45 +548,6 @@ def _capture(model: nn.Module, inputs: tuple[Any, ...], graph: torch.fx.GraphMod
         raise UsageError(f"the model fails on the example inputs: {first_line(exc)}") from exc
 
 
-# ---------------------------------------------------------------- what it reports
-
-
-def _report(
-    args: argparse.Namespace,
-    name: str,
-    model: nn.Module,
-    grown: torch.fx.GraphModule,
-    timings: dict[str, float],
-    records: list[GrowthRecord],
-) -> dict[str, Any]:
-    report: dict[str, Any] = {
-        "model": name,
-        "method": args.method,
-        "params_before": sum(p.numel() for p in model.parameters()),
-        "params_after": sum(p.numel() for p in grown.parameters()),
-        "groups": [],
-        "blocks_inserted": [],
-        "deepen_skipped": [],
-        "verify": None,
-        "dynamic_axes": None,
-        "timings_s": timings,
-    }
-    for entry in records:
-        if entry.op == "widen":
-            report["groups"] = [
-                {"id": g.id, "width_before": g.width_before, "width_after": g.width_after, "status": g.status,
-                 "reason": g.reason}
-                for g in entry.groups
-            ]  # fmt: skip
-        elif entry.op == "deepen":
-            report["blocks_inserted"] += [
-                {"at": b.at, "kind": b.kind, "module": b.module, "params": b.params, "no_grad": list(b.no_grad)}
-                for b in entry.blocks
-            ]
-            report["deepen_skipped"] += [f"{s.at}: {s.reason}" for s in entry.skipped]
-    return report
-
-
 def _deepen_pass(args: argparse.Namespace) -> Any:
     """The deepen pass the arguments ask for (a bad combination is a one-line usage error)."""
     from r2r_fx.passes.deepen import DeepenPass
@@ -566,113 +565,6 @@ def _deepen_pass(args: argparse.Namespace) -> Any:
         )
     except ValueError as exc:
         raise UsageError(one_line(exc)) from exc
-
-
-def _print_plan(
-    args: argparse.Namespace,
-    groups: list[Any],
-    points: list[Any],
-    blocks: list[Any],
-    estimate: dict[str, Any] | None,
-    costs: dict[int, int],
-) -> None:
-    if args.json:
-        plan = {
-            "groups": [
-                {
-                    "id": g.id,
-                    "width": g.width,
-                    "kind": g.kind,
-                    "producers": g.producers,
-                    "widenable": g.widenable,
-                    "reason": g.reason,
-                    "integer_only": g.integer_only,  # a stream that only whole copies keep exact: why
-                    "params_per_channel": costs.get(g.id, 0),  # one more channel (head) adds
-                }
-                for g in groups
-            ],
-            "insertion_points": [
-                {"node": p.node, "shape": list(p.shape), "kind": p.kind, "stage": p.stage, "default": p.default}
-                for p in points
-            ],
-            "blocks": [
-                {"path": b.path, "class": b.cls, "stage": b.stage, "params": b.params, "refusal": b.refusal}
-                for b in blocks
-            ],
-        }
-        if estimate is not None:
-            plan["estimate"] = {k: v for k, v in estimate.items() if k != "groups"}
-        print(json.dumps(plan, indent=2))
-        return
-    _say(args, "width groups:")
-    _say(args, "  (params/ch: the parameters one more channel of the group adds; for heads, one more head)")
-    _say(args, f"  {'id':>4}  {'width':>6}  {'kind':9}  {'params/ch':>9}  {'status':10}  producers / reason")
-    for g in groups:
-        status = "widenable" if g.widenable else "frozen"
-        detail = ", ".join(g.producers[:4]) + (" ..." if len(g.producers) > 4 else "")
-        why = g.reason if not g.widenable else f"whole copies only: {g.integer_only}" if g.integer_only else ""
-        cost = f"{costs.get(g.id, 0):>9,}"
-        line = f"  {g.id:>4}  {g.width:>6}  {g.kind:9}  {cost}  {status:10}  {detail}{' -- ' + why if why else ''}"
-        _say(args, line)
-    if blocks:
-        _say(args, "the model's blocks (--deepen copies them; params: the cost of one more):")
-        for b in blocks:
-            why = f" -- {b.refusal}" if b.refusal else ""
-            _say(args, f"  stage {b.stage:>2}  {b.path:30s} {b.cls:24s} {b.params:>12,}{why}")
-    _say(args, "insertion points of the generic block (* = default, one per stage):")
-    for p in points:
-        _say(args, f"  {'*' if p.default else ' '} {p.node:30s} {str(list(p.shape)):22s} {p.kind}")
-    if estimate is not None:
-        _say(args, "estimate of the growth asked for:")
-        for g in estimate["groups"]:
-            if g.status == "widened":
-                _say(args, f"  group {g.id:>3}: width {g.width_before} -> {g.width_after}")
-        fits = "fits" if estimate["memory_needed"] <= estimate["memory_available"] else "does NOT fit (refused)"
-        _say(
-            args,
-            f"  parameters {estimate['params_before']:,} -> {estimate['params_after']:,} "
-            f"({format_bytes(estimate['bytes_after'])}); "
-            f"growing and checking needs ~{format_bytes(estimate['memory_needed'])}, "
-            f"{format_bytes(estimate['memory_available'])} available: {fits}",
-        )
-
-
-def _print_summary(args: argparse.Namespace, report: dict[str, Any], written: str | None) -> None:
-    groups = report["groups"]
-    widened = [g for g in groups if g["status"] == "widened"]
-    skipped = [g for g in groups if g["status"] == "skipped"]
-    _say(args, f"parameters      {report['params_before']:,} -> {report['params_after']:,}")
-    if groups:
-        _say(args, f"groups widened  {len(widened)} of {len(groups)}")
-        asked = _widen_args(args.widen) or {}
-        for g in widened[:20]:
-            added = g["width_after"] - g["width_before"]
-            note = ""
-            if "extra" in asked and added != asked["extra"]:
-                note = f" (asked +{asked['extra']}: channels come in pairs or whole groups)"
-            _say(args, f"  group {g['id']:>3}: width {g['width_before']} -> {g['width_after']} (+{added}){note}")
-        if len(widened) > 20:
-            _say(args, f"  ... {len(widened) - 20} more (see --report)")
-        reasons: dict[str, int] = {}
-        for g in skipped:
-            reasons[g["reason"]] = reasons.get(g["reason"], 0) + 1
-        for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:6]:
-            _say(args, f"  skipped x{n}: {reason}")
-    if report["blocks_inserted"]:
-        _say(
-            args,
-            f"blocks inserted {len(report['blocks_inserted'])} "
-            f"({', '.join(b['at'] for b in report['blocks_inserted'][:6])})",
-        )
-    v = report["verify"]
-    if v:
-        onnx = f", ONNX Runtime {v['onnx_max_rel_error']:.1e}" if v["onnx_max_rel_error"] is not None else ""
-        _say(args, f"relative error  PyTorch {v['max_rel_error']:.1e}{onnx} -> {'ok' if v['ok'] else 'FAILED'}")
-    if written and isinstance(report.get("dynamic_axes"), list):
-        _say(args, f"dynamic axes    {', '.join(report['dynamic_axes']) or 'none (fixed to the example shapes)'}")
-    _say(args, "time (s)        " + ", ".join(f"{k} {s:.2f}" for k, s in report["timings_s"].items()))
-    if written:
-        _say(args, f"wrote {written}" + (f" and {args.onnx}" if args.onnx else ""))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 __all__ = ["dynamic_axes_candidates", "expand_for_export", "export_onnx", "run_onnx"]
 
@@ -57,32 +56,37 @@ def _dynamic_shapes(axes: Sequence[tuple[int, ...] | None]) -> tuple[Any, ...]:
     return tuple({a: torch.export.Dim.DYNAMIC for a in ax} if ax else None for ax in axes)
 
 
-def export_onnx(model: nn.Module, example_inputs: Sequence[Any], path: str | os.PathLike[str]) -> str:
+def export_onnx(model: Any, example_inputs: Sequence[Any], path: str | os.PathLike[str]) -> str:
     """Write ``model`` to ``path`` as ONNX (dynamic batch, and token sequence where it can), checked by onnx.checker.
 
-    The file is written to a temporary name next to ``path`` and renamed at the end, so a failure
-    leaves no partial file. Exporting happens in eval mode on a copy's mode flag.
+    ``model`` is a module, or an ExportedProgram already in hand (exported as it is, with its own dynamic
+    axes, without tracing again). The file is written to a temporary name next to ``path`` and renamed at
+    the end, so a failure leaves no partial file. A module is exported in eval mode on a copy's mode flag.
     """
     import onnx
 
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    was_training = model.training
-    model.eval()
+    is_program = isinstance(model, torch.export.ExportedProgram)
+    was_training = not is_program and model.training
+    tensors = list(model.state_dict.values()) if is_program else list(model.parameters())
+    if not is_program:
+        model.eval()
     # protobuf caps a file at 2 GiB: big models keep their weights in a side file (``path + ".data"``)
-    external = sum(p.numel() * p.element_size() for p in model.parameters()) > 1_800_000_000
+    external = sum(t.numel() * t.element_size() for t in tensors) > 1_800_000_000
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=folder)
     os.close(fd)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             program, last = None, None
-            for axes, names in dynamic_axes_candidates(inputs):
+            attempts = [(None, [])] if is_program else dynamic_axes_candidates(inputs)
+            for axes, names in attempts:
                 try:
                     program = torch.onnx.export(
                         model,
-                        expand_for_export(inputs, axes),
+                        inputs if is_program else expand_for_export(inputs, axes),
                         tmp,
                         dynamo=True,
                         dynamic_shapes=_dynamic_shapes(axes) if names else None,
@@ -105,7 +109,8 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[Any], path: str | os.
             os.replace(tmp, path)
         os.chmod(path, 0o666 & ~_umask())  # mkstemp made it 0600: respect the umask like any other file
     finally:
-        model.train(was_training)
+        if not is_program:
+            model.train(was_training)
         for leftover in (tmp, tmp + ".data"):
             if os.path.exists(leftover):
                 os.remove(leftover)

@@ -36,6 +36,7 @@ from torch import nn
 from r2r_fx.cli_errors import UsageError, first_line
 from r2r_fx.compat import pt2_code_paths
 from r2r_fx.estimate import available_memory, format_bytes
+from r2r_fx.input_files import input_file, model_kind, refuse_torchscript, zip_names
 
 __all__ = ["example_inputs", "load_model"]
 
@@ -70,61 +71,13 @@ def load_model(
     spec: str, args: argparse.Namespace
 ) -> tuple[nn.Module, tuple[Any, ...] | None, str, torch.fx.GraphModule | None]:
     """(model, stored example inputs or None, display name, the graph when the file already is one)."""
-    if os.path.exists(spec) or spec.endswith((".pt2", ".pt", ".pth", ".safetensors")):
-        if os.path.isdir(spec):
-            raise UsageError(f"model {spec} is a directory, not a model file")
-        if not os.path.isfile(spec):
-            raise UsageError(
-                f"model {spec} is not a regular file" if os.path.exists(spec) else f"model file not found: {spec}"
-            )
-        _readable(spec, "model file")
-        if args.weights:
-            raise UsageError("--weights only applies to a package.module:factory model")
-        name = os.path.basename(spec)
-        if spec.endswith(".safetensors"):
-            raise UsageError(f"{spec} holds weights only: use package.module:factory --weights {spec}")
-        _refuse_torchscript(spec)
-        if spec.endswith(".pt2"):
-            gm, inputs = _load_pt2(spec, args.trust_pickle)
-            return gm, inputs, name, gm
-        return _load_pickle(spec, args.trust_pickle), None, name, None
-    if ":" in spec:
-        return _load_factory(spec, args.weights, args.weights_key), None, spec, None
-    raise UsageError(f"model file not found: {spec} (nor is it a package.module:factory spec)")
-
-
-def _input_file(path: str, flag: str) -> None:
-    """``path`` (given with ``flag``, e.g. ``--weights``) is a regular file this process can read."""
-    if os.path.isdir(path):
-        raise UsageError(f"{flag} {path} is a directory")
-    if not os.path.isfile(path):
-        raise UsageError(f"{flag.lstrip('-')} file not found: {path}")
-    _readable(path, flag)
-
-
-def _readable(path: str, what: str) -> None:
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-
-
-def _zip_names(path: str) -> list[str] | None:
-    try:
-        with zipfile.ZipFile(path) as z:
-            return z.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return None
-
-
-def _refuse_torchscript(path: str) -> None:
-    names = _zip_names(path) or []
-    if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
-        raise UsageError(
-            f"{path} is a TorchScript archive (torch.jit.save), which is not supported: save the model with "
-            "torch.export.save (.pt2), or its state_dict for package.module:factory --weights"
-        )
+    kind = model_kind(spec, args)
+    if kind == "pt2":
+        gm, inputs = _load_pt2(spec, args.trust_pickle)
+        return gm, inputs, os.path.basename(spec), gm
+    if kind == "pickle":
+        return _load_pickle(spec, args.trust_pickle), None, os.path.basename(spec), None
+    return _load_factory(spec, args.weights, args.weights_key), None, spec, None
 
 
 # ---------------------------------------------------------------- .pt2 archives, read without running code from them
@@ -289,7 +242,7 @@ def _pt2_needs_trust(path: str, names: list[str]) -> str:
 
 
 def _load_pt2(path: str, trust: bool) -> tuple[torch.fx.GraphModule, tuple[Any, ...] | None]:
-    names = _zip_names(path)
+    names = zip_names(path)
     if names is None:
         raise UsageError(f"cannot read {path} as a torch.export program: not a .pt2 (zip) archive")
     refusal = "" if trust else _pt2_needs_trust(path, names)
@@ -418,13 +371,13 @@ def _looks_like_state_dict(obj: Any) -> bool:
 
 
 def _load_weights(path: str, key: str | None) -> dict[str, torch.Tensor]:
-    _input_file(path, "--weights")
+    input_file(path, "--weights")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
 
             return load_file(path)
-        _refuse_torchscript(path)
+        refuse_torchscript(path)
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except UsageError:
         raise
@@ -488,8 +441,8 @@ def _fit_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str, sp
 
 def example_inputs(args: argparse.Namespace, stored: tuple[Any, ...] | None) -> tuple[Any, ...]:
     if args.inputs:
-        _input_file(args.inputs, "--inputs")
-        _refuse_torchscript(args.inputs)
+        input_file(args.inputs, "--inputs")
+        refuse_torchscript(args.inputs)
         try:
             obj = torch.load(args.inputs, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:

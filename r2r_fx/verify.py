@@ -150,8 +150,12 @@ def verify(
     seed: int = 0,
     onnx_path: str | os.PathLike[str] | None = None,
     f64_fallback: bool = True,
+    onnx_from: torch.export.ExportedProgram | None = None,
 ) -> VerifyReport:
-    """Compare ``candidate`` with ``reference`` on ``example_inputs`` (eval, train, ONNX Runtime)."""
+    """Compare ``candidate`` with ``reference`` on ``example_inputs`` (eval, train, ONNX Runtime).
+
+    The ONNX file (kept at ``onnx_path`` when given) is exported from ``candidate``, or from ``onnx_from``,
+    an ExportedProgram of it already in hand (not traced again)."""
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     notes: list[str] = []
     eval_only = (
@@ -183,7 +187,7 @@ def verify(
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.fspath(onnx_path) if onnx_path else os.path.join(tmp, "candidate.onnx")
-                export_onnx(candidate, inputs, path)
+                export_onnx(candidate if onnx_from is None else onnx_from, inputs, path)
                 got = run_onnx(path, inputs)
         except Exception as exc:  # noqa: BLE001 - e.g. no ONNX Runtime kernel for a dtype: say so, do not crash
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

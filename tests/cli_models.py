@@ -8,7 +8,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["other_cnn", "residual_stack", "small_cnn", "tiny_llama", "tiny_llama_with_cache", "token_mlp"]
+__all__ = [
+    "meta_residual_stack",
+    "other_cnn",
+    "residual_stack",
+    "small_cnn",
+    "tiny_llama",
+    "tiny_llama_with_cache",
+    "token_mlp",
+]
 
 
 def small_cnn() -> nn.Module:
@@ -41,6 +49,12 @@ def residual_stack() -> nn.Module:
     """Three residual blocks between an input and an output layer (inputs: 2,8)."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, 8), nn.Sequential(*[Residual() for _ in range(3)]), nn.Linear(8, 3)).eval()
+
+
+def meta_residual_stack() -> nn.Module:
+    """``residual_stack`` built on the meta device: shapes and no weights, as a model too big to load."""
+    with torch.device("meta"):
+        return nn.Sequential(nn.Linear(8, 8), nn.Sequential(*[Residual() for _ in range(3)]), nn.Linear(8, 3)).eval()
 
 
 def other_cnn() -> nn.Module:

@@ -2,7 +2,8 @@
 
 For each task (``cnn``: a small ResNet on scikit-learn's digits with Adam; ``vit``: a pre-LN ViT on the
 same digits with AdamW, a decay/no-decay split and a warm-up + cosine schedule; ``lm``: a pre-norm
-character decoder on Python's own source text with AdamW and a cosine schedule; see growth_models.py),
+character decoder on Python's own source text with AdamW and a cosine schedule; see growth_models.py;
+``cnn-sgd``, not run by default: the CNN with SGD and momentum),
 each method (r2r, net2net, netmorph, random) and each transform (widen 2x, deepen by one block per
 stage), over several seeds: train ``--before`` steps, grow, carry the optimizer and scheduler with
 ``r2r_fx.carry_optimizer``, train ``--after`` more. Beside them, the ungrown control (same seed, same
@@ -75,10 +76,13 @@ def reinitialise(gm: torch.fx.GraphModule, seed: int) -> torch.fx.GraphModule:
 
 
 def make_optimizer(name: str, model: nn.Module, total: int) -> tuple[torch.optim.Optimizer, Any]:
-    """The task's optimizer and schedule: Adam for the CNN; AdamW with weight decay on matrices only and a
-    warm-up + cosine schedule for the transformers."""
+    """The task's optimizer and schedule: Adam for the CNN (SGD with momentum for cnn-sgd); AdamW with weight
+    decay on matrices only and a warm-up + cosine schedule for the transformers."""
     if name == "cnn":
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    if name == "cnn-sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -190,7 +194,7 @@ def train_arm(t: Task, arm: dict[str, str], seed: int, args: argparse.Namespace,
     before = out["before"]
     window = out["window"]
     recovered = next((i for i, loss in enumerate(window) if i > 0 and loss < before), None)
-    if kind == "widen" and t.name == "cnn":
+    if kind == "widen" and t.name.startswith("cnn"):
         out["similarity"] = new_filter_similarity(model)
     out.update(
         worst=max(window) / before,
@@ -295,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 seed, few steps (smoke test)")
     parser.add_argument("--table2", action="store_true", help="the paper's Table 2: final accuracy per method")
-    parser.add_argument("--tasks", default="cnn,vit,lm", help="comma-separated: cnn, vit, lm")
+    parser.add_argument("--tasks", default="cnn,vit,lm", help="comma-separated: cnn, vit, lm, cnn-sgd")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--before", type=int, default=300, help="steps before growing")
     parser.add_argument("--after", type=int, default=300, help="steps after growing")

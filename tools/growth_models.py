@@ -192,11 +192,12 @@ def _text_task(context: int = 32) -> Task:
 
 
 def task(name: str, train: int = 1400) -> Task:
-    """``cnn``, ``vit`` or ``lm``; ``train`` limits the digits' training split (the harder Table 2 variant)."""
-    if name == "cnn":
-        return _image_task("cnn", lambda: SmallResNet(8), train)
+    """``cnn`` (``cnn-sgd``: the same with SGD), ``vit`` or ``lm``; ``train`` limits the digits' training split
+    (the harder Table 2 variant)."""
+    if name in ("cnn", "cnn-sgd"):
+        return _image_task(name, lambda: SmallResNet(8), train)
     if name == "vit":
         return _image_task("vit", lambda: TinyViT(), train)
     if name == "lm":
         return _text_task()
-    raise ValueError(f"unknown task {name!r} (cnn, vit or lm)")
+    raise ValueError(f"unknown task {name!r} (cnn, cnn-sgd, vit or lm)")
