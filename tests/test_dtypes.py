@@ -66,3 +66,35 @@ def test_half_precision_streams_split_exactly(dtype, factor, method):
     with torch.no_grad():
         want, got = model.double()(*wide), grown.double()(*wide)
     assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_aten_graph_is_rechecked_in_float64(dtype):
+    """An ATen graph of a half-precision HF Llama casts to its dtype inside (RMSNorm's ``.to(input_dtype)``):
+    the float64 re-check turns those casts to float64 too, instead of crashing on mixed dtypes, and a real
+    change is still caught."""
+    pytest.importorskip("transformers")
+    from cli_models import tiny_llama
+
+    tiny_llama()  # the torchvision shim transformers needs, where it is installed
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, max_position_embeddings=64, use_cache=False,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).to(dtype).eval()  # wide enough for rounding to differ after widening
+    ids = torch.randint(0, 1000, (1, 16))
+    gm = r2r_fx.capture(model, (ids,), rtol=5e-2)
+    assert gm.meta["r2r_graph_level"] == "aten"
+    mlp = [g.id for g in r2r_fx.analyze(gm).groups if g.kind == "channels" and g.width == 704 and g.widenable]
+    assert mlp
+    grown = r2r_fx.widen(gm, groups=mlp, factor=2.0, check=False)
+    report = r2r_fx.verify(model, grown, (ids,), onnx=False, train=False)
+    assert report.ok, report.notes
+    assert report.eval_rel_error > report.rtol  # rounding: the decision rests on the float64 re-check
+    assert report.eval_rel_error_f64 is not None and report.eval_rel_error_f64 <= 1e-5
+    wrong = r2r_fx.widen(gm, groups=mlp, factor=2.0, method="random", check=False)
+    report = r2r_fx.verify(model, wrong, (ids,), onnx=False, train=False)
+    assert not report.ok and report.eval_rel_error_f64 is not None and report.eval_rel_error_f64 > 1e-3
