@@ -42,6 +42,7 @@ from r2r_fx.outputs import (
     default_output,
     install_signal_handlers,
     interrupted_outputs,
+    raise_if_interrupted,
     remove_temps,
     reset_written,
     restore_signal_handlers,
@@ -179,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     reset_written()
     with _library_noise(args.debug):
         try:
-            return _run(args)
+            code = _run(args)
+            raise_if_interrupted()
+            return code
         except Interrupted as exc:
             _error(f"interrupted by {exc.name}; {interrupted_outputs()}")
             return exc.code
@@ -355,7 +358,8 @@ def _run(args: argparse.Namespace) -> int:
     if not args.plan:
         check_outputs(args, output)
     check_input_files(args)
-    progress = Progress(None if args.quiet or args.json else (_STDERR[-1] if _STDERR else sys.stderr))
+    stream = None if args.quiet or args.json else (_STDERR[-1] if _STDERR else sys.stderr)
+    progress = Progress(stream, before_phase=raise_if_interrupted)
     try:
         return _grow(args, progress, widen_kw, groups, output)
     finally:

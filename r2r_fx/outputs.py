@@ -32,6 +32,7 @@ __all__ = [
     "default_output",
     "install_signal_handlers",
     "interrupted_outputs",
+    "raise_if_interrupted",
     "remove_temps",
     "reset_written",
     "restore_signal_handlers",
@@ -45,6 +46,10 @@ __all__ = [
 # Every temporary path the command creates, removed on any exit (signals included), and the outputs written.
 _TEMPS: set[str] = set()
 _WRITTEN: list[str] = []
+# Signals received during this run. Python swallows an exception raised where it cannot propagate (a weakref
+# callback or ``__del__`` the handler happened to interrupt, seen inside an import), so every check raises the
+# signal again until the run ends.
+_RECEIVED: list[int] = []
 
 
 class Interrupted(BaseException):
@@ -60,6 +65,7 @@ def install_signal_handlers() -> dict[int, Any]:
     if threading.current_thread() is not threading.main_thread():
         return {}
     previous = {}
+    _RECEIVED.clear()
     for signum in (signal.SIGINT, signal.SIGTERM):
         previous[signum] = signal.signal(signum, _on_signal)
     return previous
@@ -68,7 +74,14 @@ def install_signal_handlers() -> dict[int, Any]:
 def _on_signal(signum: int, frame: Any) -> None:
     for other in (signal.SIGINT, signal.SIGTERM):  # a second signal must not break the clean-up
         signal.signal(other, signal.SIG_IGN)
+    _RECEIVED.append(signum)
     raise Interrupted(signum)
+
+
+def raise_if_interrupted() -> None:
+    """Raise the run's signal again if one arrived: its first raise may have been swallowed."""
+    if _RECEIVED:
+        raise Interrupted(_RECEIVED[0])
 
 
 def restore_signal_handlers(previous: dict[int, Any]) -> None:
@@ -192,6 +205,7 @@ class Staged:
 
     def commit(self) -> None:
         """Rename every staged file into place, with SIGINT / SIGTERM held off: all outputs appear, or none."""
+        raise_if_interrupted()
         blocked = {signal.SIGINT, signal.SIGTERM}
         held = threading.current_thread() is threading.main_thread()
         if held:

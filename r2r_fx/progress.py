@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 __all__ = ["Progress"]
@@ -14,9 +15,13 @@ _FRAMES = "|/-\\"
 
 
 class Progress:
-    """``phase(text)`` ends the current phase and shows the next; ``close()`` ends the last one."""
+    """``phase(text)`` ends the current phase and shows the next; ``close()`` ends the last one.
+    ``before_phase`` runs at every phase boundary, shown or not (the command checks for signals there)."""
 
-    def __init__(self, stream: TextIO | None, interval: float = 0.2) -> None:
+    def __init__(
+        self, stream: TextIO | None, interval: float = 0.2, before_phase: Callable[[], None] | None = None
+    ) -> None:
+        self.before_phase = before_phase
         self.stream = stream if stream is not None and _is_terminal(stream) else None
         self.interval = interval
         self.text: str | None = None
@@ -27,6 +32,8 @@ class Progress:
         self.worker: threading.Thread | None = None
 
     def phase(self, text: str) -> None:
+        if self.before_phase is not None:
+            self.before_phase()
         if self.stream is None:
             return
         self.close()

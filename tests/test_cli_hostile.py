@@ -631,8 +631,44 @@ def test_sigterm_from_outside_mid_run(files, tmp_path):
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
+    assert proc.returncode == 143, (out, err)
     assert_one_line(err, out, "interrupted by SIGTERM")
+    assert _listing(tmp_path) == before
+
+
+_SWALLOWED = """
+import os, signal, sys
+import r2r_fx.cli as cli
+import r2r_fx.outputs as outputs
+real = outputs.Staged.commit
+class Finalised:
+    def __del__(self):  # Python cannot propagate an exception out of here: it swallows the handler's raise
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+        sum(range(100))  # bytecode for the handler to run in
+def commit(self):
+    Finalised()
+    return real(self)
+outputs.Staged.commit = commit
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_a_signal_whose_raise_python_swallowed_still_interrupts(files, tmp_path):
+    """A signal that lands in a finaliser or weakref callback (seen inside an import under load) used to be
+    lost: the run went on and wrote its outputs with exit 0."""
+    shutil.copy(files / "model.pt2", tmp_path / "model.pt2")
+    before = _listing(tmp_path)
+    argv = ["model.pt2", "--widen", "2", "--no-verify", "-o", "g.pt2", "--report", "r.json"]
+    proc = subprocess.run(
+        [sys.executable, "-c", _SWALLOWED, "SIGTERM", *argv],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 143, (proc.stdout, proc.stderr)
+    assert_one_line(proc.stderr, proc.stdout, "interrupted by SIGTERM")
     assert _listing(tmp_path) == before
 
 
