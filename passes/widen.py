@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from r2r_fx.analysis import Analysis, analyze
+from r2r_fx.analysis import Analysis, WidthGroup, analyze
 from r2r_fx.errors import GrowthError
 from r2r_fx.heads import keep_score_scales
 from r2r_fx.methods import Method, get_method
@@ -83,6 +83,7 @@ def plan_new_channels(
             "status": "skipped",
             "reason": g.reason,
             "kind": g.kind,
+            "group_size": g.group_size if g.heads else 1,
         }
         # this group's growth: the common factor/extra, or with sizes= its own extra
         g_factor, g_extra = (
@@ -117,8 +118,8 @@ def plan_new_channels(
             and entry["width_after"] != targets[g.id]
         ):
             raise GrowthError(
-                f"width group {g.id} ({g.kind}, width {g.width}) cannot be {targets[g.id]} wide: it grows in steps"
-                f" of {g.granularity} (to {entry['width_after']})"
+                f"width group {g.id} ({_wide(g, g.width)}) cannot be {_wide(g, targets[g.id], 'reach')}: it grows"
+                f" in steps of {g.granularity} (to {_wide(g, entry['width_after'], 'reach')})"
             )
         report.append(GroupChange(**{**entry, "producers": tuple(g.producers), "consumers": tuple(g.consumers)}))
     return new_channels, report
@@ -132,12 +133,45 @@ def _targets(analysis: Analysis, sizes: Mapping[int | str, int]) -> dict[int, in
             raise GrowthError(f"sizes[{key!r}] must be a width >= 1, got {width!r}")
         for i in sorted(_select(analysis, [key])):
             g = analysis.groups[i]
-            if width < g.width:
-                raise GrowthError(f"sizes[{key!r}] = {width} would shrink width group {i} ({g.kind}, width {g.width})")
-            if targets.get(i, width) != width:
-                raise GrowthError(f"width group {i} is asked to be both {targets[i]} and {width} wide")
-            targets[i] = width
+            own = _channels_for(g, key, width)
+            if own < g.width:
+                raise GrowthError(f"sizes[{key!r}] = {width} would shrink width group {i} ({_wide(g, g.width)})")
+            if targets.get(i, own) != own:
+                both = (
+                    f"{_wide(g, targets[i], 'reach')} and {_wide(g, own, 'reach')}"
+                    if g.heads and g.group_size > 1
+                    else f"{targets[i]} and {own} wide"
+                )
+                raise GrowthError(f"width group {i} is asked to be both {both}")
+            targets[i] = own
     return targets
+
+
+def _channels_for(g: WidthGroup, key: int | str, width: int) -> int:
+    """The channels of group ``g`` that ``sizes[key] = width`` asks for: for attention heads, ``width``
+    counts query heads, and each channel of the group is a key/value head with ``g.group_size`` of them."""
+    if not g.heads or g.group_size == 1:
+        return width
+    if g.group_size == 0:
+        raise GrowthError(
+            f"sizes[{key!r}]: width group {g.id}'s attention products disagree on how many query heads share a"
+            " key/value head, so a number of query heads cannot be reached"
+        )
+    if width % g.group_size:
+        raise GrowthError(
+            f"sizes[{key!r}] = {width} query heads: width group {g.id} has {g.group_size} query heads per"
+            f" key/value head ({g.query_heads} over {g.width}), so it grows in multiples of {g.group_size}"
+        )
+    return width // g.group_size
+
+
+def _wide(g: WidthGroup, channels: int, form: str = "group") -> str:
+    """``channels`` of group ``g`` in words, as the group's description (``form="group"``) or as a width
+    to reach (``"reach"``); grouped-query heads are counted in query and key/value heads."""
+    if g.heads and g.group_size > 1:
+        heads = f"{channels * g.group_size} query heads over {channels} key/value heads"
+        return f"heads, {heads}" if form == "group" else heads
+    return f"{g.kind}, width {channels}" if form == "group" else f"{channels} wide"
 
 
 def _plan_stream(analysis, g, factor, extra, method, new_channels: dict[int, int], entry: dict) -> None:
@@ -352,9 +386,11 @@ def widen(
 
     ``sizes`` says the width to reach instead, per selector (the same keys as ``groups``), e.g.
     ``{"kind:stream": 96, "kind:heads": 8, "kind:channels": 256}``: the hidden size to 96, 8 heads, every
-    MLP 256 wide. A group's width is what ``width_groups`` shows: a heads group counts the heads of its
-    key/value projection (with grouped-query attention, the kv heads; each keeps its number of query
-    heads), a head-size group the positions in one head. A width the group cannot reach exactly (R2R
+    MLP 256 wide. A group's width is what ``width_groups`` shows, except for attention heads, which
+    ``sizes`` counts as query heads: with grouped-query attention a heads group's channels are its
+    key/value heads (``WidthGroup.width``), each shared by ``group_size`` query heads, and grows by whole
+    key/value heads (4 query heads over 2 key/value heads to 8: 4 key/value heads). A head-size group
+    counts the positions in one head. A width the group cannot reach exactly (R2R
     adds channels in pairs, grouped layers in whole groups) or below its width is an error; a frozen
     group is skipped with its reason, as with ``groups``.
 

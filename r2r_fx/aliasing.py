@@ -20,6 +20,7 @@ is not known from this table or from its ATen schema is assumed to allocate.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 from typing import Any
@@ -54,6 +55,23 @@ def _name(node: torch.fx.Node) -> str:
     return getattr(target, "__name__", str(target)).rpartition(".")[2]
 
 
+@functools.lru_cache(maxsize=4096)
+def _read_signature(target: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(target)
+    except (TypeError, ValueError):  # a builtin without a text signature
+        return None
+
+
+def _signature(target: Any) -> inspect.Signature | None:
+    """``inspect.signature(target)``, read once per callable (it parses builtins' text signatures: slow)."""
+    try:
+        hash(target)
+    except TypeError:
+        return _read_signature.__wrapped__(target)
+    return _read_signature(target)
+
+
 def _writes_first_input(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
     if node.op == "call_module":
         return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
@@ -63,8 +81,9 @@ def _writes_first_input(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
         return True
     if node.op == "call_function" and callable(node.target) and not isinstance(node.target, OpOverload):
         try:  # ``F.relu(x, True)``: the flag given by position
-            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments
-        except (TypeError, ValueError):
+            signature = _signature(node.target)
+            bound = signature.bind(*node.args, **node.kwargs).arguments if signature else {}
+        except TypeError:
             bound = {}
         if bound.get("inplace") is True:
             return True

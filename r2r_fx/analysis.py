@@ -38,7 +38,7 @@ import torch.fx
 
 from r2r_fx import rules as _rules
 from r2r_fx.graph import describe, hidden_weights, tensor_shapes
-from r2r_fx.heads import contract_ties, head_roots
+from r2r_fx.heads import contract_ties, head_roots, query_group_size
 from r2r_fx.layout import Layout, Piece
 from r2r_fx.rules import Slot, freeze_all, rule_for
 from r2r_fx.rules.common import freeze_hidden_uses
@@ -93,6 +93,13 @@ class WidthGroup:
     integer_only: str = ""  # a stream that only whole copies keep exact: why (r2r_fx.streams)
     heads: bool = False  # its channels are attention heads (each a block of head-size positions)
     head_size: bool = False  # its channels are positions within attention heads (a head-size analysis)
+    group_size: int = 1  # heads: query heads per channel (key/value head) of the group; 0: the products disagree
+
+    @property
+    def query_heads(self) -> int:
+        """Heads: the query heads the group's channels stand for (grouped-query attention: each channel is
+        a key/value head shared by ``group_size`` query heads); 0 where attention products disagree."""
+        return self.width * self.group_size
 
     @property
     def stream(self) -> bool:
@@ -113,7 +120,7 @@ class WidthGroup:
         if self.norms:
             state += f", stream normalised by {', '.join(self.norms)}"
         elif self.heads:
-            state += ", attention heads"
+            state += ", attention heads" + (f" ({self.query_heads} query heads)" if self.group_size != 1 else "")
         if self.integer_only:
             state += f", whole copies only: {self.integer_only}"
         return (
@@ -625,6 +632,8 @@ class Analysis:
                 heads=not self.head_size and any(self.set_roots[a] in self._head_roots for a in channel_sets),
                 head_size=head_size,
             )
+            if group.heads:
+                group.group_size = query_group_size(self, b.head_slots, channel_sets)
             for a in channel_sets:
                 self.group_of_set[a] = group.id
             if norms and group.widenable:

@@ -116,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="GROUP=WIDTH",
         help="grow the groups GROUP selects (an id, producer name or kind) to WIDTH, repeatable "
-        "(e.g. --size kind:stream=96 --size kind:heads=8); instead of --widen",
+        "(e.g. --size kind:stream=96 --size kind:heads=8: heads count query heads); instead of --widen",
     )
     p.add_argument(
         "--deepen",

@@ -45,7 +45,7 @@ def build_report(
         if entry.op == "widen":
             report["groups"] = [
                 {"id": g.id, "width_before": g.width_before, "width_after": g.width_after, "status": g.status,
-                 "reason": g.reason}
+                 "reason": g.reason, "kind": g.kind, "group_size": g.group_size}
                 for g in entry.groups
             ]  # fmt: skip
         elif entry.op == "deepen":
@@ -74,6 +74,7 @@ def print_plan(
                     "id": g.id,
                     "width": g.width,
                     "kind": g.kind,
+                    "query_heads": g.query_heads if g.heads else None,  # grouped-query attention: width is kv heads
                     "producers": g.producers,
                     "widenable": g.widenable,
                     "reason": g.reason,
@@ -96,14 +97,16 @@ def print_plan(
         print(json.dumps(plan, indent=2))
         return
     say(args, "width groups:")
-    say(args, "  (params/ch: the parameters one more channel of the group adds; for heads, one more head)")
+    say(args, "  (params/ch: the parameters one more channel of the group adds; for heads, one more head;")
+    say(args, "   Q/Nkv: Q query heads over N key/value heads, grown by whole key/value heads)")
     say(args, f"  {'id':>4}  {'width':>6}  {'kind':9}  {'params/ch':>9}  {'status':10}  producers / reason")
     for g in groups:
         status = "widenable" if g.widenable else "frozen"
         detail = ", ".join(g.producers[:4]) + (" ..." if len(g.producers) > 4 else "")
         why = g.reason if not g.widenable else f"whole copies only: {g.integer_only}" if g.integer_only else ""
         cost = f"{costs.get(g.id, 0):>9,}"
-        line = f"  {g.id:>4}  {g.width:>6}  {g.kind:9}  {cost}  {status:10}  {detail}{' -- ' + why if why else ''}"
+        width = f"{g.query_heads}/{g.width}kv" if g.heads and g.group_size != 1 else str(g.width)
+        line = f"  {g.id:>4}  {width:>6}  {g.kind:9}  {cost}  {status:10}  {detail}{' -- ' + why if why else ''}"
         say(args, line)
     if blocks:
         say(args, "the model's blocks (--deepen copies them; params: the cost of one more):")
@@ -117,7 +120,7 @@ def print_plan(
         say(args, "estimate of the growth asked for:")
         for g in estimate["groups"]:
             if g.status == "widened":
-                say(args, f"  group {g.id:>3}: width {g.width_before} -> {g.width_after}")
+                say(args, f"  group {g.id:>3}: {_change(g.width_before, g.width_after, g.kind, g.group_size)}")
         fits = "fits" if estimate["memory_needed"] <= estimate["memory_available"] else "does NOT fit (refused)"
         say(
             args,
@@ -141,7 +144,9 @@ def print_summary(args: argparse.Namespace, report: dict[str, Any], written: str
             note = ""
             if "extra" in asked and added != asked["extra"]:
                 note = f" (asked +{asked['extra']}: channels come in pairs or whole groups)"
-            say(args, f"  group {g['id']:>3}: width {g['width_before']} -> {g['width_after']} (+{added}){note}")
+            change = _change(g["width_before"], g["width_after"], g["kind"], g["group_size"])
+            plus = f" (+{added})" if change.startswith("width") else ""
+            say(args, f"  group {g['id']:>3}: {change}{plus}{note}")
         if len(widened) > 20:
             say(args, f"  ... {len(widened) - 20} more (see --report)")
         reasons: dict[str, int] = {}
@@ -164,3 +169,10 @@ def print_summary(args: argparse.Namespace, report: dict[str, Any], written: str
     say(args, "time (s)        " + ", ".join(f"{k} {s:.2f}" for k, s in report["timings_s"].items()))
     if written:
         say(args, f"wrote {written}" + (f" and {args.onnx}" if args.onnx else ""))
+
+
+def _change(before: int, after: int, kind: str, group_size: int) -> str:
+    """A group's growth in words: widths, or query and key/value heads for grouped-query attention."""
+    if kind == "heads" and group_size > 1:
+        return f"heads {before * group_size} -> {after * group_size} (key/value heads {before} -> {after})"
+    return f"width {before} -> {after}"

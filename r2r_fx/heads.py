@@ -25,7 +25,7 @@ from r2r_fx.rules import Slot
 if TYPE_CHECKING:
     from r2r_fx.analysis import _Builder
 
-__all__ = ["contract_ties", "head_roots", "keep_score_scales"]
+__all__ = ["contract_ties", "head_roots", "keep_score_scales", "query_group_size"]
 
 
 def head_roots(find: Callable[[Slot], Slot], b: _Builder, bound_roots: set[Slot]) -> set[Slot]:
@@ -51,6 +51,15 @@ def head_roots(find: Callable[[Slot], Slot], b: _Builder, bound_roots: set[Slot]
                 heads.add(elsewhere[0])
                 changed = True
     return heads
+
+
+def query_group_size(analysis: Any, head_slots: list[Slot], channel_sets: list[int]) -> int:
+    """How many query heads each channel of a heads group stands for, read where the attention products
+    meet the heads: 1 without grouped-query attention; with it (``repeat_kv`` expands each key/value head
+    over its query heads, or a query projection reshaped to ``(kv heads, group, head size)``) each channel
+    spans ``group`` consecutive heads there. 0 when the products disagree."""
+    inner = {i for s in head_slots for a, _, i in analysis.layout(s).pieces if a in channel_sets}
+    return inner.pop() if len(inner) == 1 else (1 if not inner else 0)
 
 
 def contract_ties(analysis: Any, b: _Builder, freeze_layout: Callable[..., None]) -> tuple[list, set[int]]:

@@ -81,6 +81,7 @@ class GroupChange:
     kind: str = ""  # the group's kind: "stream", "heads" or "channels" (``WidthGroup.kind``)
     k: int = 0  # a normalised stream: whole copies of its old width ...
     r: int = 0  # ... and mean channels after them (width_after = k * width_before + r)
+    group_size: int = 1  # heads: query heads per key/value head (widths count key/value heads)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "llama_like",
     "meta_residual_stack",
     "other_cnn",
     "residual_stack",
@@ -95,3 +96,10 @@ def tiny_llama(use_cache: bool = False) -> nn.Module:
 
 def tiny_llama_with_cache() -> nn.Module:
     return tiny_llama(use_cache=True)
+
+
+def llama_like() -> nn.Module:
+    """The test zoo's Llama-like decoder (4 query heads over 2 key/value heads) on int64 ids (2, 7)."""
+    from zoo import ZOO
+
+    return ZOO["llama_like"]()[0].eval()

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import r2r_fx
+from r2r_fx.errors import GrowthError
 from r2r_fx.record import growth_history
 
 
@@ -271,6 +272,36 @@ def test_widen_preserves_function(name):
     assert report.train_rel_error is not None and report.train_rel_error <= RTOL, report
     assert report.onnx_max_rel_error is not None and report.onnx_max_rel_error <= ONNX_RTOL, report
     assert report.ok, report
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_heads_to_8_counts_query_heads(name):
+    """``sizes={"kind:heads": 8}`` asks for 8 query heads: Llama's 4 query heads over 2 key/value heads
+    become 8 over 4 (whole key/value heads, each keeping its 2 query heads); GPT-2's 4 heads become 8."""
+    model, gm = _model_and_graph(name)
+    heads = [g for g in r2r_fx.width_groups(gm) if g.kind == "heads"]
+    assert [(g.query_heads, g.width) for g in heads] == [(HEADS, 2 if name == "llama" else HEADS)] * LAYERS
+    grown = r2r_fx.widen(gm, sizes={"kind:heads": 2 * HEADS}, seed=0)
+    if name == "llama":
+        attn = "model.layers.0.self_attn"
+        assert grown.get_parameter(f"{attn}.q_proj.weight").shape == (2 * HEADS * 16, HIDDEN)
+        assert grown.get_parameter(f"{attn}.k_proj.weight").shape == (4 * 16, HIDDEN)
+        assert grown.get_parameter(f"{attn}.o_proj.weight").shape == (HIDDEN, 2 * HEADS * 16)
+    else:
+        assert grown.get_parameter("transformer.h.0.attn.c_attn.weight").shape == (HIDDEN, 3 * 2 * HIDDEN)
+    after = [g for g in r2r_fx.width_groups(grown) if g.kind == "heads"]
+    assert [g.query_heads for g in after] == [2 * HEADS] * LAYERS
+    ids = _ids()
+    with torch.no_grad():  # independent of verify: the eager original against the grown graph
+        expected, got = model(ids), grown(ids)
+    _assert_same_output(expected, got)
+    if name == "llama":  # 6 query heads would be 3 key/value heads, and R2R adds them in pairs; 5 is no multiple
+        with pytest.raises(GrowthError, match="cannot be 6 query heads over 3 key/value heads"):
+            r2r_fx.widen(gm, sizes={"kind:heads": 6}, seed=0)
+        with pytest.raises(GrowthError, match="2 query heads per key/value head .4 over 2., so it grows in multi"):
+            r2r_fx.widen(gm, sizes={"kind:heads": 5}, seed=0)
+        with pytest.raises(GrowthError, match="would shrink"):
+            r2r_fx.widen(gm, sizes={"kind:heads": 2}, seed=0)
 
 
 # hidden 64 -> 96: mean channels where exact (Llama's RMSNorm: a zero tail, gamma * sqrt(2/3), eps * 2/3),

@@ -57,7 +57,7 @@ def test_pt2_widen_deepen_onnx_and_report(files):
         "timings_s",
     }
     assert report["params_after"] > report["params_before"] and report["blocks_inserted"]
-    assert set(report["groups"][0]) == {"id", "width_before", "width_after", "status", "reason"}
+    assert set(report["groups"][0]) == {"id", "width_before", "width_after", "status", "reason", "kind", "group_size"}
     assert set(report["verify"]) >= {"max_abs_error", "max_rel_error", "onnx_max_abs_error", "onnx_max_rel_error", "ok"}
     assert set(report["timings_s"]) == {"capture", "analyze", "rewrite", "verify", "export"}
     x = torch.randn(3, 3, 16, 16)  # another batch size: the ONNX file has a dynamic batch axis
@@ -130,6 +130,23 @@ def test_size_grows_each_selected_group_to_its_width(files):
     report = json.loads((files / "r.json").read_text())
     widened = [g for g in report["groups"] if g["status"] == "widened"]
     assert widened and all(g["width_after"] == 32 for g in widened), report["groups"]
+
+
+def test_size_counts_query_heads_under_grouped_query_attention(tmp_path):
+    llama = ["cli_models:llama_like", "--input-shape", "int64:2,7"]
+    proc = run(*llama, "--plan", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count(" 4/2kv  heads ") == 2, proc.stdout
+    plan = json.loads(run(*llama, "--plan", "--json", cwd=tmp_path).stdout)
+    assert [(g["width"], g["query_heads"]) for g in plan["groups"] if g["kind"] == "heads"] == [(2, 4)] * 2
+    proc = run(*llama, "--size", "kind:heads=8", "--report", "r.json", "-o", "g.pt2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("heads 4 -> 8 (key/value heads 2 -> 4)") == 2, proc.stdout
+    widened = [g for g in json.loads((tmp_path / "r.json").read_text())["groups"] if g["status"] == "widened"]
+    assert [(g["width_after"], g["group_size"]) for g in widened] == [(4, 2)] * 2
+    bad = run(*llama, "--size", "kind:heads=5", cwd=tmp_path)
+    assert bad.returncode == 2 and "grows in multiples of 2" in bad.stderr, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_random_method_fails_verification_and_writes_nothing(files):

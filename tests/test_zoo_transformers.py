@@ -44,6 +44,22 @@ def test_transformer_groups_are_exactly_these(name, via):
     model, inputs = ZOO[name]()
     gm = r2r_fx.capture(model, inputs, via=via)
     assert _groups(gm) == EXPECTED[name]
+    query_heads = [g.query_heads for g in r2r_fx.width_groups(gm) if g.kind == "heads"]
+    assert query_heads == [4 if name in ("mha", "llama_like") else 2] * len(query_heads)
+
+
+@pytest.mark.parametrize("via", ["symbolic_trace", "export"])
+def test_grouped_query_heads_grow_to_the_query_heads_asked_for(via):
+    """The Llama-like model's 4 query heads over 2 key/value heads, asked for 8 query heads: 4 key/value
+    heads (whole ones, each still read by 2 query heads), compared with the eager model."""
+    model, inputs = ZOO["llama_like"]()
+    gm = r2r_fx.capture(model, inputs, via=via)
+    grown = r2r_fx.widen(gm, sizes={"kind:heads": 8}, seed=0)
+    changes = [g for g in growth_history(grown)[-1].groups if g.kind == "heads"]
+    assert [(g.width_before, g.width_after, g.group_size) for g in changes] == [(2, 4, 2)] * 2
+    assert [g.query_heads for g in r2r_fx.width_groups(grown) if g.kind == "heads"] == [8, 8]
+    with torch.no_grad():
+        assert _rel(grown(*inputs), model(*inputs)) <= 1e-5
 
 
 @pytest.mark.parametrize("factor", [2.0, 1.5])
