@@ -83,7 +83,7 @@ def plan_new_channels(
             "status": "skipped",
             "reason": g.reason,
             "kind": g.kind,
-            "group_size": g.group_size if g.heads else 1,
+            "group_size": g.group_size,
         }
         # this group's growth: the common factor/extra, or with sizes= its own extra
         g_factor, g_extra = (

@@ -120,7 +120,7 @@ class WidthGroup:
         if self.norms:
             state += f", stream normalised by {', '.join(self.norms)}"
         elif self.heads:
-            state += ", attention heads" + (f" ({self.query_heads} query heads)" if self.group_size != 1 else "")
+            state += ", attention heads" + (f" ({self.query_heads} query heads)" if self.group_size > 1 else "")
         if self.integer_only:
             state += f", whole copies only: {self.integer_only}"
         return (

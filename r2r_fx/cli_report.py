@@ -105,7 +105,7 @@ def print_plan(
         detail = ", ".join(g.producers[:4]) + (" ..." if len(g.producers) > 4 else "")
         why = g.reason if not g.widenable else f"whole copies only: {g.integer_only}" if g.integer_only else ""
         cost = f"{costs.get(g.id, 0):>9,}"
-        width = f"{g.query_heads}/{g.width}kv" if g.heads and g.group_size != 1 else str(g.width)
+        width = f"{g.query_heads}/{g.width}kv" if g.heads and g.group_size > 1 else str(g.width)
         line = f"  {g.id:>4}  {width:>6}  {g.kind:9}  {cost}  {status:10}  {detail}{' -- ' + why if why else ''}"
         say(args, line)
     if blocks:
@@ -145,7 +145,7 @@ def print_summary(args: argparse.Namespace, report: dict[str, Any], written: str
             if "extra" in asked and added != asked["extra"]:
                 note = f" (asked +{asked['extra']}: channels come in pairs or whole groups)"
             change = _change(g["width_before"], g["width_after"], g["kind"], g["group_size"])
-            plus = f" (+{added})" if change.startswith("width") else ""
+            plus = "" if g["kind"] == "heads" and g["group_size"] > 1 else f" (+{added})"
             say(args, f"  group {g['id']:>3}: {change}{plus}{note}")
         if len(widened) > 20:
             say(args, f"  ... {len(widened) - 20} more (see --report)")
